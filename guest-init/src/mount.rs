@@ -1,0 +1,253 @@
+//! Early mounts (the API filesystems every program expects) and waiting for block devices.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::syscalls::{MountFlags, Syscalls};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("cannot create mount point {target}: {source}")]
+    MountPoint { target: PathBuf, source: io::Error },
+    #[error("mounting {fstype} on {target}: {source}")]
+    Mount {
+        fstype: String,
+        target: PathBuf,
+        source: io::Error,
+    },
+    #[error(
+        "block device {device} did not appear within {timeout_ms} ms; check the VM's disks and \
+         the virtio modules in the initrd's load order, or raise guest_init.device_timeout_ms"
+    )]
+    DeviceTimeout { device: PathBuf, timeout_ms: u128 },
+}
+
+/// One filesystem to mount at boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EarlyMount {
+    pub source: &'static str,
+    pub target: &'static str,
+    pub fstype: &'static str,
+    pub flags: MountFlags,
+    pub data: &'static str,
+}
+
+/// In order: each later target lives inside an earlier one.
+pub fn early_mounts() -> [EarlyMount; 7] {
+    let hardened = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    [
+        EarlyMount {
+            source: "proc",
+            target: "/proc",
+            fstype: "proc",
+            flags: hardened,
+            data: "",
+        },
+        EarlyMount {
+            source: "sysfs",
+            target: "/sys",
+            fstype: "sysfs",
+            flags: hardened,
+            data: "",
+        },
+        // The kernel's DEVTMPFS_MOUNT only covers a disk root, not an initramfs.
+        EarlyMount {
+            source: "devtmpfs",
+            target: "/dev",
+            fstype: "devtmpfs",
+            flags: MountFlags::NOSUID,
+            data: "mode=0755",
+        },
+        EarlyMount {
+            source: "devpts",
+            target: "/dev/pts",
+            fstype: "devpts",
+            flags: MountFlags::NOSUID | MountFlags::NOEXEC,
+            data: "gid=5,mode=620,ptmxmode=0666",
+        },
+        EarlyMount {
+            source: "shm",
+            target: "/dev/shm",
+            fstype: "tmpfs",
+            flags: MountFlags::NOSUID | MountFlags::NODEV,
+            data: "mode=1777",
+        },
+        EarlyMount {
+            source: "tmpfs",
+            target: "/run",
+            fstype: "tmpfs",
+            flags: MountFlags::NOSUID | MountFlags::NODEV,
+            data: "mode=0755",
+        },
+        EarlyMount {
+            source: "cgroup2",
+            target: "/sys/fs/cgroup",
+            fstype: "cgroup2",
+            flags: hardened,
+            data: "nsdelegate",
+        },
+    ]
+}
+
+pub fn mount_early(sys: &dyn Syscalls) -> Result<(), MountError> {
+    for m in early_mounts() {
+        let target = Path::new(m.target);
+        sys.mkdir_all(target)
+            .map_err(|source| MountError::MountPoint {
+                target: target.to_owned(),
+                source,
+            })?;
+        match sys.mount(m.source, target, m.fstype, m.flags, m.data) {
+            Ok(()) => {}
+            // A kernel that mounted devtmpfs itself: keep its mount.
+            Err(err) if m.fstype == "devtmpfs" && err.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(source) => {
+                return Err(MountError::Mount {
+                    fstype: m.fstype.to_owned(),
+                    target: target.to_owned(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Short enough to add little latency, long enough not to spin the single vCPU.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Poll until `device` exists or `timeout` passes. Drivers create nodes asynchronously.
+pub fn wait_for_device(
+    sys: &dyn Syscalls,
+    device: &Path,
+    timeout: Duration,
+) -> Result<Duration, MountError> {
+    let start = sys.now();
+    loop {
+        if sys.exists(device) {
+            return Ok(sys.now() - start);
+        }
+        if sys.now() - start >= timeout {
+            return Err(MountError::DeviceTimeout {
+                device: device.to_owned(),
+                timeout_ms: timeout.as_millis(),
+            });
+        }
+        sys.sleep(POLL_INTERVAL);
+    }
+}
+
+/// Mount a block device trying each filesystem type in turn; returns the type that worked.
+pub fn mount_device(
+    sys: &dyn Syscalls,
+    device: &Path,
+    target: &Path,
+    fstypes: &[&'static str],
+    flags: MountFlags,
+) -> Result<&'static str, MountError> {
+    sys.mkdir_all(target)
+        .map_err(|source| MountError::MountPoint {
+            target: target.to_owned(),
+            source,
+        })?;
+    let source_name = device.to_string_lossy();
+    let mut last = None;
+    for fstype in fstypes {
+        match sys.mount(&source_name, target, fstype, flags, "") {
+            Ok(()) => return Ok(fstype),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(MountError::Mount {
+        fstype: fstypes.join(" or "),
+        target: target.to_owned(),
+        source: io::Error::new(
+            io::ErrorKind::Other,
+            format!(
+                "{} ({})",
+                source_name,
+                last.map(|e| e.to_string()).unwrap_or_default()
+            ),
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::syscalls::fake::{Call, Recorder};
+
+    #[test]
+    fn early_mounts_in_order_with_flags() {
+        let sys = Recorder::default();
+        mount_early(&sys).unwrap();
+        let mounts = sys.mounts();
+        let targets: Vec<&str> = mounts.iter().map(|m| m.1.as_str()).collect();
+        assert_eq!(
+            targets,
+            ["/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/run", "/sys/fs/cgroup"]
+        );
+        let hardened = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+        assert_eq!(mounts[0].2, "proc");
+        assert_eq!(mounts[0].3, hardened);
+        assert_eq!(mounts[2].2, "devtmpfs");
+        assert_eq!(mounts[2].3, MountFlags::NOSUID);
+        assert_eq!(mounts[6].2, "cgroup2");
+        // Each mount point is created right before its mount.
+        let calls = sys.calls();
+        assert_eq!(calls[0], Call::MkdirAll(PathBuf::from("/proc")));
+        assert!(matches!(&calls[1], Call::Mount { target, .. } if target == Path::new("/proc")));
+    }
+
+    #[test]
+    fn devtmpfs_already_mounted_is_fine_other_failures_are_not() {
+        let sys = Recorder::default();
+        sys.fail("/dev:devtmpfs", libc::EBUSY);
+        mount_early(&sys).unwrap();
+
+        let sys = Recorder::default();
+        sys.fail("/sys:sysfs", libc::EPERM);
+        let err = mount_early(&sys).unwrap_err();
+        assert!(err.to_string().starts_with("mounting sysfs on /sys: "));
+        assert_eq!(sys.mounts().len(), 2);
+    }
+
+    #[test]
+    fn waits_until_the_device_appears() {
+        let sys = Recorder::default();
+        sys.appears_at
+            .borrow_mut()
+            .push((PathBuf::from("/dev/vda"), Duration::from_millis(42)));
+        let waited = wait_for_device(&sys, Path::new("/dev/vda"), Duration::from_secs(10)).unwrap();
+        assert!(waited >= Duration::from_millis(42) && waited < Duration::from_millis(50));
+    }
+
+    #[test]
+    fn device_timeout_is_bounded_and_named() {
+        let sys = Recorder::default();
+        let err =
+            wait_for_device(&sys, Path::new("/dev/vdc"), Duration::from_millis(100)).unwrap_err();
+        assert!(err.to_string().starts_with("block device /dev/vdc did not appear within 100 ms"));
+        assert!(sys.now() >= Duration::from_millis(100) && sys.now() < Duration::from_millis(110));
+    }
+
+    #[test]
+    fn mount_device_tries_types_in_turn() {
+        let sys = Recorder::default();
+        sys.fail("/lower:ext4", libc::EINVAL);
+        let fstype = mount_device(
+            &sys,
+            Path::new("/dev/vda"),
+            Path::new("/lower"),
+            &["ext4", "erofs"],
+            MountFlags::RDONLY,
+        )
+        .unwrap();
+        assert_eq!(fstype, "erofs");
+        let mounts = sys.mounts();
+        assert_eq!(mounts.len(), 2);
+        assert_eq!(mounts[1].0, "/dev/vda");
+        assert_eq!(mounts[1].3, MountFlags::RDONLY);
+    }
+}

@@ -1,0 +1,40 @@
+//! `cargo xtask`: the generator of the artifacts microVMs boot from, and the project's test
+//! command. One module per stage of the data flow; see ARCHITECTURE.md for the map.
+
+mod artifacts;
+mod test;
+#[allow(dead_code)] // TODO(session 1): used once the OCI and initrd stages land; remove then.
+mod tree;
+
+use clap::{Parser, Subcommand};
+use xshell::Shell;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about, version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Artifacts(artifacts::Artifacts),
+    Test(test::Test),
+}
+
+fn main() -> anyhow::Result<()> {
+    let sh = Shell::new()?;
+    sh.change_dir(workspace_root());
+    match Cli::parse().command {
+        Command::Artifacts(cmd) => cmd.run(&sh),
+        Command::Test(cmd) => cmd.run(&sh),
+    }
+}
+
+/// The checkout this xtask belongs to.
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
