@@ -162,7 +162,10 @@ mod tests {
     #[test]
     fn writable_device_and_quotes() {
         let (options, _) = parse("a=\"x y\" guest_init.writable=\"/dev/vde\"").unwrap();
-        assert_eq!(options.writable, Writable::Device(PathBuf::from("/dev/vde")));
+        assert_eq!(
+            options.writable,
+            Writable::Device(PathBuf::from("/dev/vde"))
+        );
     }
 
     #[test]

@@ -86,7 +86,11 @@ impl Default for Config {
 }
 
 /// Commands that mean "this image boots its own init".
-pub const SYSTEMD_COMMANDS: [&str; 3] = ["/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd"];
+pub const SYSTEMD_COMMANDS: [&str; 3] = [
+    "/sbin/init",
+    "/lib/systemd/systemd",
+    "/usr/lib/systemd/systemd",
+];
 
 impl Config {
     /// argv of the application: entrypoint followed by cmd (container semantics).
@@ -258,15 +262,22 @@ fn device_path(key: &str, value: &str) -> Result<PathBuf, ConfigError> {
     if value.starts_with("/dev/") && value.len() > 5 && !value.contains("..") {
         Ok(PathBuf::from(value))
     } else {
-        Err(invalid(key, &Value::from(value), "a device path under /dev/"))
+        Err(invalid(
+            key,
+            &Value::from(value),
+            "a device path under /dev/",
+        ))
     }
 }
 
 fn valid_hostname(name: &str) -> Result<String, ConfigError> {
     let ok = name.len() <= 64
-        && name
-            .split('.')
-            .all(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
     if ok {
         Ok(name.to_owned())
     } else {
@@ -364,7 +375,13 @@ fn take_network(map: &mut Map<String, Value>) -> Result<Option<Network>, ConfigE
                     .ok_or_else(|| {
                         invalid("guest_dns", &value, "IPv4 addresses (string or array)")
                     })?,
-                _ => return Err(invalid("guest_dns", &value, "IPv4 addresses (string or array)")),
+                _ => {
+                    return Err(invalid(
+                        "guest_dns",
+                        &value,
+                        "IPv4 addresses (string or array)",
+                    ));
+                }
             };
             texts
                 .iter()
@@ -482,7 +499,10 @@ mod tests {
             }"#,
         );
         assert!(warnings.is_empty(), "{warnings:?}");
-        assert_eq!(config.argv(), ["/docker-entrypoint.sh", "nginx", "-g", "daemon off;"]);
+        assert_eq!(
+            config.argv(),
+            ["/docker-entrypoint.sh", "nginx", "-g", "daemon off;"]
+        );
         assert_eq!(config.workdir, Some(PathBuf::from("/srv")));
         assert_eq!(config.env["LANG"], "C.UTF-8");
         let network = config.network.unwrap();
@@ -532,7 +552,10 @@ mod tests {
         assert_eq!(config.cmd, ["true"]);
         assert_eq!(
             warnings,
-            ["unknown config key `colour` ignored", "unknown config key `zz` ignored"]
+            [
+                "unknown config key `colour` ignored",
+                "unknown config key `zz` ignored"
+            ]
         );
     }
 
@@ -551,30 +574,99 @@ mod tests {
     #[test]
     fn each_invalid_value_is_named() {
         let cases: &[(&str, &str)] = &[
-            (r#"{"cmd": "ls -l"}"#, "config key `cmd` has invalid value \"ls -l\": expected an array of strings"),
-            (r#"{"entrypoint": [1]}"#, "config key `entrypoint` has invalid value [1]: expected an array of strings"),
-            (r#"{"workdir": "srv"}"#, "config key `workdir` has invalid value \"srv\": expected an absolute path"),
-            (r#"{"env": {"A": 1}}"#, "config key `env.A` has invalid value 1: expected a string"),
-            (r#"{"env": ["A"]}"#, "config key `env[0]` has invalid value \"A\": expected a \"NAME=value\" string"),
+            (
+                r#"{"cmd": "ls -l"}"#,
+                "config key `cmd` has invalid value \"ls -l\": expected an array of strings",
+            ),
+            (
+                r#"{"entrypoint": [1]}"#,
+                "config key `entrypoint` has invalid value [1]: expected an array of strings",
+            ),
+            (
+                r#"{"workdir": "srv"}"#,
+                "config key `workdir` has invalid value \"srv\": expected an absolute path",
+            ),
+            (
+                r#"{"env": {"A": 1}}"#,
+                "config key `env.A` has invalid value 1: expected a string",
+            ),
+            (
+                r#"{"env": ["A"]}"#,
+                "config key `env[0]` has invalid value \"A\": expected a \"NAME=value\" string",
+            ),
             (r#"{"env": 3}"#, "config key `env` has invalid value 3"),
-            (r#"{"network_enabled": "yes"}"#, "config key `network_enabled` has invalid value \"yes\": expected true or false"),
-            (r#"{"guest_ip": "10.0.0.300"}"#, "config key `guest_ip` has invalid value \"10.0.0.300\": expected an IPv4 address"),
-            (r#"{"guest_cidr": 33}"#, "config key `guest_cidr` has invalid value 33: expected a prefix length, an integer from 0 to 32"),
-            (r#"{"guest_cidr": "24"}"#, "config key `guest_cidr` has invalid value \"24\""),
-            (r#"{"guest_gw": "gateway"}"#, "config key `guest_gw` has invalid value \"gateway\""),
-            (r#"{"guest_dns": "1.1.1"}"#, "config key `guest_dns` has invalid value \"1.1.1\""),
-            (r#"{"network_enabled": true}"#, "config key `guest_ip` has invalid value null: expected an IPv4 address when network_enabled is true"),
-            (r#"{"volume_mounts": {}}"#, "config key `volume_mounts` has invalid value {}: expected an array of objects"),
-            (r#"{"volume_mounts": [{"device": "/dev/vdd", "path": "/d", "mode": "rx"}]}"#, "config key `volume_mounts[0].mode` has invalid value \"rx\": expected \"ro\", \"rw\" or \"overlay\""),
-            (r#"{"volume_mounts": [{"device": "vdd", "path": "/d"}]}"#, "config key `volume_mounts[0].device` has invalid value \"vdd\": expected a device path under /dev/"),
-            (r#"{"volume_mounts": [{"device": "/dev/vdd", "path": "d"}]}"#, "config key `volume_mounts[0].path` has invalid value \"d\": expected an absolute path"),
-            (r#"{"volume_mounts": [{"device": "/dev/vdd", "path": "/d", "mode": "overlay"}]}"#, "config key `volume_mounts[0].overlay_device` has invalid value null"),
-            (r#"{"init_mode": "sysv"}"#, "config key `init_mode` has invalid value \"sysv\": expected \"exec\" or \"systemd\""),
-            (r#"{"user": 1000}"#, "config key `user` has invalid value 1000: expected a string"),
-            (r#"{"hostname": "web_1"}"#, "config key `hostname` has invalid value \"web_1\""),
-            (r#"{"shutdown_grace_ms": -1}"#, "config key `shutdown_grace_ms` has invalid value -1: expected milliseconds"),
-            (r#"{"shutdown_grace_ms": 3600001}"#, "config key `shutdown_grace_ms` has invalid value 3600001"),
-            (r#"{"debug_shell": "on"}"#, "config key `debug_shell` has invalid value \"on\": expected true or false"),
+            (
+                r#"{"network_enabled": "yes"}"#,
+                "config key `network_enabled` has invalid value \"yes\": expected true or false",
+            ),
+            (
+                r#"{"guest_ip": "10.0.0.300"}"#,
+                "config key `guest_ip` has invalid value \"10.0.0.300\": expected an IPv4 address",
+            ),
+            (
+                r#"{"guest_cidr": 33}"#,
+                "config key `guest_cidr` has invalid value 33: expected a prefix length, an integer from 0 to 32",
+            ),
+            (
+                r#"{"guest_cidr": "24"}"#,
+                "config key `guest_cidr` has invalid value \"24\"",
+            ),
+            (
+                r#"{"guest_gw": "gateway"}"#,
+                "config key `guest_gw` has invalid value \"gateway\"",
+            ),
+            (
+                r#"{"guest_dns": "1.1.1"}"#,
+                "config key `guest_dns` has invalid value \"1.1.1\"",
+            ),
+            (
+                r#"{"network_enabled": true}"#,
+                "config key `guest_ip` has invalid value null: expected an IPv4 address when network_enabled is true",
+            ),
+            (
+                r#"{"volume_mounts": {}}"#,
+                "config key `volume_mounts` has invalid value {}: expected an array of objects",
+            ),
+            (
+                r#"{"volume_mounts": [{"device": "/dev/vdd", "path": "/d", "mode": "rx"}]}"#,
+                "config key `volume_mounts[0].mode` has invalid value \"rx\": expected \"ro\", \"rw\" or \"overlay\"",
+            ),
+            (
+                r#"{"volume_mounts": [{"device": "vdd", "path": "/d"}]}"#,
+                "config key `volume_mounts[0].device` has invalid value \"vdd\": expected a device path under /dev/",
+            ),
+            (
+                r#"{"volume_mounts": [{"device": "/dev/vdd", "path": "d"}]}"#,
+                "config key `volume_mounts[0].path` has invalid value \"d\": expected an absolute path",
+            ),
+            (
+                r#"{"volume_mounts": [{"device": "/dev/vdd", "path": "/d", "mode": "overlay"}]}"#,
+                "config key `volume_mounts[0].overlay_device` has invalid value null",
+            ),
+            (
+                r#"{"init_mode": "sysv"}"#,
+                "config key `init_mode` has invalid value \"sysv\": expected \"exec\" or \"systemd\"",
+            ),
+            (
+                r#"{"user": 1000}"#,
+                "config key `user` has invalid value 1000: expected a string",
+            ),
+            (
+                r#"{"hostname": "web_1"}"#,
+                "config key `hostname` has invalid value \"web_1\"",
+            ),
+            (
+                r#"{"shutdown_grace_ms": -1}"#,
+                "config key `shutdown_grace_ms` has invalid value -1: expected milliseconds",
+            ),
+            (
+                r#"{"shutdown_grace_ms": 3600001}"#,
+                "config key `shutdown_grace_ms` has invalid value 3600001",
+            ),
+            (
+                r#"{"debug_shell": "on"}"#,
+                "config key `debug_shell` has invalid value \"on\": expected true or false",
+            ),
         ];
         for (text, expected) in cases {
             let message = parse_err(text);

@@ -38,6 +38,7 @@ pub enum FailureClass {
 }
 
 impl FailureClass {
+    #[cfg(test)]
     pub const ALL: [FailureClass; 10] = [
         FailureClass::Config,
         FailureClass::Mount,

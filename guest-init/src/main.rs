@@ -1,4 +1,302 @@
+//! guest-init: PID 1 of every microVM. `main` only orders the boot phases; each phase lives in
+//! its own module and makes its syscalls through [`syscalls::Syscalls`].
+
+mod cmdline;
+mod command;
+mod config;
+mod drivers;
+mod error;
+mod logger;
+mod mode_exec;
+mod mode_systemd;
+mod modules;
+mod mount;
+mod network;
+mod reaper;
+mod root;
+mod shutdown;
+mod syscalls;
+mod user;
+mod volumes;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use cmdline::BootOptions;
+use config::{Config, InitMode};
+use error::{AppExit, FailureClass, Fatal};
+use logger::Timings;
+use syscalls::{Linux, MountFlags, Syscalls};
+
+/// Where the config disk is mounted (read-only) while config.json is read.
+const CONFIG_MOUNT: &str = "/.guest-init/config";
+/// Filesystems tried for the config disk.
+const CONFIG_TYPES: [&str; 4] = ["ext4", "erofs", "vfat", "iso9660"];
+
+/// Set once a debug shell was asked for (cmdline or config); read by the fatal path.
+static DEBUG_SHELL: AtomicBool = AtomicBool::new(false);
+/// Exactly one exit line, whoever gets there first (the fatal path or the panic hook).
+static EXIT_LINE_WRITTEN: AtomicBool = AtomicBool::new(false);
+
 fn main() {
-    eprintln!("guest-init: not implemented yet");
-    std::process::exit(1);
+    logger::start_clock();
+    if rustix::process::getpid() != rustix::process::Pid::INIT {
+        eprintln!("guest-init: must run as PID 1 inside a microVM; refusing to mount anything");
+        std::process::exit(1);
+    }
+    install_panic_hook();
+    let sys = Linux::new();
+    match boot(&sys) {
+        Ok(exit) => {
+            write_exit_line(exit.code(), "app");
+            shutdown::power_off();
+        }
+        Err(fatal) => fail(fatal),
+    }
+}
+
+/// The boot phases, in order. Returns when the application exited.
+fn boot(sys: &dyn Syscalls) -> Result<AppExit, Fatal> {
+    let mut timings = Timings::default();
+
+    mount::mount_early(sys).map_err(|e| Fatal::new("mount", FailureClass::Mount, e))?;
+    // Userspace lines to /dev/kmsg are rate limited by default; ours are few and wanted.
+    let _ = std::fs::write("/proc/sys/kernel/printk_devkmsg", "on\n");
+    logger::attach_console();
+    shutdown::disable_ctrl_alt_del();
+    reaper::block_signals().map_err(|e| Fatal::new("signals", FailureClass::Internal, e))?;
+    timings.mark("mounts");
+    info!("mount", "early mounts done");
+
+    let options = boot_options()?;
+    DEBUG_SHELL.store(options.debug_shell, Ordering::SeqCst);
+
+    load_modules(sys)?;
+    timings.mark("modules");
+
+    for device in [&options.rootfs, &options.config] {
+        let waited = mount::wait_for_device(sys, device, options.device_timeout)
+            .map_err(|e| Fatal::new("devices", FailureClass::Device, e))?;
+        info!(
+            "devices",
+            "{} present after {} ms",
+            device.display(),
+            waited.as_millis()
+        );
+    }
+    timings.mark("devices");
+
+    let config = read_config(sys, &options)?;
+    timings.mark("config");
+
+    let layout = root::mount_overlay_root(sys, &options.rootfs, &options.writable)
+        .map_err(|e| Fatal::new("root", FailureClass::Rootfs, e))?;
+    info!(
+        "root",
+        "{} ({}) read-only under overlay, writable layer on {}",
+        options.rootfs.display(),
+        layout.rootfs_type,
+        layout.writable
+    );
+    volumes::mount_all(
+        sys,
+        &config.volume_mounts,
+        Path::new(root::NEW_ROOT),
+        options.device_timeout,
+    )
+    .map_err(|e| Fatal::new("volumes", FailureClass::Mount, e))?;
+    root::switch_root(sys, Path::new(root::NEW_ROOT))
+        .map_err(|e| Fatal::new("root", FailureClass::Rootfs, e))?;
+    timings.mark("root");
+
+    if let Err(err) = network::loopback_up() {
+        info!("network", "{err} (continuing without loopback)");
+    }
+    if let Some(hostname) = &config.hostname {
+        sys.sethostname(hostname).map_err(|e| {
+            Fatal::new(
+                "hostname",
+                FailureClass::Internal,
+                format!("sethostname {hostname:?}: {e}"),
+            )
+        })?;
+    }
+
+    match config.effective_init_mode() {
+        InitMode::Systemd => {
+            timings.mark("exec");
+            info!("timings", "{}", timings.line());
+            Err(mode_systemd::hand_over(&config))
+        }
+        InitMode::Exec => {
+            let launch = mode_exec::prepare(&config)?;
+            let watched = shutdown::watch_power_button();
+            if watched.is_empty() {
+                info!(
+                    "shutdown",
+                    "no power button input device; ACPI shutdown will not be graceful"
+                );
+            }
+            let app = mode_exec::spawn(&launch)?;
+            timings.mark("exec");
+            info!(
+                "exec",
+                "started {:?} as pid {app} (uid {} gid {}) in {}",
+                launch.argv,
+                launch.credentials.uid,
+                launch.credentials.gid,
+                launch.workdir.display()
+            );
+            info!("timings", "{}", timings.line());
+            let exit = mode_exec::supervise(app, config.shutdown_grace);
+            info!("exec", "application exited: {exit:?}");
+            Ok(exit)
+        }
+    }
+}
+
+fn boot_options() -> Result<BootOptions, Fatal> {
+    let text = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let (options, warnings) =
+        cmdline::parse(&text).map_err(|e| Fatal::new("cmdline", FailureClass::Config, e))?;
+    for warning in warnings {
+        info!("cmdline", "{warning}");
+    }
+    Ok(options)
+}
+
+fn load_modules(sys: &dyn Syscalls) -> Result<(), Fatal> {
+    let path = Path::new(modules::LOAD_ORDER);
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            info!(
+                "modules",
+                "no {}: drivers are built into the kernel",
+                path.display()
+            );
+            return Ok(());
+        }
+        Err(source) => {
+            let err = modules::ModuleError::ReadLoadOrder {
+                path: path.to_owned(),
+                source,
+            };
+            return Err(Fatal::new("modules", FailureClass::Modules, err));
+        }
+    };
+    let list = modules::parse_load_order(&text, path)
+        .map_err(|e| Fatal::new("modules", FailureClass::Modules, e))?;
+    let outcomes = modules::load_all(sys, &list)
+        .map_err(|e| Fatal::new("modules", FailureClass::Modules, e))?;
+    for (module, outcome) in list.iter().zip(&outcomes) {
+        if *outcome != modules::Outcome::Loaded {
+            info!("modules", "{}: {outcome:?}", module.display());
+        }
+    }
+    info!("modules", "{} modules from {}", list.len(), path.display());
+    Ok(())
+}
+
+fn read_config(sys: &dyn Syscalls, options: &BootOptions) -> Result<Config, Fatal> {
+    let mount_point = Path::new(CONFIG_MOUNT);
+    mount::mount_device(
+        sys,
+        &options.config,
+        mount_point,
+        &CONFIG_TYPES,
+        MountFlags::RDONLY,
+    )
+    .map_err(|e| Fatal::new("config", FailureClass::Mount, e))?;
+    let file: PathBuf = mount_point.join(config::FILE_NAME);
+    let loaded = config::load(&file);
+    // The config disk is not needed after this; the application never sees it.
+    let _ = sys.unmount(mount_point);
+    let (config, warnings) = loaded.map_err(|e| Fatal::new("config", FailureClass::Config, e))?;
+    for warning in warnings {
+        info!("config", "{warning}");
+    }
+    if config.debug_shell {
+        DEBUG_SHELL.store(true, Ordering::SeqCst);
+    }
+    network::check_supported(&config)
+        .map_err(|e| Fatal::new("network", FailureClass::Unsupported, e))?;
+    volumes::check_supported(&config)
+        .map_err(|e| Fatal::new("volumes", FailureClass::Unsupported, e))?;
+    drivers::check_supported(&config)
+        .map_err(|e| Fatal::new("drivers", FailureClass::Unsupported, e))?;
+    info!(
+        "config",
+        "{} from {}: argv {:?}, mode {:?}",
+        config::FILE_NAME,
+        options.config.display(),
+        config.argv(),
+        config.effective_init_mode()
+    );
+    Ok(config)
+}
+
+fn write_exit_line(code: u8, reason: &str) {
+    if !EXIT_LINE_WRITTEN.swap(true, Ordering::SeqCst) {
+        logger::write_line(&error::exit_line(code, reason));
+    }
+}
+
+/// Log the failure with its cause chain, print the exit line, optionally a debug shell,
+/// then power off. Never returns: PID 1 exiting panics the kernel.
+fn fail(fatal: Fatal) -> ! {
+    let mut message = fatal.source.to_string();
+    let mut cause = fatal.source.source();
+    while let Some(inner) = cause {
+        message.push_str(&format!(": {inner}"));
+        cause = inner.source();
+    }
+    info!(fatal.phase, "FATAL ({}): {message}", fatal.class);
+    write_exit_line(fatal.class.exit_code(), fatal.class.name());
+    debug_shell_then_power_off()
+}
+
+fn debug_shell_then_power_off() -> ! {
+    if DEBUG_SHELL.load(Ordering::SeqCst) {
+        info!(
+            "debug",
+            "starting /bin/sh on the console; exit it to power off"
+        );
+        let shell = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/console")
+            .and_then(|console| {
+                let mut cmd = std::process::Command::new("/bin/sh");
+                cmd.stdin(console.try_clone()?)
+                    .stdout(console.try_clone()?)
+                    .stderr(console);
+                // SAFETY: only raw syscalls between fork and exec.
+                unsafe {
+                    use std::os::unix::process::CommandExt;
+                    cmd.pre_exec(|| {
+                        rustix::process::setsid()?;
+                        let _ = rustix::process::ioctl_tiocsctty(rustix::stdio::stdin());
+                        Ok(())
+                    });
+                }
+                cmd.spawn()
+            });
+        match shell {
+            Ok(child) => {
+                reaper::wait_for(child.id() as i32);
+            }
+            Err(err) => info!("debug", "cannot start /bin/sh: {err}"),
+        }
+    }
+    shutdown::power_off()
+}
+
+/// A panic is a fatal error like any other: log it, exit line, power off.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|panic| {
+        info!("panic", "FATAL (internal): {panic}");
+        write_exit_line(FailureClass::Internal.exit_code(), "panic");
+        debug_shell_then_power_off();
+    }));
 }

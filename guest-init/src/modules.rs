@@ -133,7 +133,11 @@ mod tests {
         );
         assert_eq!(
             sys.calls(),
-            modules.iter().cloned().map(Call::FinitModule).collect::<Vec<_>>()
+            modules
+                .iter()
+                .cloned()
+                .map(Call::FinitModule)
+                .collect::<Vec<_>>()
         );
     }
 

@@ -162,14 +162,11 @@ pub fn mount_device(
     Err(MountError::Mount {
         fstype: fstypes.join(" or "),
         target: target.to_owned(),
-        source: io::Error::new(
-            io::ErrorKind::Other,
-            format!(
-                "{} ({})",
-                source_name,
-                last.map(|e| e.to_string()).unwrap_or_default()
-            ),
-        ),
+        source: io::Error::other(format!(
+            "{} ({})",
+            source_name,
+            last.map(|e| e.to_string()).unwrap_or_default()
+        )),
     })
 }
 
@@ -186,7 +183,15 @@ mod tests {
         let targets: Vec<&str> = mounts.iter().map(|m| m.1.as_str()).collect();
         assert_eq!(
             targets,
-            ["/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/run", "/sys/fs/cgroup"]
+            [
+                "/proc",
+                "/sys",
+                "/dev",
+                "/dev/pts",
+                "/dev/shm",
+                "/run",
+                "/sys/fs/cgroup"
+            ]
         );
         let hardened = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
         assert_eq!(mounts[0].2, "proc");
@@ -228,7 +233,10 @@ mod tests {
         let sys = Recorder::default();
         let err =
             wait_for_device(&sys, Path::new("/dev/vdc"), Duration::from_millis(100)).unwrap_err();
-        assert!(err.to_string().starts_with("block device /dev/vdc did not appear within 100 ms"));
+        assert!(
+            err.to_string()
+                .starts_with("block device /dev/vdc did not appear within 100 ms")
+        );
         assert!(sys.now() >= Duration::from_millis(100) && sys.now() < Duration::from_millis(110));
     }
 

@@ -11,8 +11,7 @@ use crate::cmdline::Writable;
 use crate::mount::{self, MountError};
 use crate::syscalls::{MountFlags, Syscalls};
 
-/// Staging area in the initramfs; hidden under the new root once it is switched.
-pub const STAGING: &str = "/.guest-init";
+/// Staging area in the initramfs (`/.guest-init`); hidden under the new root once switched.
 pub const LOWER: &str = "/.guest-init/lower";
 pub const WRITABLE: &str = "/.guest-init/rw";
 pub const NEW_ROOT: &str = "/.guest-init/root";
@@ -60,17 +59,29 @@ pub fn mount_overlay_root(
 
     let writable_desc = match writable {
         Writable::Device(device) if sys.exists(device) => {
-            mount::mount_device(sys, device, Path::new(WRITABLE), &["ext4"], MountFlags::empty())?;
+            mount::mount_device(
+                sys,
+                device,
+                Path::new(WRITABLE),
+                &["ext4"],
+                MountFlags::empty(),
+            )?;
             format!("{} (ext4)", device.display())
         }
         _ => {
             mkdir(sys, Path::new(WRITABLE))?;
-            sys.mount("tmpfs", Path::new(WRITABLE), "tmpfs", MountFlags::empty(), "mode=0755")
-                .map_err(|source| MountError::Mount {
-                    fstype: "tmpfs".into(),
-                    target: PathBuf::from(WRITABLE),
-                    source,
-                })?;
+            sys.mount(
+                "tmpfs",
+                Path::new(WRITABLE),
+                "tmpfs",
+                MountFlags::empty(),
+                "mode=0755",
+            )
+            .map_err(|source| MountError::Mount {
+                fstype: "tmpfs".into(),
+                target: PathBuf::from(WRITABLE),
+                source,
+            })?;
             match writable {
                 Writable::Device(device) => format!("tmpfs ({} absent)", device.display()),
                 Writable::Tmpfs => "tmpfs".to_owned(),
@@ -88,11 +99,17 @@ pub fn mount_overlay_root(
         upper.display(),
         work.display()
     );
-    sys.mount("overlay", Path::new(NEW_ROOT), "overlay", MountFlags::empty(), &options)
-        .map_err(|source| RootError::Overlay {
-            options: options.clone(),
-            source,
-        })?;
+    sys.mount(
+        "overlay",
+        Path::new(NEW_ROOT),
+        "overlay",
+        MountFlags::empty(),
+        &options,
+    )
+    .map_err(|source| RootError::Overlay {
+        options: options.clone(),
+        source,
+    })?;
     Ok(RootLayout {
         rootfs_type,
         writable: writable_desc,
@@ -114,7 +131,8 @@ pub fn switch_root(sys: &dyn Syscalls, new_root: &Path) -> Result<(), RootError>
         .map_err(step(format!("chdir {}", new_root.display())))?;
     sys.mount_move(new_root, Path::new("/"))
         .map_err(step(format!("move {} to /", new_root.display())))?;
-    sys.chroot(Path::new(".")).map_err(step("chroot .".into()))?;
+    sys.chroot(Path::new("."))
+        .map_err(step("chroot .".into()))?;
     sys.chdir(Path::new("/")).map_err(step("chdir /".into()))?;
     Ok(())
 }
@@ -146,8 +164,20 @@ mod tests {
         assert_eq!(
             mounts,
             [
-                ("/dev/vda".into(), LOWER.into(), "ext4".into(), MountFlags::RDONLY, "".into()),
-                ("/dev/vdb".into(), WRITABLE.into(), "ext4".into(), MountFlags::empty(), "".into()),
+                (
+                    "/dev/vda".into(),
+                    LOWER.into(),
+                    "ext4".into(),
+                    MountFlags::RDONLY,
+                    "".into()
+                ),
+                (
+                    "/dev/vdb".into(),
+                    WRITABLE.into(),
+                    "ext4".into(),
+                    MountFlags::empty(),
+                    "".into()
+                ),
                 (
                     "overlay".into(),
                     NEW_ROOT.into(),

@@ -58,6 +58,9 @@ impl Syscalls for Linux {
         flags: MountFlags,
         data: &str,
     ) -> io::Result<()> {
+        let data = std::ffi::CString::new(data)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in mount options"))?;
+        let data = (!data.is_empty()).then_some(data.as_c_str());
         rustix::mount::mount(source, target, fstype, flags, data)?;
         Ok(())
     }
@@ -70,7 +73,8 @@ impl Syscalls for Linux {
     fn make_rprivate(&self, target: &Path) -> io::Result<()> {
         rustix::mount::mount_change(
             target,
-            rustix::mount::MountPropagationFlags::PRIVATE | rustix::mount::MountPropagationFlags::REC,
+            rustix::mount::MountPropagationFlags::PRIVATE
+                | rustix::mount::MountPropagationFlags::REC,
         )?;
         Ok(())
     }
@@ -189,13 +193,7 @@ pub mod fake {
                         fstype,
                         flags,
                         data,
-                    } => Some((
-                        source,
-                        target.display().to_string(),
-                        fstype,
-                        flags,
-                        data,
-                    )),
+                    } => Some((source, target.display().to_string(), fstype, flags, data)),
                     _ => None,
                 })
                 .collect()

@@ -1,0 +1,256 @@
+//! Graceful shutdown triggers and the final power off.
+//!
+//! Without acpid nothing in the kernel signals init for the ACPI power button: the event only
+//! reaches userspace as `KEY_POWER` on an input device ("Power Button" from the `button`
+//! driver on x86, `gpio-keys` on arm64 virt). A watcher thread per such device turns the key
+//! press into [`reaper::SHUTDOWN_SIGNAL`] for PID 1's signal loop.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::reaper;
+
+pub const EV_KEY: u16 = 1;
+pub const KEY_POWER: u16 = 116;
+
+/// `struct input_event`: a `timeval` (two longs) then type u16, code u16, value i32.
+pub const INPUT_EVENT_SIZE: usize = 2 * std::mem::size_of::<libc::c_long>() + 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputEvent {
+    pub kind: u16,
+    pub code: u16,
+    pub value: i32,
+}
+
+pub fn parse_event(bytes: &[u8]) -> Option<InputEvent> {
+    if bytes.len() < INPUT_EVENT_SIZE {
+        return None;
+    }
+    let at = INPUT_EVENT_SIZE - 8;
+    Some(InputEvent {
+        kind: u16::from_ne_bytes([bytes[at], bytes[at + 1]]),
+        code: u16::from_ne_bytes([bytes[at + 2], bytes[at + 3]]),
+        value: i32::from_ne_bytes(bytes[at + 4..at + 8].try_into().ok()?),
+    })
+}
+
+pub fn is_power_press(event: InputEvent) -> bool {
+    event.kind == EV_KEY && event.code == KEY_POWER && event.value == 1
+}
+
+/// `capabilities/key` in sysfs: hex words of `unsigned long`, most significant first.
+pub fn has_key(capabilities: &str, key: u16) -> bool {
+    let bits = 8 * std::mem::size_of::<libc::c_ulong>();
+    let words: Vec<&str> = capabilities.split_whitespace().collect();
+    let index = key as usize / bits;
+    if index >= words.len() {
+        return false;
+    }
+    let word = words[words.len() - 1 - index];
+    u64::from_str_radix(word, 16)
+        .map(|w| w & (1 << (key as usize % bits)) != 0)
+        .unwrap_or(false)
+}
+
+/// Event device nodes of input devices that can send KEY_POWER.
+pub fn power_key_devices(sys_class_input: &Path) -> Vec<PathBuf> {
+    let mut devices = Vec::new();
+    let Ok(entries) = std::fs::read_dir(sys_class_input) else {
+        return devices;
+    };
+    let mut inputs: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("input"))
+        })
+        .collect();
+    inputs.sort();
+    for input in inputs {
+        let name = std::fs::read_to_string(input.join("name")).unwrap_or_default();
+        let keys = std::fs::read_to_string(input.join("capabilities/key")).unwrap_or_default();
+        if name.trim() != "Power Button" && !has_key(&keys, KEY_POWER) {
+            continue;
+        }
+        let Ok(children) = std::fs::read_dir(&input) else {
+            continue;
+        };
+        for child in children.flatten() {
+            let child_name = child.file_name().to_string_lossy().into_owned();
+            if child_name.starts_with("event") {
+                devices.push(Path::new("/dev/input").join(child_name));
+            }
+        }
+    }
+    devices
+}
+
+/// Start one watcher thread per power key device; returns the devices watched.
+pub fn watch_power_button() -> Vec<PathBuf> {
+    let devices = power_key_devices(Path::new("/sys/class/input"));
+    for device in &devices {
+        let device = device.clone();
+        let _ = std::thread::Builder::new()
+            .name("power-button".into())
+            .spawn(move || watch(&device));
+    }
+    devices
+}
+
+fn watch(device: &Path) {
+    let Ok(mut file) = File::open(device) else {
+        crate::info!(
+            "shutdown",
+            "cannot open {}: power button ignored",
+            device.display()
+        );
+        return;
+    };
+    let mut buf = vec![0u8; INPUT_EVENT_SIZE * 16];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if buf[..n]
+            .chunks_exact(INPUT_EVENT_SIZE)
+            .filter_map(parse_event)
+            .any(is_power_press)
+        {
+            crate::info!("shutdown", "power button pressed ({})", device.display());
+            reaper::send(std::process::id() as i32, reaper::SHUTDOWN_SIGNAL);
+        }
+    }
+}
+
+/// Let Ctrl-Alt-Del send SIGINT to PID 1 instead of an immediate reboot.
+pub fn disable_ctrl_alt_del() {
+    let _ = rustix::system::reboot(rustix::system::RebootCommand::CadOff);
+}
+
+/// Kill what is left, sync, unmount (best effort, reverse order) and power off. Never returns.
+pub fn power_off() -> ! {
+    reaper::send(-1, libc::SIGKILL);
+    while reaper::reap_all(0).is_some() {}
+    rustix::fs::sync();
+    unmount_all();
+    rustix::fs::sync();
+    let err = rustix::system::reboot(rustix::system::RebootCommand::PowerOff);
+    crate::info!("shutdown", "power off failed: {err:?}; halting here");
+    loop {
+        std::thread::park();
+    }
+}
+
+fn unmount_all() {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for target in mount_targets(&mounts).iter().rev() {
+        if target != "/" {
+            let _ = rustix::mount::unmount(target.as_str(), rustix::mount::UnmountFlags::empty());
+        }
+    }
+    // The root itself cannot be unmounted: make it read-only so the upper disk is clean.
+    let _ = rustix::mount::mount_remount("/", rustix::mount::MountFlags::RDONLY, "");
+}
+
+/// Mount points from /proc/self/mounts, in mount order (octal escapes decoded).
+pub fn mount_targets(mounts: &str) -> Vec<String> {
+    mounts
+        .lines()
+        .filter_map(|line| line.split(' ').nth(1))
+        .map(unescape_mount_path)
+        .collect()
+}
+
+fn unescape_mount_path(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .and_then(|digits| std::str::from_utf8(digits).ok())
+            .and_then(|digits| u8::from_str_radix(digits, 8).ok());
+        if let (b'\\', Some(code)) = (bytes[i], octal) {
+            out.push(code);
+            i += 4;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event_bytes(kind: u16, code: u16, value: i32) -> Vec<u8> {
+        let mut bytes = vec![0u8; INPUT_EVENT_SIZE - 8];
+        bytes.extend(kind.to_ne_bytes());
+        bytes.extend(code.to_ne_bytes());
+        bytes.extend(value.to_ne_bytes());
+        bytes
+    }
+
+    #[test]
+    fn input_event_layout() {
+        assert_eq!(INPUT_EVENT_SIZE, 24); // 64-bit targets
+        let event = parse_event(&event_bytes(EV_KEY, KEY_POWER, 1)).unwrap();
+        assert!(is_power_press(event));
+        assert!(!is_power_press(
+            parse_event(&event_bytes(EV_KEY, KEY_POWER, 0)).unwrap()
+        ));
+        assert!(!is_power_press(parse_event(&event_bytes(0, 0, 0)).unwrap()));
+        assert!(parse_event(&[0u8; 10]).is_none());
+    }
+
+    #[test]
+    fn key_capability_bitmap() {
+        // The ACPI power button: only KEY_POWER (bit 116 = word 1, bit 52).
+        assert!(has_key("10000000000000 0", KEY_POWER));
+        assert!(!has_key("0", KEY_POWER));
+        assert!(!has_key("10000000000000 0", 115));
+        assert!(!has_key("", KEY_POWER));
+    }
+
+    #[test]
+    fn finds_power_key_devices_in_sysfs() {
+        let sys = tempfile::tempdir().unwrap();
+        let make = |input: &str, name: &str, keys: &str, event: &str| {
+            let dir = sys.path().join(input);
+            std::fs::create_dir_all(dir.join("capabilities")).unwrap();
+            std::fs::create_dir_all(dir.join(event)).unwrap();
+            std::fs::write(dir.join("name"), format!("{name}\n")).unwrap();
+            std::fs::write(dir.join("capabilities/key"), format!("{keys}\n")).unwrap();
+        };
+        make("input0", "Power Button", "10000000000000 0", "event0");
+        make(
+            "input1",
+            "ImExPS/2 Generic Explorer Mouse",
+            "1f0000 0 0 0 0",
+            "event1",
+        );
+        make("input2", "gpio-keys", "10000000000000 0", "event2");
+        assert_eq!(
+            power_key_devices(sys.path()),
+            [
+                PathBuf::from("/dev/input/event0"),
+                PathBuf::from("/dev/input/event2")
+            ]
+        );
+    }
+
+    #[test]
+    fn mount_targets_in_order_with_escapes() {
+        let mounts = "none / rootfs rw 0 0\n\
+                      proc /proc proc rw 0 0\n\
+                      /dev/vdd /data\\040dir ext4 rw 0 0\n";
+        assert_eq!(mount_targets(mounts), ["/", "/proc", "/data dir"]);
+    }
+}
