@@ -1,10 +1,18 @@
 //! `cargo xtask artifacts`: make the store satisfy the lock.
+//!
+//! Stages run in data-flow order (kernels, then initrds, which pull the base image and build
+//! guest-init), all under the store's writer lock, each recording what it did in a [`Report`].
+//! The lock file is written once at the end, and only when something in it changed.
 
+use std::fmt;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::{Context as _, bail};
+use system::lock::Version;
 use system::{Arch, Lock};
 use xshell::Shell;
+
+use crate::store::StoreWriter;
 
 /// Fetch the lock's kernels, pull its base image, build guest-init and assemble its initrds into
 /// the store, verifying everything.
@@ -12,34 +20,135 @@ use xshell::Shell;
 pub struct Artifacts {
     /// Only this architecture (repeatable). Default: every architecture in the lock.
     #[arg(long)]
-    arch: Vec<Arch>,
-    /// The lock to satisfy.
+    pub arch: Vec<Arch>,
+    /// Only this kernel version (repeatable). Default: every kernel in the lock.
+    #[arg(long)]
+    pub kernel: Vec<Version>,
+    /// Only this initrd version (repeatable). Default: every initrd in the lock.
+    #[arg(long)]
+    pub initrd: Vec<Version>,
+    /// The lock to satisfy (relative paths are taken from the workspace root).
     #[arg(long, default_value = "artifacts.lock")]
-    lock: PathBuf,
+    pub lock: PathBuf,
     /// The host data dir; the store is its `system/` directory.
     #[arg(long, env = "SYSTEM_DATA_DIR", default_value = "data")]
-    data_dir: PathBuf,
+    pub data_dir: PathBuf,
+    /// Never touch the network: use what the store and caches hold, fail listing what is missing.
+    #[arg(long)]
+    pub offline: bool,
+    /// Never write the lock: fail on anything unpinned or any output that would change it.
+    #[arg(long)]
+    pub locked: bool,
+}
+
+/// What one run did, printed at the end.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Downloaded or built this run.
+    pub fetched: Vec<String>,
+    /// Already present and verified.
+    pub reused: Vec<String>,
+    /// Built this run.
+    pub built: Vec<String>,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (label, items) in [
+            ("fetched", &self.fetched),
+            ("built", &self.built),
+            ("reused", &self.reused),
+        ] {
+            writeln!(f, "{label}: {}", items.len())?;
+            for item in items {
+                writeln!(f, "  {item}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Everything a stage needs: the selection, the modes, the lock it may update, and the store.
+pub struct Run<'a> {
+    pub sh: &'a Shell,
+    pub args: &'a Artifacts,
+    pub lock: Lock,
+    pub store: StoreWriter,
+    pub report: Report,
+}
+
+impl Run<'_> {
+    /// The architectures selected on the command line, or all.
+    pub fn arches(&self) -> Vec<Arch> {
+        if self.args.arch.is_empty() {
+            Arch::ALL.to_vec()
+        } else {
+            self.args.arch.clone()
+        }
+    }
 }
 
 impl Artifacts {
-    pub fn run(self, _sh: &Shell) -> anyhow::Result<()> {
+    pub fn run(self, sh: &Shell) -> anyhow::Result<()> {
         let text = std::fs::read_to_string(&self.lock)
             .with_context(|| format!("reading the lock {}", self.lock.display()))?;
         let lock = Lock::parse(&text).with_context(|| format!("in {}", self.lock.display()))?;
-        let arches: Vec<Arch> = if self.arch.is_empty() {
-            Arch::ALL.to_vec()
-        } else {
-            self.arch
+        for version in &self.kernel {
+            if !lock.kernels.contains_key(version) {
+                bail!("--kernel {version}: not in {}", self.lock.display());
+            }
+        }
+        for version in &self.initrd {
+            if !lock.initrds.contains_key(version) {
+                bail!("--initrd {version}: not in {}", self.lock.display());
+            }
+        }
+        let store = StoreWriter::open(&self.data_dir)?;
+        let original = lock.clone();
+        let mut run = Run {
+            sh,
+            args: &self,
+            lock,
+            store,
+            report: Report::default(),
         };
-        bail!(
-            "{} is valid ({} kernel version(s), {} initrd version(s), arches {:?}), but the \
-             generator is not built yet: kernel downloads, the base image pull and initrd assembly \
-             are still to come. Nothing was written to {}.",
-            self.lock.display(),
-            lock.kernels.len(),
-            lock.initrds.len(),
-            arches.iter().map(|a| a.as_str()).collect::<Vec<_>>(),
-            self.data_dir.display()
-        )
+
+        let outcome = stages(&mut run);
+        // Record what finished even when a later stage failed: it is verified and in the store.
+        if run.lock != original {
+            if self.locked {
+                bail!("--locked: this run would change {}", self.lock.display());
+            }
+            write_lock(&self.lock, &run.lock)?;
+        }
+        eprint!("{}", run.report);
+        outcome
     }
+}
+
+fn stages(run: &mut Run) -> anyhow::Result<()> {
+    bail!(
+        "the generator's stages are not built yet: kernel downloads, the base image pull and \
+         initrd assembly are still to come. Nothing was written to {} but its empty layout; \
+         {} kernel version(s) and {} initrd version(s) are pinned for {:?}.",
+        run.store.layout().root().display(),
+        run.lock.kernels.len(),
+        run.lock.initrds.len(),
+        run.arches().iter().map(|a| a.as_str()).collect::<Vec<_>>(),
+    )
+}
+
+/// Writes the lock atomically (temp file, fsync, rename): a crash never leaves half a lock.
+fn write_lock(path: &std::path::Path, lock: &Lock) -> anyhow::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let mut temp = tempfile::NamedTempFile::new_in(dir)?;
+    temp.write_all(lock.to_json().as_bytes())?;
+    temp.as_file().sync_all()?;
+    temp.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    crate::store::sync_dir(dir)
 }

@@ -2,6 +2,9 @@
 //! command. One module per stage of the data flow; see ARCHITECTURE.md for the map.
 
 mod artifacts;
+mod bench;
+mod bench_verify;
+mod store;
 mod test;
 #[allow(dead_code)] // TODO(session 1): used once the OCI and initrd stages land; remove then.
 mod tree;
@@ -19,6 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Artifacts(artifacts::Artifacts),
+    Bench(bench::Bench),
     Test(test::Test),
 }
 
@@ -27,6 +31,7 @@ fn main() -> anyhow::Result<()> {
     sh.change_dir(workspace_root());
     match Cli::parse().command {
         Command::Artifacts(cmd) => cmd.run(&sh),
+        Command::Bench(cmd) => cmd.run(&sh),
         Command::Test(cmd) => cmd.run(&sh),
     }
 }
