@@ -275,6 +275,7 @@ fn debug_shell_then_power_off() -> ! {
                 unsafe {
                     use std::os::unix::process::CommandExt;
                     cmd.pre_exec(|| {
+                        reaper::unblock_in_child()?;
                         rustix::process::setsid()?;
                         let _ = rustix::process::ioctl_tiocsctty(rustix::stdio::stdin());
                         Ok(())

@@ -113,6 +113,7 @@ pub fn command(launch: &Launch) -> Result<Command, Fatal> {
     // (no allocation, no locks).
     unsafe {
         cmd.pre_exec(move || {
+            reaper::unblock_in_child()?;
             rustix::process::setsid()?;
             // The console becomes the session's controlling terminal (job control, Ctrl-C).
             let _ = rustix::process::ioctl_tiocsctty(rustix::stdio::stdin());

@@ -26,13 +26,13 @@ pub fn hand_over(config: &Config) -> Fatal {
         Err(err) => return Fatal::new(PHASE, FailureClass::Entrypoint, err),
     };
     crate::info!(PHASE, "handing PID 1 to {}", program.display());
-    // std resets the signal mask before exec, so init starts with nothing blocked.
-    let err = Command::new(&program)
-        .arg0(&argv[0])
-        .args(&argv[1..])
-        .env_clear()
-        .envs(&env)
-        .exec();
+    let mut cmd = Command::new(&program);
+    cmd.arg0(&argv[0]).args(&argv[1..]).env_clear().envs(&env);
+    // SAFETY: one raw syscall before exec; init must not start with our blocked signals.
+    unsafe {
+        cmd.pre_exec(crate::reaper::unblock_in_child);
+    }
+    let err = cmd.exec();
     Fatal::new(
         PHASE,
         FailureClass::Spawn,

@@ -38,11 +38,27 @@ fn handled_set() -> libc::sigset_t {
 }
 
 /// Block the handled signals in this thread; threads started later inherit the mask.
-/// Children get an empty mask back: std's spawn resets it before exec.
+/// Children inherit it too: every spawn calls [`unblock_in_child`] between fork and exec.
 pub fn block_signals() -> io::Result<()> {
     let set = handled_set();
     // SAFETY: valid set pointer, null old-set pointer.
     let rc = unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Clear the signal mask. For `pre_exec`: async-signal-safe, one syscall. A blocked SIGTERM
+/// would silently survive exec and make the application deaf to the shutdown.
+pub fn unblock_in_child() -> io::Result<()> {
+    // SAFETY: valid empty set, null old-set pointer.
+    let rc = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut())
+    };
     if rc == 0 {
         Ok(())
     } else {
@@ -66,7 +82,7 @@ pub fn wait_signal(timeout: Option<Duration>) -> Option<Received> {
             let rc = match timeout {
                 Some(timeout) => {
                     let ts = libc::timespec {
-                        tv_sec: timeout.as_secs() as libc::time_t,
+                        tv_sec: timeout.as_secs() as _,
                         tv_nsec: timeout.subsec_nanos() as _,
                     };
                     libc::sigtimedwait(&set, &mut info, &ts)
