@@ -142,6 +142,24 @@ pub fn reap_all(app: i32) -> Option<AppExit> {
     }
 }
 
+/// After a kill of everything: reap until no child is left, or `timeout` passes (a process
+/// stuck in uninterruptible sleep must not keep the VM from powering off).
+pub fn reap_remaining(timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let mut status = 0;
+        // SAFETY: plain syscall with a valid status pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid > 0 {
+            continue;
+        }
+        if pid < 0 || std::time::Instant::now() >= deadline {
+            return; // ECHILD: nothing left
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Block until `pid` exits, reaping everything else on the way.
 pub fn wait_for(pid: i32) -> Option<AppExit> {
     loop {

@@ -134,8 +134,9 @@ pub fn disable_ctrl_alt_del() {
 
 /// Kill what is left, sync, unmount (best effort, reverse order) and power off. Never returns.
 pub fn power_off() -> ! {
+    // kill(-1) reaches every process but PID 1 itself.
     reaper::send(-1, libc::SIGKILL);
-    while reaper::reap_all(0).is_some() {}
+    reaper::reap_remaining(std::time::Duration::from_secs(2));
     rustix::fs::sync();
     unmount_all();
     rustix::fs::sync();
