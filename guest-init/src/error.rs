@@ -16,7 +16,7 @@
 //! | 246  | `user`        | `user` not resolvable from the image's /etc/passwd, /etc/group |
 //! | 247  | `spawn`       | starting the entrypoint failed (exec, credentials, workdir)    |
 //! | 248  | `unsupported` | a configured feature this guest-init does not implement yet    |
-//! | 249  | `internal`    | a panic or an unexpected syscall failure in PID 1 itself       |
+//! | 249  | `internal`    | an unexpected syscall failure in PID 1 (`reason=panic`: a panic) |
 //!
 //! An application can exit with 240..=255 by itself: the `reason=` token tells them apart.
 
