@@ -8,14 +8,15 @@ use serde::{Deserialize, Serialize};
 /// A guest (and host) architecture. Spelled as Rust and the kernel spell it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Arch {
-    #[serde(rename = "x86_64")]
-    X86_64,
+    // Declared in alphabetical order: maps keyed by arch serialize sorted.
     #[serde(rename = "aarch64")]
     Aarch64,
+    #[serde(rename = "x86_64")]
+    X86_64,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 2] = [Arch::X86_64, Arch::Aarch64];
+    pub const ALL: [Arch; 2] = [Arch::Aarch64, Arch::X86_64];
 
     /// The architecture this program runs on: what a host boots its guests as.
     #[cfg(target_arch = "x86_64")]
@@ -84,8 +85,8 @@ impl FromStr for Arch {
 
     fn from_str(s: &str) -> Result<Arch, UnknownArch> {
         match s {
-            "x86_64" | "amd64" => Ok(Arch::X86_64),
-            "aarch64" | "arm64" => Ok(Arch::Aarch64),
+            "x86_64" => Ok(Arch::X86_64),
+            "aarch64" => Ok(Arch::Aarch64),
             _ => Err(UnknownArch(s.to_owned())),
         }
     }

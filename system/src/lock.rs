@@ -457,7 +457,8 @@ impl<K: Serialize, V: Serialize> Serialize for UniqueMap<K, V> {
 
 impl<'de, K, V> Deserialize<'de> for UniqueMap<K, V>
 where
-    K: Deserialize<'de> + Ord + fmt::Display,
+    K: FromStr + Ord + fmt::Display,
+    K::Err: fmt::Display,
     V: Deserialize<'de>,
 {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -465,7 +466,8 @@ where
 
         impl<'de, K, V> Visitor<'de> for UniqueVisitor<K, V>
         where
-            K: Deserialize<'de> + Ord + fmt::Display,
+            K: FromStr + Ord + fmt::Display,
+            K::Err: fmt::Display,
             V: Deserialize<'de>,
         {
             type Value = UniqueMap<K, V>;
@@ -476,7 +478,9 @@ where
 
             fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
                 let mut map = BTreeMap::new();
-                while let Some(k) = access.next_key::<K>()? {
+                // Keys are read as strings (so error paths can name them) and parsed after.
+                while let Some(raw) = access.next_key::<String>()? {
+                    let k: K = raw.parse().map_err(de::Error::custom)?;
                     if map.contains_key(&k) {
                         return Err(de::Error::custom(format!(
                             "duplicate key `{k}`: each entry may appear once"

@@ -6,6 +6,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::arch::Arch;
 use crate::error::{Artifact, Error, Kind};
@@ -57,6 +58,7 @@ pub struct Store {
     data_dir: PathBuf,
     lock: Lock,
     verified: Mutex<HashMap<PathBuf, (FileStamp, Sha256)>>,
+    files_hashed: AtomicU64,
 }
 
 impl Store {
@@ -72,7 +74,13 @@ impl Store {
             data_dir: data_dir.as_ref().to_path_buf(),
             lock,
             verified: Mutex::new(HashMap::new()),
+            files_hashed: AtomicU64::new(0),
         }
+    }
+
+    /// How many times this store has hashed a file: what the verification cache saves.
+    pub fn files_hashed(&self) -> u64 {
+        self.files_hashed.load(Ordering::Relaxed)
     }
 
     pub fn layout(&self) -> &Layout {
@@ -245,6 +253,7 @@ impl Store {
         }
 
         let (actual, _) = sha256_reader(file).map_err(|e| io_error(&blob, e))?;
+        self.files_hashed.fetch_add(1, Ordering::Relaxed);
         if actual != *expected {
             self.verified
                 .lock()

@@ -1,0 +1,215 @@
+//! Parsing `artifacts.lock`: every rejection names the JSON path and what is allowed.
+
+use system::{Arch, Lock};
+
+const KERNEL_SHA: &str = "9d3570b47d5abb069ca00edfbfcef4c68306a9c3d078a01f10082b258f1001b8";
+
+fn lock_with(kernels: &str, defaults: &str) -> String {
+    format!(
+        r#"{{ "schema": 1, "defaults": {defaults}, "kernels": {kernels},
+              "initrds": {{ "v1.0.0": {{ "outputs": {{}} }} }} }}"#
+    )
+}
+
+fn kernel(arch: &str, sha: &str) -> String {
+    format!(r#"{{ "{arch}": {{ "url": "https://example.invalid/k", "sha256": "{sha}" }} }}"#)
+}
+
+const DEFAULTS: &str = r#"{ "kernel": "ch-release-v6.16.9-20260508", "initrd": "v1.0.0" }"#;
+
+fn error_of(text: &str) -> (String, String) {
+    let err = Lock::parse(text).unwrap_err();
+    let display = err.to_string();
+    assert!(display.contains(&format!("`{}`", err.path)), "{display}");
+    (err.path, err.message)
+}
+
+#[test]
+fn the_committed_lock_is_valid_and_in_canonical_form() {
+    let text = include_str!("../../artifacts.lock");
+    let lock = Lock::parse(text).unwrap();
+    let default = &lock.kernels[lock.defaults.kernel.as_str()];
+    assert_eq!(default[&Arch::X86_64].sha256.hex(), KERNEL_SHA);
+    assert_eq!(
+        lock.to_json(),
+        text,
+        "artifacts.lock is not in the form the tools write"
+    );
+    assert_eq!(system::embedded_lock(), &lock);
+}
+
+#[test]
+fn a_good_lock_round_trips() {
+    let text = lock_with(
+        &format!(
+            r#"{{ "ch-release-v6.16.9-20260508": {} }}"#,
+            kernel("x86_64", KERNEL_SHA)
+        ),
+        DEFAULTS,
+    );
+    let lock = Lock::parse(&text).unwrap();
+    assert_eq!(Lock::parse(&lock.to_json()).unwrap(), lock);
+}
+
+#[test]
+fn an_unknown_schema_is_refused_before_anything_else() {
+    let (path, message) = error_of(r#"{ "schema": 2, "whatever": true }"#);
+    assert_eq!(path, "schema");
+    assert!(
+        message.contains("unsupported schema 2") && message.contains("schema 1"),
+        "{message}"
+    );
+    let (path, _) = error_of(r#"{ "defaults": {} }"#);
+    assert_eq!(path, "schema");
+}
+
+#[test]
+fn a_malformed_digest_names_its_path() {
+    let text = lock_with(
+        &format!(
+            r#"{{ "ch-release-v6.16.9-20260508": {} }}"#,
+            kernel("x86_64", "ABCD")
+        ),
+        DEFAULTS,
+    );
+    let (path, message) = error_of(&text);
+    assert_eq!(
+        path,
+        r#"kernels."ch-release-v6.16.9-20260508".x86_64.sha256"#
+    );
+    assert!(message.contains("64 lowercase hex digits"), "{message}");
+
+    let text = lock_with(
+        &format!(r#"{{ "ch-release-v6.16.9-20260508": {} }}"#, kernel("x86_64", KERNEL_SHA)),
+        DEFAULTS,
+    )
+    .replace(
+        r#""initrds""#,
+        r#""bases": { "alpine": { "reference": "alpine:3.22", "index": "md5:00", "manifests": {} } }, "initrds""#,
+    );
+    let (path, message) = error_of(&text);
+    assert_eq!(path, "bases.alpine.index");
+    assert!(message.contains("`sha256:`"), "{message}");
+}
+
+#[test]
+fn an_empty_version_is_refused() {
+    let text = lock_with(
+        &format!(r#"{{ "": {} }}"#, kernel("x86_64", KERNEL_SHA)),
+        DEFAULTS,
+    );
+    let (path, message) = error_of(&text);
+    assert_eq!(path, "kernels");
+    assert!(message.contains("empty version"), "{message}");
+}
+
+#[test]
+fn a_duplicate_version_is_refused() {
+    let entry = kernel("x86_64", KERNEL_SHA);
+    let text = lock_with(
+        &format!(
+            r#"{{ "ch-release-v6.16.9-20260508": {entry}, "ch-release-v6.16.9-20260508": {entry} }}"#
+        ),
+        DEFAULTS,
+    );
+    let (path, message) = error_of(&text);
+    assert_eq!(path, "kernels");
+    assert!(
+        message.contains("duplicate key `ch-release-v6.16.9-20260508`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn an_unknown_arch_is_refused() {
+    let text = lock_with(
+        &format!(
+            r#"{{ "ch-release-v6.16.9-20260508": {} }}"#,
+            kernel("riscv64", KERNEL_SHA)
+        ),
+        DEFAULTS,
+    );
+    let (path, message) = error_of(&text);
+    assert_eq!(path, r#"kernels."ch-release-v6.16.9-20260508""#);
+    assert!(
+        message.contains("riscv64") && message.contains("x86_64"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_default_must_name_an_entry() {
+    let kernels = format!(
+        r#"{{ "ch-release-v6.16.9-20260508": {} }}"#,
+        kernel("x86_64", KERNEL_SHA)
+    );
+    let (path, message) = error_of(&lock_with(
+        &kernels,
+        r#"{ "kernel": "ch-v9", "initrd": "v1.0.0" }"#,
+    ));
+    assert_eq!(path, "defaults.kernel");
+    assert!(message.contains("`ch-v9`") && message.contains("`ch-release-v6.16.9-20260508`"));
+    let (path, _) = error_of(&lock_with(
+        &kernels,
+        r#"{ "kernel": "ch-release-v6.16.9-20260508", "initrd": "v9" }"#,
+    ));
+    assert_eq!(path, "defaults.initrd");
+}
+
+#[test]
+fn an_initrd_base_must_name_a_base() {
+    let kernels = format!(
+        r#"{{ "ch-release-v6.16.9-20260508": {} }}"#,
+        kernel("x86_64", KERNEL_SHA)
+    );
+    let text = lock_with(&kernels, DEFAULTS).replace(
+        r#"{ "outputs": {} }"#,
+        r#"{ "base": "debian", "outputs": {} }"#,
+    );
+    let (path, message) = error_of(&text);
+    assert_eq!(path, r#"initrds."v1.0.0".base"#);
+    assert!(message.contains("`debian`"), "{message}");
+}
+
+#[test]
+fn a_version_cannot_climb_out_of_the_store() {
+    let text = lock_with(
+        &format!(r#"{{ "..": {} }}"#, kernel("x86_64", KERNEL_SHA)),
+        DEFAULTS,
+    );
+    assert!(error_of(&text).1.contains("not a usable directory name"));
+    let text = lock_with(
+        &format!(r#"{{ "a/b": {} }}"#, kernel("x86_64", KERNEL_SHA)),
+        DEFAULTS,
+    );
+    assert!(error_of(&text).1.contains("'/'"));
+}
+
+#[test]
+fn unknown_fields_are_typos() {
+    let text = lock_with(
+        r#"{ "ch-release-v6.16.9-20260508": { "x86_64": { "url": "https://e.invalid/k", "sha265": "x" } } }"#,
+        DEFAULTS,
+    );
+    let (path, message) = error_of(&text);
+    assert_eq!(
+        path,
+        r#"kernels."ch-release-v6.16.9-20260508".x86_64.sha265"#
+    );
+    assert!(message.contains("unknown field `sha265`"), "{message}");
+}
+
+#[test]
+fn generated_constants_match_the_lock() {
+    assert_eq!(
+        system::DEFAULT_KERNEL.as_str(),
+        system::embedded_lock().defaults.kernel.as_str()
+    );
+    assert_eq!(
+        system::KERNEL_CH_RELEASE_V6_16_9_20260508.as_str(),
+        "ch-release-v6.16.9-20260508"
+    );
+    assert_eq!(system::KERNELS.len(), system::embedded_lock().kernels.len());
+    assert_eq!(system::INITRDS.len(), system::embedded_lock().initrds.len());
+    assert_eq!(system::DEFAULT_INITRD, system::INITRD_V1_0_0);
+}
