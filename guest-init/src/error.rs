@@ -161,6 +161,15 @@ mod tests {
     }
 
     #[test]
+    fn readme_documents_every_failure_code() {
+        let readme = include_str!("../README.md");
+        for class in FailureClass::ALL {
+            let row = format!("| {}      | `{}`", class.exit_code(), class.name());
+            assert!(readme.contains(&row), "README.md lacks the row {row:?}");
+        }
+    }
+
+    #[test]
     fn exit_line_starts_with_the_code() {
         assert_eq!(exit_line(143, "app"), "GUEST-INIT-EXIT code=143 reason=app");
         assert_eq!(

@@ -134,7 +134,7 @@ fn boot(sys: &dyn Syscalls) -> Result<AppExit, Fatal> {
             if watched.is_empty() {
                 info!(
                     "shutdown",
-                    "no power button input device; ACPI shutdown will not be graceful"
+                    "no input device sends KEY_POWER (button/evdev modules?): a power-button shutdown will not be graceful"
                 );
             }
             let app = mode_exec::spawn(&launch)?;
