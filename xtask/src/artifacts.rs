@@ -39,6 +39,24 @@ pub struct Artifacts {
     /// Never write the lock: fail on anything unpinned or any output that would change it.
     #[arg(long)]
     pub locked: bool,
+    /// Run only these stages (repeatable or comma-separated). Default: all, in data-flow order.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub only: Vec<Stage>,
+    /// Kernel modules for initrd recipes that list `modules`: a kernel's `lib/modules/<kver>`
+    /// directory, or a root holding exactly one `lib/modules/<kver>` (an unpacked package).
+    #[arg(long, value_name = "DIR")]
+    pub modules_dir: Option<PathBuf>,
+    /// Replace the selected initrds' module lists (comma-separated names, e.g.
+    /// `virtio_blk,overlay`); the lock records the new list.
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    pub modules: Option<Vec<String>>,
+}
+
+/// A stage of `cargo xtask artifacts`, for `--only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    Kernels,
+    Initrds,
 }
 
 /// What one run did, printed at the end.
@@ -127,15 +145,13 @@ impl Artifacts {
 }
 
 fn stages(run: &mut Run) -> anyhow::Result<()> {
-    bail!(
-        "the generator's stages are not built yet: kernel downloads, the base image pull and \
-         initrd assembly are still to come. Nothing was written to {} but its empty layout; \
-         {} kernel version(s) and {} initrd version(s) are pinned for {:?}.",
-        run.store.layout().root().display(),
-        run.lock.kernels.len(),
-        run.lock.initrds.len(),
-        run.arches().iter().map(|a| a.as_str()).collect::<Vec<_>>(),
-    )
+    let wants = |stage| run.args.only.is_empty() || run.args.only.contains(&stage);
+    // Kernels: the kernel stage goes here, before initrds.
+    let _ = wants(Stage::Kernels);
+    if wants(Stage::Initrds) {
+        crate::initrd::sync(run)?;
+    }
+    Ok(())
 }
 
 /// Writes the lock atomically (temp file, fsync, rename): a crash never leaves half a lock.

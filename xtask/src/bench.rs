@@ -14,12 +14,16 @@ pub struct Bench {
 enum Case {
     /// Resolve + verify a 64 MiB blob: full hash (vs `sha256sum`) and with the cache warm.
     Verify,
+    /// Assemble a 10 MB tree with our newc + gzip writer vs `find | sort | cpio | gzip -9`
+    /// (time and size), and a no-op `artifacts --only initrds` run of the built binary.
+    Initrd,
 }
 
 impl Bench {
     pub fn run(self, sh: &Shell) -> anyhow::Result<()> {
         match self.case {
             Case::Verify => crate::bench_verify::run(sh),
+            Case::Initrd => crate::bench_initrd::run(sh),
         }
     }
 }

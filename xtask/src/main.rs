@@ -3,7 +3,9 @@
 
 mod artifacts;
 mod bench;
+mod bench_initrd;
 mod bench_verify;
+mod initrd;
 mod store;
 mod test;
 #[allow(dead_code)] // TODO(session 1): used once the OCI and initrd stages land; remove then.
@@ -24,6 +26,7 @@ enum Command {
     Artifacts(artifacts::Artifacts),
     Bench(bench::Bench),
     Test(test::Test),
+    TestInitrd(initrd::TestInitrd),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,6 +36,7 @@ fn main() -> anyhow::Result<()> {
         Command::Artifacts(cmd) => cmd.run(&sh),
         Command::Bench(cmd) => cmd.run(&sh),
         Command::Test(cmd) => cmd.run(&sh),
+        Command::TestInitrd(cmd) => cmd.run(),
     }
 }
 

@@ -1,0 +1,421 @@
+//! Kernel modules for an initrd: names resolved through `modules.dep`, dependencies first, each
+//! module once, decompressed, and a load order for guest-init.
+//!
+//! The modules directory is a kernel's `lib/modules/<kver>` (it holds `modules.dep`), or a root
+//! that contains exactly one `lib/modules/<kver>` (an extracted kernel package). Modules land
+//! in the initrd as plain `.ko` files under `lib/modules/<kver>/`, and
+//! `lib/modules/load-order` lists them, one path relative to `/` per line, in load order: the
+//! format guest-init's `modules.rs` reads.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use system::Digest;
+
+use crate::tree::{Node, Tree, TreePath};
+
+/// Where guest-init looks for the load order, relative to `/`.
+pub const LOAD_ORDER: &str = "lib/modules/load-order";
+
+/// One kernel's modules: its release name and the directory that holds `modules.dep`.
+#[derive(Debug, Clone)]
+pub struct ModulesDir {
+    pub kver: String,
+    pub root: PathBuf,
+}
+
+impl ModulesDir {
+    /// `dir` is `lib/modules/<kver>` itself, or a root with exactly one `lib/modules/<kver>`.
+    pub fn locate(dir: &Path) -> anyhow::Result<ModulesDir> {
+        if dir.join("modules.dep").is_file() {
+            let kver = dir
+                .canonicalize()
+                .with_context(|| format!("resolving {}", dir.display()))?
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(str::to_owned)
+                .with_context(|| format!("{} has no usable kernel release name", dir.display()))?;
+            return Ok(ModulesDir {
+                kver,
+                root: dir.to_path_buf(),
+            });
+        }
+        let parent = dir.join("lib/modules");
+        let mut kvers: Vec<String> = match fs::read_dir(&parent) {
+            Ok(entries) => entries
+                .filter_map(Result::ok)
+                .filter(|e| e.path().join("modules.dep").is_file())
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        kvers.sort();
+        match kvers.as_slice() {
+            [kver] => Ok(ModulesDir {
+                kver: kver.clone(),
+                root: parent.join(kver),
+            }),
+            [] => bail!(
+                "--modules-dir {}: no modules.dep there nor in lib/modules/<kver>/ below it; \
+                 pass a kernel's module directory like /lib/modules/$(uname -r) (run `depmod` \
+                 first if modules.dep is missing)",
+                dir.display()
+            ),
+            several => bail!(
+                "--modules-dir {}: holds modules for several kernels ({}); pass one of them, \
+                 e.g. {}",
+                dir.display(),
+                several.join(", "),
+                parent.join(&several[0]).display()
+            ),
+        }
+    }
+}
+
+/// A module as it goes into the initrd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Module {
+    /// Path relative to `/`, e.g. `lib/modules/6.1.0-56-cloud-amd64/kernel/fs/overlayfs/overlay.ko`.
+    pub path: String,
+    /// Decompressed content.
+    pub data: Vec<u8>,
+}
+
+/// The modules of an initrd, in load order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleSet {
+    pub kver: String,
+    pub modules: Vec<Module>,
+}
+
+impl ModuleSet {
+    /// Resolves `names` (and their dependencies) in `dir` and reads them, decompressed.
+    pub fn load(dir: &ModulesDir, names: &[String]) -> anyhow::Result<ModuleSet> {
+        let dep_path = dir.root.join("modules.dep");
+        let dep = fs::read_to_string(&dep_path)
+            .with_context(|| format!("reading {}", dep_path.display()))?;
+        let builtin = fs::read_to_string(dir.root.join("modules.builtin")).unwrap_or_default();
+        let order = resolve(&dep, &builtin, names)
+            .with_context(|| format!("resolving modules in {}", dir.root.display()))?;
+        let mut modules = Vec::with_capacity(order.len());
+        for relative in order {
+            let source = dir.root.join(&relative);
+            let raw = fs::read(&source)
+                .with_context(|| format!("reading module {}", source.display()))?;
+            let data = decompress(&relative, &raw)
+                .with_context(|| format!("decompressing module {}", source.display()))?;
+            modules.push(Module {
+                path: format!("lib/modules/{}/{}", dir.kver, plain_name(&relative)),
+                data,
+            });
+        }
+        Ok(ModuleSet {
+            kver: dir.kver.clone(),
+            modules,
+        })
+    }
+
+    /// The `load-order` file guest-init reads.
+    pub fn load_order(&self) -> String {
+        let mut text = String::new();
+        for module in &self.modules {
+            text.push_str(&module.path);
+            text.push('\n');
+        }
+        text
+    }
+
+    /// What the initrd's `modules` input digest covers: the kernel release, and each module's
+    /// path and content, in load order.
+    pub fn digest(&self) -> Digest {
+        let mut canonical = format!("kver {}\n", self.kver);
+        for module in &self.modules {
+            let sha = system::hash::sha256_bytes(&module.data);
+            canonical.push_str(&format!("{} {sha}\n", module.path));
+        }
+        Digest(system::hash::sha256_bytes(canonical.as_bytes()))
+    }
+
+    /// Puts the modules (0644) and the load order into `tree`.
+    pub fn add_to(&self, tree: &mut Tree) -> anyhow::Result<()> {
+        for module in &self.modules {
+            tree.insert(
+                TreePath::new(&module.path)?,
+                Node::file(0o644, module.data.clone()),
+            )?;
+        }
+        tree.insert(
+            TreePath::new(LOAD_ORDER)?,
+            Node::file(0o644, self.load_order()),
+        )
+    }
+}
+
+/// The name the kernel knows a module file by: `kernel/fs/fuse/cuse.ko.xz` is `cuse`, and `-`
+/// and `_` are the same.
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    let stem = file.split(".ko").next().unwrap_or(file);
+    stem.replace('-', "_")
+}
+
+/// The path without its compression suffix: `a/b.ko.zst` becomes `a/b.ko`.
+fn plain_name(path: &str) -> &str {
+    match path.rfind(".ko") {
+        Some(i) => &path[..i + 3],
+        None => path,
+    }
+}
+
+/// The module files to load for `names`, relative to the modules directory, dependencies first
+/// and each once. Built-in modules are skipped; a name that is neither is an error naming it.
+pub fn resolve(
+    modules_dep: &str,
+    modules_builtin: &str,
+    names: &[String],
+) -> anyhow::Result<Vec<String>> {
+    let mut deps: HashMap<String, Vec<String>> = HashMap::new();
+    let mut by_name: BTreeMap<String, String> = BTreeMap::new();
+    for (index, line) in modules_dep.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let Some((module, rest)) = line.split_once(':') else {
+            bail!("modules.dep:{}: {line:?} has no `:`", index + 1);
+        };
+        let module = module.trim().to_owned();
+        if module.starts_with('/') || module.split('/').any(|c| c == "..") {
+            bail!(
+                "modules.dep:{}: {module:?} is not a path inside the modules directory; \
+                 regenerate it with `depmod`",
+                index + 1
+            );
+        }
+        by_name.insert(module_name(&module), module.clone());
+        deps.insert(module, rest.split_whitespace().map(str::to_owned).collect());
+    }
+    let builtin: HashSet<String> = modules_builtin.lines().map(module_name).collect();
+
+    let mut order = Vec::new();
+    let mut done = HashSet::new();
+    for name in names {
+        let wanted = module_name(name.trim());
+        let Some(path) = by_name.get(&wanted) else {
+            if builtin.contains(&wanted) {
+                continue;
+            }
+            bail!(
+                "kernel module `{name}` is not in modules.dep (nor built in); check the name \
+                 (`modinfo {name}`) and that the modules directory belongs to the kernel you boot"
+            );
+        };
+        visit(path, &deps, &mut done, &mut Vec::new(), &mut order)?;
+    }
+    Ok(order)
+}
+
+/// Depth-first: a module's dependencies (in the reverse of the order modules.dep lists them,
+/// as modprobe loads them) before the module itself.
+fn visit(
+    module: &str,
+    deps: &HashMap<String, Vec<String>>,
+    done: &mut HashSet<String>,
+    stack: &mut Vec<String>,
+    order: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    if done.contains(module) {
+        return Ok(());
+    }
+    if stack.iter().any(|m| m == module) {
+        bail!(
+            "modules.dep has a dependency cycle: {} -> {module}",
+            stack.join(" -> ")
+        );
+    }
+    let Some(needs) = deps.get(module) else {
+        bail!(
+            "modules.dep names {module} as a dependency of {} but has no line for it; \
+             regenerate it with `depmod`",
+            stack.last().map_or("?", String::as_str)
+        );
+    };
+    stack.push(module.to_owned());
+    for dep in needs.iter().rev() {
+        visit(dep, deps, done, stack, order)?;
+    }
+    stack.pop();
+    done.insert(module.to_owned());
+    order.push(module.to_owned());
+    Ok(())
+}
+
+/// Decompresses a module file by its suffix: `.ko` as is, `.ko.xz`, `.ko.zst`, `.ko.gz`.
+pub fn decompress(path: &str, raw: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    if path.ends_with(".ko") {
+        out.extend_from_slice(raw);
+    } else if path.ends_with(".ko.xz") {
+        lzma_rs::xz_decompress(&mut &raw[..], &mut out).map_err(|e| anyhow::anyhow!("xz: {e}"))?;
+    } else if path.ends_with(".ko.zst") {
+        let mut decoder = ruzstd::decoding::StreamingDecoder::new(raw)
+            .map_err(|e| anyhow::anyhow!("zstd: {e}"))?;
+        decoder.read_to_end(&mut out).context("zstd")?;
+    } else if path.ends_with(".ko.gz") {
+        flate2::read::GzDecoder::new(raw)
+            .read_to_end(&mut out)
+            .context("gzip")?;
+    } else {
+        bail!("{path}: unknown module file type; expected .ko, .ko.xz, .ko.zst or .ko.gz");
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    const DEP: &str = "\
+kernel/fs/overlayfs/overlay.ko.zst:
+kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/virtio/virtio_ring.ko:
+kernel/drivers/virtio/virtio_pci_modern_dev.ko.xz:
+kernel/drivers/virtio/virtio_pci_legacy_dev.ko.gz:
+kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_pci_legacy_dev.ko.gz kernel/drivers/virtio/virtio_pci_modern_dev.ko.xz kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+";
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn dependencies_come_first_each_once_in_modprobe_order() {
+        let order = resolve(DEP, "", &names(&["virtio_blk", "virtio-pci", "virtio_blk"])).unwrap();
+        assert_eq!(
+            order,
+            [
+                "kernel/drivers/virtio/virtio_ring.ko",
+                "kernel/drivers/virtio/virtio.ko",
+                "kernel/drivers/block/virtio_blk.ko",
+                "kernel/drivers/virtio/virtio_pci_modern_dev.ko.xz",
+                "kernel/drivers/virtio/virtio_pci_legacy_dev.ko.gz",
+                "kernel/drivers/virtio/virtio_pci.ko",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_vm_boot_order_from_design_comes_out() {
+        let wanted = names(&["virtio_pci", "virtio_blk", "overlay"]);
+        let order = resolve(DEP, "", &wanted).unwrap();
+        let names: Vec<String> = order.iter().map(|p| module_name(p)).collect();
+        assert_eq!(
+            names,
+            [
+                "virtio_ring",
+                "virtio",
+                "virtio_pci_modern_dev",
+                "virtio_pci_legacy_dev",
+                "virtio_pci",
+                "virtio_blk",
+                "overlay"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_missing_module_is_named_and_builtins_are_skipped() {
+        let err = resolve(DEP, "", &names(&["virtio_blk", "nvidia"])).unwrap_err();
+        assert!(err.to_string().contains("`nvidia`"), "{err}");
+        let order = resolve(DEP, "kernel/fs/ext4/ext4.ko\n", &names(&["ext4"])).unwrap();
+        assert!(order.is_empty());
+    }
+
+    #[test]
+    fn broken_dependency_data_is_reported() {
+        let err = resolve("a.ko: b.ko\nb.ko: a.ko\n", "", &names(&["a"])).unwrap_err();
+        assert!(
+            err.to_string().contains("cycle: a.ko -> b.ko -> a.ko"),
+            "{err}"
+        );
+        let err = resolve("a.ko: gone.ko\n", "", &names(&["a"])).unwrap_err();
+        assert!(err.to_string().contains("gone.ko"), "{err}");
+        assert!(resolve("../x.ko:\n", "", &names(&["x"])).is_err());
+    }
+
+    /// A modules directory with every compression, as a test fixture.
+    pub(crate) fn fixture(root: &Path) -> ModulesDir {
+        let kver = root.join("lib/modules/6.1.0-test");
+        let write = |rel: &str, bytes: Vec<u8>| {
+            let path = kver.join(rel);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, bytes).unwrap();
+        };
+        let content = |name: &str| format!("\x7fELF module {name}").into_bytes();
+        for line in DEP.lines() {
+            let path = line.split(':').next().unwrap();
+            let plain = content(&module_name(path));
+            let bytes = if path.ends_with(".xz") {
+                let mut out = Vec::new();
+                lzma_rs::xz_compress(&mut &plain[..], &mut out).unwrap();
+                out
+            } else if path.ends_with(".zst") {
+                ruzstd::encoding::compress_to_vec(
+                    &plain[..],
+                    ruzstd::encoding::CompressionLevel::Fastest,
+                )
+            } else if path.ends_with(".gz") {
+                let mut gz =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                gz.write_all(&plain).unwrap();
+                gz.finish().unwrap()
+            } else {
+                plain
+            };
+            write(path, bytes);
+        }
+        write("modules.dep", DEP.as_bytes().to_vec());
+        ModulesDir::locate(root).unwrap()
+    }
+
+    #[test]
+    fn modules_are_read_decompressed_and_listed_for_guest_init() {
+        let dir = tempfile::tempdir().unwrap();
+        let modules_dir = fixture(dir.path());
+        assert_eq!(modules_dir.kver, "6.1.0-test");
+        let set = ModuleSet::load(&modules_dir, &names(&["virtio_pci", "overlay"])).unwrap();
+        let order = set.load_order();
+        assert_eq!(
+            order,
+            "lib/modules/6.1.0-test/kernel/drivers/virtio/virtio_ring.ko\n\
+             lib/modules/6.1.0-test/kernel/drivers/virtio/virtio.ko\n\
+             lib/modules/6.1.0-test/kernel/drivers/virtio/virtio_pci_modern_dev.ko\n\
+             lib/modules/6.1.0-test/kernel/drivers/virtio/virtio_pci_legacy_dev.ko\n\
+             lib/modules/6.1.0-test/kernel/drivers/virtio/virtio_pci.ko\n\
+             lib/modules/6.1.0-test/kernel/fs/overlayfs/overlay.ko\n"
+        );
+        for module in &set.modules {
+            let name = module_name(&module.path);
+            assert_eq!(module.data, format!("\x7fELF module {name}").into_bytes());
+        }
+        // The kver dir itself works too, and gives the same set.
+        let direct = ModulesDir::locate(&modules_dir.root).unwrap();
+        assert_eq!(direct.kver, "6.1.0-test");
+        let again = ModuleSet::load(&direct, &names(&["virtio_pci", "overlay"])).unwrap();
+        assert_eq!(again.digest(), set.digest());
+        let fewer = ModuleSet::load(&direct, &names(&["overlay"])).unwrap();
+        assert_ne!(fewer.digest(), set.digest());
+    }
+
+    #[test]
+    fn a_dir_without_modules_is_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = ModulesDir::locate(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("no modules.dep"), "{err}");
+    }
+}

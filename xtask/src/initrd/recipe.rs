@@ -1,0 +1,156 @@
+//! What goes into an initrd, and the recipe digest that says so.
+//!
+//! The tree is the base image's root filesystem (or nothing, for the minimal profile), plus:
+//!
+//! | path                      | what                                   |
+//! |---------------------------|----------------------------------------|
+//! | `/init`                   | guest-init, 0755                       |
+//! | `/dev/console`            | char 5:1, 0600: PID 1's stdio at boot  |
+//! | `/dev /proc /sys /run`    | mount points guest-init uses (if absent)|
+//! | `/tmp`                    | 1777 (if absent)                       |
+//! | `/lib/modules/<kver>/…`   | kernel modules, plain `.ko`            |
+//! | `/lib/modules/load-order` | module paths relative to `/`, in order |
+
+use serde::Serialize;
+use system::Digest;
+
+use super::modules::ModuleSet;
+use crate::tree::{Node, NodeKind, Tree, TreePath};
+
+/// Bumped whenever the builder puts something else into an initrd for the same inputs (the
+/// profile's entries, the writer's format): every initrd then rebuilds, and the lock says why.
+pub const BUILDER: u32 = 1;
+
+/// An initrd's recipe in canonical form: what its `recipe` input digest covers. The fields are
+/// declared in alphabetical order, so the JSON is canonical.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Recipe {
+    /// The base image's name in the lock, or none for the minimal profile.
+    pub base: Option<String>,
+    pub builder: u32,
+    /// Module names as the lock lists them.
+    pub modules: Vec<String>,
+    /// Every entry's mtime (`SOURCE_DATE_EPOCH`).
+    pub mtime: u32,
+}
+
+impl Recipe {
+    pub fn canonical_json(&self) -> String {
+        serde_json::to_string(self).expect("a recipe always serializes")
+    }
+
+    pub fn digest(&self) -> Digest {
+        Digest(system::hash::sha256_bytes(self.canonical_json().as_bytes()))
+    }
+}
+
+/// Directories guest-init mounts on (it creates missing ones, but a read-only base would not
+/// let it), with their modes.
+const MOUNT_POINTS: [(&str, u32); 5] = [
+    ("dev", 0o755),
+    ("proc", 0o555),
+    ("sys", 0o555),
+    ("run", 0o755),
+    ("tmp", 0o1777),
+];
+
+/// The initrd's tree: `base` (or empty) with guest-init, the console, mount points and modules.
+pub fn assemble(
+    base: Option<Tree>,
+    guest_init: &[u8],
+    modules: Option<&ModuleSet>,
+) -> anyhow::Result<Tree> {
+    let mut tree = base.unwrap_or_default();
+    for (dir, mode) in MOUNT_POINTS {
+        let path = TreePath::new(dir)?;
+        match tree.get(&path) {
+            Some(Node {
+                kind: NodeKind::Dir,
+                ..
+            }) => {}
+            Some(_) => anyhow::bail!(
+                "the base image has a non-directory at /{dir}, where guest-init mounts a \
+                 filesystem"
+            ),
+            None => tree.insert(path, Node::dir(mode))?,
+        }
+    }
+    tree.insert(TreePath::new("init")?, Node::file(0o755, guest_init))?;
+    tree.insert(
+        TreePath::new("dev/console")?,
+        Node::char_device(0o600, 5, 1),
+    )?;
+    if let Some(modules) = modules {
+        modules.add_to(&mut tree)?;
+    }
+    Ok(tree)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_recipe_json_is_canonical_and_every_field_counts() {
+        let recipe = Recipe {
+            base: None,
+            builder: BUILDER,
+            modules: vec!["virtio_blk".into()],
+            mtime: 0,
+        };
+        assert_eq!(
+            recipe.canonical_json(),
+            r#"{"base":null,"builder":1,"modules":["virtio_blk"],"mtime":0}"#
+        );
+        let mut other = recipe.clone();
+        other.mtime = 1;
+        assert_ne!(other.digest(), recipe.digest());
+        let mut other = recipe.clone();
+        other.base = Some("alpine".into());
+        assert_ne!(other.digest(), recipe.digest());
+    }
+
+    #[test]
+    fn the_minimal_profile_has_init_console_and_mount_points() {
+        let tree = assemble(None, b"\x7fELF", None).unwrap();
+        let listing: Vec<(String, u32)> = tree
+            .iter()
+            .map(|(p, n)| (p.as_str().to_owned(), n.mode))
+            .collect();
+        let expect = [
+            ("dev", 0o755),
+            ("dev/console", 0o600),
+            ("init", 0o755),
+            ("proc", 0o555),
+            ("run", 0o755),
+            ("sys", 0o555),
+            ("tmp", 0o1777),
+        ];
+        let expect: Vec<(String, u32)> = expect.iter().map(|(p, m)| (p.to_string(), *m)).collect();
+        assert_eq!(listing, expect);
+        let console = tree.get(&TreePath::new("dev/console").unwrap()).unwrap();
+        assert_eq!(console.kind, NodeKind::CharDevice { major: 5, minor: 1 });
+    }
+
+    #[test]
+    fn a_base_keeps_its_directories_but_not_its_init() {
+        let mut base = Tree::new();
+        base.insert(TreePath::new("tmp").unwrap(), Node::dir(0o700))
+            .unwrap();
+        base.insert(TreePath::new("init").unwrap(), Node::file(0o755, "old"))
+            .unwrap();
+        let tree = assemble(Some(base), b"new", None).unwrap();
+        assert_eq!(
+            tree.get(&TreePath::new("tmp").unwrap()).unwrap().mode,
+            0o700
+        );
+        assert_eq!(
+            tree.get(&TreePath::new("init").unwrap()).unwrap().kind,
+            NodeKind::File(b"new".to_vec())
+        );
+        let mut base = Tree::new();
+        base.insert(TreePath::new("proc").unwrap(), Node::file(0o644, ""))
+            .unwrap();
+        assert!(assemble(Some(base), b"", None).is_err());
+    }
+}
