@@ -4,8 +4,8 @@
 //! Reproducible means no trace of where it was built: `--remap-path-prefix` maps the workspace,
 //! the target dir and the cargo home to fixed names, the release profile pins codegen units,
 //! LTO and stripping, and the toolchain is pinned by `rust-toolchain.toml`. The builds use their
-//! own target dir (`<workspace>/target/guest`, or `$CARGO_TARGET_DIR` when set) so their flags
-//! never invalidate the host build.
+//! own target dir (`guest/` in `$CARGO_TARGET_DIR` or `<workspace>/target`) so their flags never
+//! invalidate the host build.
 
 use std::path::{Path, PathBuf};
 
@@ -34,10 +34,12 @@ pub struct BuildOptions {
     pub target_dir: Option<PathBuf>,
 }
 
-/// Where guest-init builds go: `$CARGO_TARGET_DIR` when set, else `<workspace>/target/guest`.
+/// Where guest-init builds go: `guest/` in the target dir (`$CARGO_TARGET_DIR` when set, else
+/// `<workspace>/target`). Its own directory, so the remap flags never invalidate other builds
+/// and a build started from `cargo test` or `cargo run` never waits on their lock.
 pub fn target_dir(workspace: &Path) -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) if !dir.is_empty() => workspace.join(dir),
+        Some(dir) if !dir.is_empty() => workspace.join(dir).join("guest"),
         _ => workspace.join("target/guest"),
     }
 }
