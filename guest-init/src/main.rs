@@ -73,6 +73,15 @@ fn boot(sys: &dyn Syscalls) -> Result<AppExit, Fatal> {
 
     load_modules(sys)?;
     timings.mark("modules");
+    // Right after the button/evdev drivers load: a press before the device is open is lost.
+    // A press during boot stays pending as SIGPWR and is honoured once the app runs.
+    let watched = shutdown::watch_power_button();
+    if watched.is_empty() {
+        info!(
+            "shutdown",
+            "no input device sends KEY_POWER (button/evdev modules?): a power-button shutdown will not be graceful"
+        );
+    }
 
     for device in [&options.rootfs, &options.config] {
         let waited = mount::wait_for_device(sys, device, options.device_timeout)
@@ -130,13 +139,6 @@ fn boot(sys: &dyn Syscalls) -> Result<AppExit, Fatal> {
         }
         InitMode::Exec => {
             let launch = mode_exec::prepare(&config)?;
-            let watched = shutdown::watch_power_button();
-            if watched.is_empty() {
-                info!(
-                    "shutdown",
-                    "no input device sends KEY_POWER (button/evdev modules?): a power-button shutdown will not be graceful"
-                );
-            }
             let app = mode_exec::spawn(&launch)?;
             timings.mark("exec");
             info!(
