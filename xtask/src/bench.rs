@@ -14,16 +14,24 @@ pub struct Bench {
 enum Case {
     /// Resolve + verify a 64 MiB blob: full hash (vs `sha256sum`) and with the cache warm.
     Verify,
+    /// Download 256 MiB over loopback into the store (streamed sha256, fsync, rename) vs
+    /// `curl -o /dev/null` from the same in-process server.
+    Download,
     /// Assemble a 10 MB tree with our newc + gzip writer vs `find | sort | cpio | gzip -9`
     /// (time and size), and a no-op `artifacts --only initrds` run of the built binary.
     Initrd,
+    /// Boot guest-init 10 times under QEMU: PID 1 start → entrypoint exec (median), plus the
+    /// sizes of guest-init and the minimal initrd.
+    Boot,
 }
 
 impl Bench {
     pub fn run(self, sh: &Shell) -> anyhow::Result<()> {
         match self.case {
             Case::Verify => crate::bench_verify::run(sh),
+            Case::Download => crate::bench_download::run(sh),
             Case::Initrd => crate::bench_initrd::run(sh),
+            Case::Boot => crate::bench_boot::run(sh),
         }
     }
 }

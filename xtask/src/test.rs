@@ -13,6 +13,22 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "GNU cpio reads initrds back in the reproducibility tests",
     ),
     ("curl", "the download benchmark's baseline"),
+    (
+        "qemu-system-x86",
+        "the VM tests boot guest-init under qemu-system-x86_64",
+    ),
+    (
+        "linux-image-cloud-amd64",
+        "the VM tests boot Debian's cloud kernel and its virtio modules",
+    ),
+    (
+        "e2fsprogs",
+        "mkfs.ext4 -d makes the VM tests' disks; debugfs reads them back",
+    ),
+    (
+        "busybox-static",
+        "the VM tests' rootfs has a shell and tools",
+    ),
 ];
 
 /// Prepare the machine (rustup targets, apt packages), then run fmt, clippy and every test.
