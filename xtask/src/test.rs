@@ -14,6 +14,18 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("curl", "the download benchmark's baseline"),
     (
+        "docker-registry",
+        "the OCI pull tests run a real registry on 127.0.0.1",
+    ),
+    (
+        "skopeo",
+        "the OCI tests push fixture images and read the cache back",
+    ),
+    (
+        "umoci",
+        "the OCI tests cross-check the layer model against umoci's unpack",
+    ),
+    (
         "qemu-system-x86",
         "the VM tests boot guest-init under qemu-system-x86_64",
     ),

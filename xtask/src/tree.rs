@@ -209,6 +209,17 @@ impl Tree {
         }
     }
 
+    /// `path` (if present) and every entry below it, parents before children.
+    pub fn subtree<'a>(
+        &'a self,
+        path: &'a TreePath,
+    ) -> impl Iterator<Item = (&'a TreePath, &'a Node)> + 'a {
+        self.entries
+            .range(path.clone()..)
+            .take_while(move |(p, _)| p.0.starts_with(&path.0))
+            .filter(move |(p, _)| p.starts_with(path))
+    }
+
     pub fn get(&self, path: &TreePath) -> Option<&Node> {
         self.entries.get(path)
     }
@@ -265,6 +276,17 @@ mod tests {
         assert!(tree.remove(&p("a")));
         let left: Vec<&str> = tree.iter().map(|(path, _)| path.as_str()).collect();
         assert_eq!(left, ["a-b", "ab"]);
+    }
+
+    #[test]
+    fn subtree_is_the_entry_and_what_lies_below() {
+        let mut tree = Tree::new();
+        tree.insert(p("a/b"), Node::file(0o644, "x")).unwrap();
+        tree.insert(p("a-b"), Node::file(0o644, "y")).unwrap();
+        let (a, zz) = (p("a"), p("zz"));
+        let below: Vec<&str> = tree.subtree(&a).map(|(path, _)| path.as_str()).collect();
+        assert_eq!(below, ["a", "a/b"]);
+        assert_eq!(tree.subtree(&zz).count(), 0);
     }
 
     #[test]

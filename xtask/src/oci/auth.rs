@@ -1,0 +1,247 @@
+//! Registry authentication: `WWW-Authenticate` challenges and where credentials come from.
+//!
+//! Credentials, first match wins:
+//! 1. `XTASK_REGISTRY_USER` and `XTASK_REGISTRY_PASSWORD`, for the registry being pulled from
+//!    (and its token service); never sent anywhere else.
+//! 2. `auths.<host>.auth` (base64 `user:password`) in `$DOCKER_CONFIG/config.json`, else
+//!    `~/.docker/config.json`; Docker Hub's key may be `https://index.docker.io/v1/`.
+//!
+//! Without credentials, pulls are anonymous: a bearer token is requested from the realm the
+//! registry names, which is how public images on Docker Hub are pulled.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+
+pub const USER_ENV: &str = "XTASK_REGISTRY_USER";
+pub const PASSWORD_ENV: &str = "XTASK_REGISTRY_PASSWORD";
+
+/// A user name and password (or identity token) for basic auth and token requests.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({}, <redacted>)", self.user)
+    }
+}
+
+/// Finds credentials for `registry` (as written in the reference, e.g. `docker.io`) served at
+/// `api_host` (e.g. `registry-1.docker.io`).
+pub fn credentials_for(registry: &str, api_host: &str) -> anyhow::Result<Option<Credentials>> {
+    let user = std::env::var(USER_ENV).ok().filter(|s| !s.is_empty());
+    let password = std::env::var(PASSWORD_ENV).ok();
+    match (user, password) {
+        (Some(user), Some(password)) => return Ok(Some(Credentials { user, password })),
+        (Some(_), None) => {
+            bail!("{USER_ENV} is set but {PASSWORD_ENV} is not; set both or neither")
+        }
+        _ => {}
+    }
+    let Some(path) = docker_config_path() else {
+        return Ok(None);
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    from_docker_config(&text, registry, api_host)
+        .with_context(|| format!("reading registry credentials from {}", path.display()))
+}
+
+fn docker_config_path() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
+        return Some(PathBuf::from(dir).join("config.json"));
+    }
+    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".docker/config.json"))
+}
+
+/// The `auths` entry of a Docker `config.json` for this registry, if any.
+pub fn from_docker_config(
+    text: &str,
+    registry: &str,
+    api_host: &str,
+) -> anyhow::Result<Option<Credentials>> {
+    #[derive(serde::Deserialize)]
+    struct Config {
+        #[serde(default)]
+        auths: BTreeMap<String, Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        auth: Option<String>,
+    }
+    let config: Config = serde_json::from_str(text).context("not a Docker config.json")?;
+    let mut wanted = vec![registry, api_host];
+    if registry == "docker.io" {
+        wanted.extend(["index.docker.io", "registry-1.docker.io"]);
+    }
+    for (key, entry) in &config.auths {
+        // Keys are hosts, sometimes written as URLs (`https://index.docker.io/v1/`).
+        let host = key
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        if !wanted.contains(&host) {
+            continue;
+        }
+        let Some(auth) = &entry.auth else { continue };
+        let decoded = base64_decode(auth.trim())
+            .with_context(|| format!("auths.{key:?}.auth is not base64"))?;
+        let decoded = String::from_utf8(decoded)
+            .with_context(|| format!("auths.{key:?}.auth is not UTF-8"))?;
+        let Some((user, password)) = decoded.split_once(':') else {
+            bail!("auths.{key:?}.auth does not decode to `user:password`");
+        };
+        return Ok(Some(Credentials {
+            user: user.to_owned(),
+            password: password.to_owned(),
+        }));
+    }
+    Ok(None)
+}
+
+/// Standard base64 (with or without padding).
+fn base64_decode(text: &str) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in text.bytes().filter(|&c| c != b'=') {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => bail!("unexpected character {:?}", c as char),
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Ok(out)
+}
+
+/// A parsed `WWW-Authenticate` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    /// `bearer` or `basic`, lowercased.
+    pub scheme: String,
+    /// Parameter names lowercased (`realm`, `service`, `scope`).
+    pub params: BTreeMap<String, String>,
+}
+
+impl Challenge {
+    /// Parses `Bearer realm="https://auth.example/token",service="x",scope="repository:a:pull"`.
+    /// Quoted values may contain commas and escaped quotes.
+    pub fn parse(header: &str) -> anyhow::Result<Challenge> {
+        let header = header.trim();
+        let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
+        if scheme.is_empty() {
+            bail!("empty WWW-Authenticate header");
+        }
+        let mut params = BTreeMap::new();
+        let mut chars = rest.chars().peekable();
+        loop {
+            while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+                chars.next();
+            }
+            if chars.peek().is_none() {
+                break;
+            }
+            let mut name = String::new();
+            while let Some(&c) = chars.peek() {
+                if c == '=' {
+                    break;
+                }
+                name.push(c);
+                chars.next();
+            }
+            if chars.next() != Some('=') {
+                bail!("malformed WWW-Authenticate header `{header}`: `{name}` has no value");
+            }
+            let mut value = String::new();
+            if chars.peek() == Some(&'"') {
+                chars.next();
+                loop {
+                    match chars.next() {
+                        Some('\\') => value.extend(chars.next()),
+                        Some('"') => break,
+                        Some(c) => value.push(c),
+                        None => bail!(
+                            "malformed WWW-Authenticate header `{header}`: unterminated quote"
+                        ),
+                    }
+                }
+            } else {
+                while let Some(&c) = chars.peek() {
+                    if c == ',' {
+                        break;
+                    }
+                    value.push(c);
+                    chars.next();
+                }
+            }
+            params.insert(name.trim().to_ascii_lowercase(), value.trim().to_owned());
+        }
+        Ok(Challenge {
+            scheme: scheme.to_ascii_lowercase(),
+            params,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_docker_hub_challenges() {
+        let c = Challenge::parse(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull,push""#,
+        )
+        .unwrap();
+        assert_eq!(c.scheme, "bearer");
+        assert_eq!(c.params["realm"], "https://auth.docker.io/token");
+        assert_eq!(c.params["service"], "registry.docker.io");
+        assert_eq!(c.params["scope"], "repository:library/alpine:pull,push");
+        let c = Challenge::parse(r#"Basic realm="Registry Realm""#).unwrap();
+        assert_eq!(c.scheme, "basic");
+        assert_eq!(c.params["realm"], "Registry Realm");
+        let c = Challenge::parse(r#"Bearer realm=http://x/t, service="a\"b""#).unwrap();
+        assert_eq!(c.params["realm"], "http://x/t");
+        assert_eq!(c.params["service"], "a\"b");
+        assert!(Challenge::parse(r#"Bearer realm="open"#).is_err());
+    }
+
+    #[test]
+    fn reads_docker_config_auths() {
+        // "user:p:ss" in base64.
+        let config = r#"{"auths":{"https://index.docker.io/v1/":{"auth":"dXNlcjpwOnNz"},
+                         "other.example":{"auth":"b3RoZXI6eA=="}}}"#;
+        let c = from_docker_config(config, "docker.io", "registry-1.docker.io")
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("user", "p:ss"));
+        let c = from_docker_config(config, "other.example", "other.example")
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("other", "x"));
+        assert!(
+            from_docker_config(config, "127.0.0.1:5000", "127.0.0.1:5000")
+                .unwrap()
+                .is_none()
+        );
+        assert!(from_docker_config(r#"{"auths":{"h":{"auth":"!!"}}}"#, "h", "h").is_err());
+    }
+}

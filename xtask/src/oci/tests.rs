@@ -1,0 +1,479 @@
+//! Pulls against a real registry (Debian's `docker-registry`, images pushed with skopeo), an
+//! in-process registry for faults, and umoci/skopeo reading our cache.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+use std::process::Command;
+
+use system::Arch;
+use system::lock::Digest;
+
+use super::testing::{DockerRegistry, FakeRegistry, Faults, build_layout, require_tool};
+use super::*;
+use crate::tree::{NodeKind, TreePath};
+
+fn options() -> PullOptions {
+    let mut options = PullOptions::default();
+    options.network.first_backoff = std::time::Duration::from_millis(10);
+    options
+}
+
+fn p(s: &str) -> TreePath {
+    TreePath::new(s).unwrap()
+}
+
+/// What the fixture's three layers add up to, for `arch`.
+fn assert_fixture_tree(tree: &Tree, arch: Arch) {
+    let file = |path: &str| match &tree.get(&p(path)).unwrap_or_else(|| panic!("{path}")).kind {
+        NodeKind::File(data) => String::from_utf8(data.clone()).unwrap(),
+        other => panic!("{path} is {other:?}"),
+    };
+    assert_eq!(file("etc/arch"), arch.oci_arch());
+    assert_eq!(file("etc/passwd"), "root:x:0:0::/root:/bin/ash\n");
+    // busybox was whited out; its hard link keeps the content.
+    assert_eq!(file("bin/ls"), format!("busybox for {arch}"));
+    assert_eq!(
+        tree.get(&p("bin/busybox")).unwrap().kind,
+        NodeKind::Symlink("ls".into())
+    );
+    assert_eq!(tree.get(&p("bin/su")).unwrap().mode, 0o4755);
+    assert_eq!(tree.get(&p("tmp")).unwrap().mode, 0o1777);
+    assert!(tree.get(&p("var/cache/apk")).is_none());
+    assert!(tree.get(&p("usr/lib/old")).is_none());
+    assert_eq!(file("usr/lib/new/b"), "new");
+    assert_eq!(
+        tree.get(&p("dev/loop0")).unwrap().kind,
+        NodeKind::BlockDevice { major: 7, minor: 0 }
+    );
+    assert_eq!(tree.get(&p("home/user")).unwrap().uid, 1000);
+    assert_eq!(
+        tree.get(&p("etc/motd2")).unwrap().kind,
+        NodeKind::HardLink(p("etc/motd"))
+    );
+}
+
+#[test]
+fn pulls_by_tag_and_digest_from_a_real_registry_per_arch() {
+    let registry = DockerRegistry::start();
+    let work = tempfile::tempdir().unwrap();
+    let fixture = build_layout(&work.path().join("layout"), "v1", 1);
+    let base = registry.push(&fixture.dir, "v1", "fixture:v1");
+    let reference = base.reference.clone();
+    let cache = work.path().join("oci-cache");
+
+    for arch in [Arch::X86_64, Arch::Aarch64] {
+        let pulled = pull_base(&options(), &base, arch, &cache).unwrap();
+        assert_eq!(pulled.index_digest, base.index);
+        assert_eq!(pulled.manifest_digest, base.manifests[&arch]);
+        assert!(pulled.updated_pins.is_none());
+        assert_fixture_tree(&pulled.tree, arch);
+    }
+
+    // By digest: the reference cannot move, and the cache already has everything.
+    let by_digest = Base {
+        reference: format!("{reference}@{}", base.index),
+        ..base.clone()
+    };
+    let pulled = pull_base(&options(), &by_digest, Arch::X86_64, &cache).unwrap();
+    assert!(pulled.updated_pins.is_none());
+    assert_eq!(pulled.manifest_digest, base.manifests[&Arch::X86_64]);
+
+    // A second pull by tag downloads no blob.
+    let before = registry.blob_requests();
+    assert!(before > 0, "the first pulls fetched blobs");
+    let again = pull_base(&options(), &base, Arch::X86_64, &cache).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(
+        registry.blob_requests(),
+        before,
+        "no blob requests on a warm cache"
+    );
+    assert_fixture_tree(&again.tree, Arch::X86_64);
+
+    // Other OCI tools read the cache.
+    require_tool("/usr/bin/skopeo", "skopeo");
+    let name = format!("{reference}-amd64");
+    let out = Command::new("/usr/bin/skopeo")
+        .args(["--insecure-policy", "inspect"])
+        .arg(format!("oci:{}:{name}", cache.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inspected: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(inspected["Architecture"], "amd64");
+    assert_eq!(inspected["Layers"].as_array().unwrap().len(), 3);
+    let out = Command::new("/usr/bin/skopeo")
+        .args(["--insecure-policy", "inspect", "--raw"])
+        .arg(format!("oci:{}:{reference}", cache.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(Digest(system::hash::sha256_bytes(&out.stdout)), base.index);
+}
+
+#[test]
+fn our_tree_matches_what_umoci_unpacks() {
+    require_tool("/usr/bin/umoci", "umoci");
+    let work = tempfile::tempdir().unwrap();
+    let fixture = build_layout(&work.path().join("layout"), "v1", 1);
+    let cache = work.path().join("oci-cache");
+    let source = format!("oci:{}:v1", fixture.dir.display());
+    let base = fixture.base("fixture.example/fixture:v1");
+    let options = PullOptions {
+        source: Some(source),
+        ..options()
+    };
+    let pulled = pull_base(&options, &base, Arch::X86_64, &cache).unwrap();
+    assert_fixture_tree(&pulled.tree, Arch::X86_64);
+
+    let rootfs = work.path().join("rootfs");
+    let root = unsafe_is_root();
+    let mut umoci = Command::new("/usr/bin/umoci");
+    umoci.args(["raw", "unpack"]);
+    if !root {
+        umoci.arg("--rootless");
+    }
+    let out = umoci
+        .arg("--image")
+        .arg(format!(
+            "{}:fixture.example/fixture:v1-amd64",
+            cache.display()
+        ))
+        .arg(&rootfs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "umoci: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs = describe_dir(&rootfs, root);
+    let ours = describe_tree(&pulled.tree, root);
+    let only_theirs: Vec<_> = theirs
+        .iter()
+        .filter(|(k, v)| ours.get(*k) != Some(v))
+        .collect();
+    let only_ours: Vec<_> = ours
+        .iter()
+        .filter(|(k, v)| theirs.get(*k) != Some(v))
+        .collect();
+    assert!(
+        only_theirs.is_empty() && only_ours.is_empty(),
+        "umoci differs:\n umoci: {only_theirs:#?}\n ours: {only_ours:#?}"
+    );
+}
+
+fn unsafe_is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+/// path → a comparable description: type, mode, owner, content or target, device numbers;
+/// hard links are named by the first path (in sorted order) of their inode.
+fn describe_dir(root: &Path, with_owners: bool) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut first_of_inode: BTreeMap<u64, String> = BTreeMap::new();
+    let mut paths: Vec<_> = walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .sort_by_file_name()
+        .into_iter()
+        .map(|e| e.unwrap().into_path())
+        .collect();
+    paths.sort();
+    for path in paths {
+        let rel = path
+            .strip_prefix(root)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let ft = meta.file_type();
+        let owner = if with_owners {
+            format!(" {}:{}", meta.uid(), meta.gid())
+        } else {
+            String::new()
+        };
+        let mode = meta.mode() & 0o7777;
+        let what = if ft.is_dir() {
+            format!("dir {mode:o}{owner}")
+        } else if ft.is_symlink() {
+            format!(
+                "symlink -> {}{owner}",
+                std::fs::read_link(&path).unwrap().display()
+            )
+        } else if ft.is_file() {
+            let content = String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned();
+            let first = first_of_inode.entry(meta.ino()).or_insert(rel.clone());
+            format!("file {mode:o}{owner} {content:?} inode-of {first}")
+        } else if ft.is_char_device() || ft.is_block_device() {
+            let rdev = meta.rdev();
+            let (major, minor) = (
+                ((rdev >> 8) & 0xfff) as u32,
+                ((rdev & 0xff) | ((rdev >> 12) & 0xfff00)) as u32,
+            );
+            let kind = if ft.is_char_device() { "char" } else { "block" };
+            format!("{kind} {mode:o}{owner} {major}:{minor}")
+        } else if ft.is_fifo() {
+            format!("fifo {mode:o}{owner}")
+        } else {
+            format!("other {ft:?}")
+        };
+        out.insert(rel, what);
+    }
+    out
+}
+
+fn describe_tree(tree: &Tree, with_owners: bool) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    // The first name (sorted) of each hard-linked file, as describe_dir sees it.
+    let mut first: BTreeMap<String, String> = BTreeMap::new();
+    for (path, node) in tree.iter() {
+        let file = match &node.kind {
+            NodeKind::HardLink(target) => target.as_str().to_owned(),
+            NodeKind::File(_) => path.as_str().to_owned(),
+            _ => continue,
+        };
+        first.entry(file).or_insert(path.as_str().to_owned());
+    }
+    for (path, node) in tree.iter() {
+        let owner = if with_owners {
+            format!(" {}:{}", node.uid, node.gid)
+        } else {
+            String::new()
+        };
+        let mode = node.mode;
+        let file = |data: &[u8], of: &str| {
+            format!(
+                "file {mode:o}{owner} {:?} inode-of {}",
+                String::from_utf8_lossy(data),
+                first[of]
+            )
+        };
+        let what = match &node.kind {
+            NodeKind::Dir => format!("dir {mode:o}{owner}"),
+            NodeKind::Symlink(t) => format!("symlink -> {t}{owner}"),
+            NodeKind::File(data) => file(data, path.as_str()),
+            NodeKind::HardLink(target) => match &tree.get(target).unwrap().kind {
+                NodeKind::File(data) => file(data, target.as_str()),
+                other => panic!("link to {other:?}"),
+            },
+            NodeKind::CharDevice { major, minor } => {
+                format!("char {mode:o}{owner} {major}:{minor}")
+            }
+            NodeKind::BlockDevice { major, minor } => {
+                format!("block {mode:o}{owner} {major}:{minor}")
+            }
+            NodeKind::Fifo => format!("fifo {mode:o}{owner}"),
+        };
+        out.insert(path.as_str().to_owned(), what);
+    }
+    if !with_owners {
+        // Rootless umoci creates no device nodes.
+        out.retain(|_, v| !v.starts_with("char") && !v.starts_with("block"));
+    }
+    out
+}
+
+#[test]
+fn a_moved_tag_is_an_error_when_locked_and_an_update_otherwise() {
+    let registry = DockerRegistry::start();
+    let work = tempfile::tempdir().unwrap();
+    let v1 = build_layout(&work.path().join("v1"), "v1", 1);
+    let v2 = build_layout(&work.path().join("v2"), "v1", 2);
+    assert_ne!(v1.index, v2.index);
+    assert_ne!(v1.manifests, v2.manifests);
+    let pinned = registry.push(&v1.dir, "v1", "fixture:stable");
+    let reference = pinned.reference.clone();
+    let cache = work.path().join("oci-cache");
+    let mut base = pinned.clone();
+    base.manifests.remove(&Arch::Aarch64);
+    // Locked: a lock without this arch's pin is drift too.
+    let locked = PullOptions {
+        locked: true,
+        ..options()
+    };
+    let err = format!(
+        "{:#}",
+        pull_base(&locked, &base, Arch::Aarch64, &cache).unwrap_err()
+    );
+    assert!(err.contains("aarch64") && err.contains("--locked"), "{err}");
+    let base = pinned;
+    pull_base(&locked, &base, Arch::X86_64, &cache).unwrap();
+
+    let moved = registry.push(&v2.dir, "v1", "fixture:stable");
+    let err = format!(
+        "{:#}",
+        pull_base(&locked, &base, Arch::X86_64, &cache).unwrap_err()
+    );
+    for needle in [
+        reference.as_str(),
+        &base.index.to_string(),
+        &moved.index.to_string(),
+        "--locked",
+    ] {
+        assert!(err.contains(needle), "missing {needle}: {err}");
+    }
+
+    let pulled = pull_base(&options(), &base, Arch::X86_64, &cache).unwrap();
+    let pins = pulled.updated_pins.expect("the tag moved");
+    assert_eq!(pins.reference, reference);
+    assert_eq!(pins, moved);
+    assert_eq!(
+        pulled.tree.get(&p("etc/motd")).unwrap().kind,
+        NodeKind::File(b"release 2\n".to_vec())
+    );
+}
+
+#[test]
+fn offline_reads_the_cache_alone_and_lists_what_is_missing() {
+    let work = tempfile::tempdir().unwrap();
+    let fixture = build_layout(&work.path().join("layout"), "v1", 1);
+    let cache = work.path().join("oci-cache");
+    // Nothing listens here: offline must not try.
+    let base = fixture.base("127.0.0.1:9/fixture:v1");
+    let offline = PullOptions {
+        offline: true,
+        ..options()
+    };
+    let err = format!(
+        "{:#}",
+        pull_base(&offline, &base, Arch::X86_64, &cache).unwrap_err()
+    );
+    assert!(
+        err.contains(&fixture.index.to_string()) && err.contains("--offline"),
+        "{err}"
+    );
+
+    // Fill the cache from the local layout, but only the index and manifest: then offline names
+    // the config and each missing layer.
+    let layout = cache::OciLayout::open(&fixture.dir).unwrap();
+    let ours = cache::OciLayout::create(&cache).unwrap();
+    for d in [fixture.index, fixture.manifests[&Arch::X86_64]] {
+        ours.put_bytes(&d, &layout.read_blob(&d, 1 << 20).unwrap())
+            .unwrap();
+    }
+    let err = format!(
+        "{:#}",
+        pull_base(&offline, &base, Arch::X86_64, &cache).unwrap_err()
+    );
+    assert!(err.contains("config"), "{err}");
+    for layer in &fixture.layers[&Arch::X86_64] {
+        assert!(err.contains(&layer.to_string()), "{layer}: {err}");
+    }
+
+    let from_layout = PullOptions {
+        source: Some(format!("oci:{}:v1", fixture.dir.display())),
+        ..options()
+    };
+    pull_base(&from_layout, &base, Arch::X86_64, &cache).unwrap();
+    let pulled = pull_base(&offline, &base, Arch::X86_64, &cache).unwrap();
+    assert_fixture_tree(&pulled.tree, Arch::X86_64);
+}
+
+#[test]
+fn anonymous_bearer_tokens_and_a_warm_cache() {
+    let work = tempfile::tempdir().unwrap();
+    let fixture = build_layout(&work.path().join("layout"), "v1", 1);
+    let server = FakeRegistry::start(
+        &fixture.dir,
+        Faults {
+            bearer: true,
+            ..Faults::default()
+        },
+    );
+    let base = fixture.base(&format!("{}/fixture:v1", server.host()));
+    let cache = work.path().join("oci-cache");
+    pull_base(&options(), &base, Arch::X86_64, &cache).unwrap();
+    let first = server.take_requests();
+    assert!(
+        first[0].starts_with("HEAD /v2/fixture/manifests/v1") && !first[0].ends_with("(auth)"),
+        "{first:?}"
+    );
+    assert!(first[1].starts_with("GET /token?"), "{first:?}");
+    assert!(
+        first[2..].iter().all(|r| r.ends_with("(auth)")),
+        "{first:?}"
+    );
+    assert!(first.iter().any(|r| r.contains("/blobs/")), "{first:?}");
+
+    let again = pull_base(&options(), &base, Arch::X86_64, &cache).unwrap();
+    assert_fixture_tree(&again.tree, Arch::X86_64);
+    let second = server.take_requests();
+    assert!(
+        second
+            .iter()
+            .all(|r| !r.contains("/blobs/") && !r.starts_with("GET /v2/")),
+        "a warm cache needs only the tag's HEAD: {second:?}"
+    );
+}
+
+#[test]
+fn a_corrupt_blob_is_an_error_and_is_not_cached() {
+    let work = tempfile::tempdir().unwrap();
+    let fixture = build_layout(&work.path().join("layout"), "v1", 1);
+    let bad = fixture.layers[&Arch::X86_64][1];
+    let server = FakeRegistry::start(
+        &fixture.dir,
+        Faults {
+            corrupt: vec![bad],
+            ..Faults::default()
+        },
+    );
+    let base = fixture.base(&format!("{}/fixture:v1", server.host()));
+    let cache = work.path().join("oci-cache");
+    let err = format!(
+        "{:#}",
+        pull_base(&options(), &base, Arch::X86_64, &cache).unwrap_err()
+    );
+    assert!(
+        err.contains(&bad.to_string()) && err.contains("nothing was cached"),
+        "{err}"
+    );
+    let blobs: Vec<String> = std::fs::read_dir(cache.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(!blobs.contains(&bad.0.hex()), "{blobs:?}");
+    assert!(blobs.iter().all(|b| !b.starts_with(".tmp")), "{blobs:?}");
+}
+
+#[test]
+fn transient_failures_are_retried() {
+    let work = tempfile::tempdir().unwrap();
+    let fixture = build_layout(&work.path().join("layout"), "v1", 1);
+    let server = FakeRegistry::start(
+        &fixture.dir,
+        Faults {
+            unavailable: 2.into(),
+            ..Faults::default()
+        },
+    );
+    let base = fixture.base(&format!("{}/fixture:v1", server.host()));
+    let pulled = pull_base(&options(), &base, Arch::Aarch64, &work.path().join("c")).unwrap();
+    assert_fixture_tree(&pulled.tree, Arch::Aarch64);
+
+    // Plain HTTP is for loopback (or allowed hosts) only: another host gets HTTPS, and a
+    // refused connection is retried a bounded number of times, then named.
+    let mut quick = options();
+    quick.network.attempts = 2;
+    let base = fixture.base("127.0.0.1:9/fixture:v1");
+    let err = format!(
+        "{:#}",
+        pull_base(&quick, &base, Arch::X86_64, &work.path().join("d")).unwrap_err()
+    );
+    assert!(
+        err.contains("http://127.0.0.1:9/v2/fixture/manifests/v1") && err.contains("2 attempt"),
+        "{err}"
+    );
+}
