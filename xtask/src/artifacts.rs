@@ -39,6 +39,24 @@ pub struct Artifacts {
     /// Never write the lock: fail on anything unpinned or any output that would change it.
     #[arg(long)]
     pub locked: bool,
+    /// Fetch URLs starting with FROM from TO instead (FROM=TO, repeatable; the longest FROM
+    /// wins). The lock keeps the original URLs and digests.
+    #[arg(
+        long,
+        value_name = "FROM=TO",
+        env = "XTASK_MIRROR",
+        value_delimiter = ','
+    )]
+    pub mirror: Vec<crate::fetch::Mirror>,
+    /// Seconds to wait for a connection (DNS, TCP, TLS) before retrying.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub connect_timeout: f64,
+    /// Seconds a download may go without receiving data before retrying.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub read_timeout: f64,
+    /// Attempts in a row without progress before a download gives up.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub attempts: u32,
     /// Run only these stages (repeatable or comma-separated). Default: all, in data-flow order.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub only: Vec<Stage>,
@@ -107,13 +125,20 @@ impl Run<'_> {
 }
 
 impl Artifacts {
-    pub fn run(self, sh: &Shell) -> anyhow::Result<()> {
+    pub fn run(mut self, sh: &Shell) -> anyhow::Result<()> {
+        // Relative paths are the workspace root's (the shell's directory), wherever cargo ran.
+        self.lock = sh.current_dir().join(&self.lock);
+        self.data_dir = sh.current_dir().join(&self.data_dir);
         let text = std::fs::read_to_string(&self.lock)
             .with_context(|| format!("reading the lock {}", self.lock.display()))?;
         let lock = Lock::parse(&text).with_context(|| format!("in {}", self.lock.display()))?;
         for version in &self.kernel {
             if !lock.kernels.contains_key(version) {
-                bail!("--kernel {version}: not in {}", self.lock.display());
+                bail!(
+                    "--kernel {version}: not in {}; pin it with \
+                     `cargo xtask lock add-kernel {version} --url ARCH=URL`",
+                    self.lock.display()
+                );
             }
         }
         for version in &self.initrd {
@@ -146,8 +171,9 @@ impl Artifacts {
 
 fn stages(run: &mut Run) -> anyhow::Result<()> {
     let wants = |stage| run.args.only.is_empty() || run.args.only.contains(&stage);
-    // Kernels: the kernel stage goes here, before initrds.
-    let _ = wants(Stage::Kernels);
+    if wants(Stage::Kernels) {
+        crate::kernels::sync(run)?;
+    }
     if wants(Stage::Initrds) {
         crate::initrd::sync(run)?;
     }
@@ -155,7 +181,7 @@ fn stages(run: &mut Run) -> anyhow::Result<()> {
 }
 
 /// Writes the lock atomically (temp file, fsync, rename): a crash never leaves half a lock.
-fn write_lock(path: &std::path::Path, lock: &Lock) -> anyhow::Result<()> {
+pub(crate) fn write_lock(path: &std::path::Path, lock: &Lock) -> anyhow::Result<()> {
     use std::io::Write;
     let dir = path
         .parent()

@@ -85,7 +85,9 @@ impl StoreWriter {
 
     /// Makes a filled temp file the blob `expected`, after checking that it is exactly that
     /// content. Returns the blob's path. On any mismatch the temp file is deleted and nothing
-    /// becomes visible.
+    /// becomes visible. This reads the file back; a writer that hashed while writing uses
+    /// [`StoreWriter::commit_verified_blob`] instead.
+    #[allow(dead_code)] // For writers that cannot hash as they write; downloads do.
     pub fn commit_blob(
         &self,
         temp: tempfile::NamedTempFile,
@@ -93,17 +95,33 @@ impl StoreWriter {
         expected_size: Option<u64>,
         what: &str,
     ) -> anyhow::Result<PathBuf> {
+        let (actual, size) = sha256_reader(File::open(temp.path())?)
+            .with_context(|| format!("hashing {}", temp.path().display()))?;
+        self.commit_verified_blob(temp, expected, expected_size, &actual, size, what)
+    }
+
+    /// Like [`StoreWriter::commit_blob`], for content the caller hashed while writing it (a
+    /// download hashes as it streams): `actual` and `size` describe what was written, so the
+    /// temp file is not read a second time. Syncs, checks against `expected` and
+    /// `expected_size`, and only then renames into place.
+    pub fn commit_verified_blob(
+        &self,
+        temp: tempfile::NamedTempFile,
+        expected: &Sha256,
+        expected_size: Option<u64>,
+        actual: &Sha256,
+        size: u64,
+        what: &str,
+    ) -> anyhow::Result<PathBuf> {
         temp.as_file()
             .sync_all()
             .context("syncing a downloaded blob")?;
-        let (actual, size) = sha256_reader(File::open(temp.path())?)
-            .with_context(|| format!("hashing {}", temp.path().display()))?;
         if let Some(expected_size) = expected_size
             && size != expected_size
         {
             bail!("{what}: expected {expected_size} bytes, got {size}; nothing was stored");
         }
-        if actual != *expected {
+        if actual != expected {
             bail!("{what}: expected sha256 {expected}, got {actual}; nothing was stored");
         }
         self.publish(temp, expected)
