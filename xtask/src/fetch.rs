@@ -426,7 +426,8 @@ impl Fetcher {
                 request = request.header(IF_RANGE, validator);
             }
         }
-        let mut response = request.send().map_err(|e| classify(url, e))?;
+        // The URL is in every message already; reqwest's copy of it only makes lines longer.
+        let mut response = request.send().map_err(|e| classify(url, e.without_url()))?;
         let status = response.status();
         let headers = response.headers().clone();
         let total = match status {
