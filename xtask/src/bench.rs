@@ -14,6 +14,9 @@ pub struct Bench {
 enum Case {
     /// Resolve + verify a 64 MiB blob: full hash (vs `sha256sum`) and with the cache warm.
     Verify,
+    /// Apply an Alpine-sized gzip layer (~500 entries, ~8 MB tar) to an in-memory tree vs
+    /// gunzip alone and `tar -xzf` to disk; peak memory of the apply.
+    Layers,
     /// Download 256 MiB over loopback into the store (streamed sha256, fsync, rename) vs
     /// `curl -o /dev/null` from the same in-process server.
     Download,
@@ -29,6 +32,7 @@ impl Bench {
     pub fn run(self, sh: &Shell) -> anyhow::Result<()> {
         match self.case {
             Case::Verify => crate::bench_verify::run(sh),
+            Case::Layers => crate::bench_layers::run(sh),
             Case::Download => crate::bench_download::run(sh),
             Case::Initrd => crate::bench_initrd::run(sh),
             Case::Boot => crate::bench_boot::run(sh),

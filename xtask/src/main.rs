@@ -6,6 +6,7 @@ mod bench;
 mod bench_boot;
 mod bench_download;
 mod bench_initrd;
+mod bench_layers;
 mod bench_verify;
 mod fetch;
 mod initrd;
