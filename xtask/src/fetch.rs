@@ -19,6 +19,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{self, IsTerminal, Read, Seek, Write};
 use std::str::FromStr;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
@@ -306,15 +307,45 @@ impl Fetcher {
         expected_size: Option<u64>,
         out: &mut File,
     ) -> Result<Download, FetchError> {
+        // Hashing and writing run on their own thread, overlapping the network reads.
+        std::thread::scope(|scope| {
+            let (chunks, received) = mpsc::sync_channel(4);
+            let (free, buffers) = mpsc::channel();
+            let sink = scope.spawn(move || sink(received, free, out));
+            let state = State {
+                written: 0,
+                validator: None,
+                chunks,
+                buffers,
+                bar: None,
+            };
+            let transfer = self.transfer(url, label, expected_size, state);
+            let sunk = sink.join().expect("the hashing thread does not panic");
+            match (transfer, sunk) {
+                // A local write error is what stopped the transfer, if both failed.
+                (_, Err(e)) => Err(FetchError::Local(e)),
+                (Err(e), Ok(_)) => Err(e),
+                (Ok((size, requests)), Ok((sha256, hashed))) => {
+                    debug_assert_eq!(size, hashed);
+                    Ok(Download {
+                        sha256,
+                        size,
+                        requests,
+                    })
+                }
+            }
+        })
+    }
+
+    /// The retry loop of [`Fetcher::download`]: returns the size and the number of requests.
+    fn transfer(
+        &self,
+        url: &str,
+        label: &str,
+        expected_size: Option<u64>,
+        mut state: State,
+    ) -> Result<(u64, u32), FetchError> {
         let started = Instant::now();
-        let mut state = State {
-            hasher: sha2::Sha256::new(),
-            written: 0,
-            validator: None,
-            out,
-            buf: vec![0u8; 1 << 20],
-            bar: None,
-        };
         let bar_wanted = self.options.progress == Progress::Auto && io::stderr().is_terminal();
         let lines = self.options.progress == Progress::Lines
             || (self.options.progress == Progress::Auto && !bar_wanted);
@@ -385,7 +416,6 @@ impl Fetcher {
             std::thread::sleep(wait);
         }
         state.finish_bar();
-        let sha256 = Sha256(state.hasher.finalize().into());
         let size = state.written;
         if let Some(expected) = expected_size
             && expected != size
@@ -404,11 +434,7 @@ impl Fetcher {
                 size as f64 / (1 << 20) as f64 / secs.max(1e-6)
             );
         }
-        Ok(Download {
-            sha256,
-            size,
-            requests,
-        })
+        Ok((size, requests))
     }
 
     /// One request: resumes from `state.written` when there is something to resume.
@@ -494,7 +520,11 @@ impl Fetcher {
             bar.set_position(state.written);
         }
         loop {
-            let n = match response.read(&mut state.buf) {
+            let mut buf = state
+                .buffers
+                .try_recv()
+                .unwrap_or_else(|_| vec![0u8; CHUNK]);
+            let n = match response.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -507,11 +537,7 @@ impl Fetcher {
                     });
                 }
             };
-            state.hasher.update(&state.buf[..n]);
-            state
-                .out
-                .write_all(&state.buf[..n])
-                .map_err(|e| Attempt::Fatal(FetchError::Local(anyhow::Error::new(e))))?;
+            state.send(Chunk::Data(buf, n)).map_err(Attempt::Fatal)?;
             state.written += n as u64;
             if let Some(bar) = &state.bar {
                 bar.set_position(state.written);
@@ -542,25 +568,69 @@ impl Fetcher {
 }
 
 /// A download in progress, carried across attempts.
-struct State<'a> {
-    hasher: sha2::Sha256,
+struct State {
+    /// Bytes received and handed to the sink.
     written: u64,
     /// ETag or Last-Modified of the first answer, for `If-Range`.
     validator: Option<String>,
-    out: &'a mut File,
-    buf: Vec<u8>,
+    chunks: mpsc::SyncSender<Chunk>,
+    /// Buffers the sink is done with.
+    buffers: mpsc::Receiver<Vec<u8>>,
     bar: Option<indicatif::ProgressBar>,
 }
 
-impl State<'_> {
+/// Read size: large, so that hashing and writing, not channel traffic, dominate.
+const CHUNK: usize = 1 << 20;
+
+enum Chunk {
+    /// A buffer and how many of its bytes are data.
+    Data(Vec<u8>, usize),
+    /// Drop everything so far: the server is sending the file from the start.
+    Restart,
+}
+
+/// Hashes and writes what the transfer receives; returns the digest and the byte count.
+fn sink(
+    chunks: mpsc::Receiver<Chunk>,
+    free: mpsc::Sender<Vec<u8>>,
+    out: &mut File,
+) -> anyhow::Result<(Sha256, u64)> {
+    let mut hasher = sha2::Sha256::new();
+    let mut total = 0u64;
+    for chunk in chunks {
+        match chunk {
+            Chunk::Data(buf, n) => {
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n])
+                    .map_err(|e| anyhow::Error::new(e).context("writing the download"))?;
+                total += n as u64;
+                let _ = free.send(buf);
+            }
+            Chunk::Restart => {
+                hasher = sha2::Sha256::new();
+                total = 0;
+                out.set_len(0)
+                    .and_then(|()| out.rewind())
+                    .map_err(|e| anyhow::Error::new(e).context("truncating the download"))?;
+            }
+        }
+    }
+    Ok((Sha256(hasher.finalize().into()), total))
+}
+
+impl State {
+    /// Hands a chunk to the sink; it only refuses when it stopped on a write error, which
+    /// [`Fetcher::download`] then reports.
+    fn send(&self, chunk: Chunk) -> Result<(), FetchError> {
+        self.chunks
+            .send(chunk)
+            .map_err(|_| FetchError::Local(anyhow::anyhow!("the download's writer stopped")))
+    }
+
     fn restart(&mut self) -> Result<(), FetchError> {
-        self.hasher = sha2::Sha256::new();
         self.written = 0;
         self.validator = None;
-        self.out
-            .set_len(0)
-            .and_then(|()| self.out.rewind())
-            .map_err(|e| FetchError::Local(anyhow::Error::new(e).context("truncating")))
+        self.send(Chunk::Restart)
     }
 
     fn log(&self, line: &str) {
