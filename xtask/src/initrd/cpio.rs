@@ -24,12 +24,14 @@ pub const GZIP_LEVEL: u32 = 9;
 /// The gzip header's OS byte: Unix, whatever the builder runs on.
 const GZIP_OS_UNIX: u8 = 3;
 
-/// The archive's mtime: `SOURCE_DATE_EPOCH` when set (seconds, must fit the format's 32 bits),
-/// [`DEFAULT_MTIME`] otherwise.
+/// The archive's mtime: `SOURCE_DATE_EPOCH` when set and not empty (seconds, must fit the
+/// format's 32 bits), [`DEFAULT_MTIME`] otherwise.
 pub fn mtime_from_env() -> anyhow::Result<u32> {
     match std::env::var("SOURCE_DATE_EPOCH") {
         Err(std::env::VarError::NotPresent) => Ok(DEFAULT_MTIME),
         Err(e) => bail!("SOURCE_DATE_EPOCH: {e}"),
+        // Set but empty means unset, as reproducible-builds.org's tools read it.
+        Ok(text) if text.trim().is_empty() => Ok(DEFAULT_MTIME),
         Ok(text) => text.trim().parse::<u32>().with_context(|| {
             format!(
                 "SOURCE_DATE_EPOCH={text:?} is not a number of seconds between 0 and {}; \

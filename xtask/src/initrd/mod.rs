@@ -105,6 +105,12 @@ pub fn sync_initrds(
         }
     }
     if let Some(names) = &plan.modules {
+        // `--modules ""` means none.
+        let names: Vec<String> = names
+            .iter()
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .collect();
         for version in &versions {
             lock.initrds.get_mut(version).expect("checked").modules = names.clone();
         }
@@ -145,7 +151,7 @@ pub fn sync_initrds(
     }
     if !failures.is_empty() {
         bail!(
-            "{} initrd(s) could not be made (the others are in the store and the lock):\n  {}",
+            "{} initrd(s) could not be made (any others were stored and recorded):\n  {}",
             failures.len(),
             failures.join("\n  ")
         );
@@ -319,16 +325,19 @@ fn check_locked_inputs(
              --locked to build and record it"
         );
     };
+    let keys: std::collections::BTreeSet<&String> =
+        old.inputs.keys().chain(inputs.keys()).collect();
     let mut changes = Vec::new();
-    for key in old.inputs.keys().chain(inputs.keys()) {
+    for key in keys {
         let (was, now) = (old.inputs.get(key), inputs.get(key));
-        if was != now
-            && !changes
-                .iter()
-                .any(|c: &String| c.starts_with(&format!("{key}:")))
-        {
+        if was != now {
             let show = |d: Option<&Digest>| d.map_or("(none)".to_owned(), Digest::to_string);
-            changes.push(format!("{key}: lock {}, now {}", show(was), show(now)));
+            let why = match key.as_str() {
+                INPUT_RECIPE => " (base, modules, SOURCE_DATE_EPOCH or the builder version)",
+                INPUT_GUEST_INIT => " (guest-init's sources, Cargo.lock or the toolchain)",
+                _ => "",
+            };
+            changes.push(format!("{key}{why}: lock {}, now {}", show(was), show(now)));
         }
     }
     if changes.is_empty() {
@@ -589,7 +598,7 @@ mod tests {
         };
         let err = f.sync(&locked, "b").unwrap_err().to_string();
         assert!(err.contains("initrd v2 x86_64"), "{err}");
-        assert!(err.contains("guest-init: lock sha256:"), "{err}");
+        assert!(err.contains("guest-init (guest-init's sources"), "{err}");
         assert!(
             err.contains(&old.inputs[INPUT_GUEST_INIT].to_string()),
             "{err}"
@@ -670,6 +679,17 @@ mod tests {
         };
         f.sync(&overridden, "a").unwrap();
         assert_eq!(f.lock.initrds["v1"].modules, ["overlay"]);
+        let none = Plan {
+            modules: Some(vec![String::new()]),
+            ..overridden
+        };
+        f.sync(&none, "a").unwrap();
+        assert!(f.lock.initrds["v1"].modules.is_empty());
+        assert!(
+            !f.output("v1", Arch::X86_64)
+                .inputs
+                .contains_key(INPUT_MODULES)
+        );
     }
 
     #[test]
