@@ -2,7 +2,8 @@
 //!
 //! Stages run in data-flow order (kernels, then initrds, which pull the base image and build
 //! guest-init), all under the store's writer lock, each recording what it did in a [`Report`].
-//! The lock file is written once at the end, and only when something in it changed.
+//! The lock file is written once at the end, and only when something in it changed; after a
+//! successful run the store keeps a copy of it (`<store>/artifacts.lock`).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -165,19 +166,33 @@ impl Artifacts {
             write_lock(&self.lock, &run.lock)?;
         }
         eprint!("{}", run.report);
-        outcome
+        outcome?;
+        // The store now satisfies this lock (for the selection made): keep a copy beside it.
+        write_lock(&run.store.layout().lock_file(), &run.lock)
     }
 }
 
+/// Runs the selected stages in data-flow order. A failing stage does not stop the next one (an
+/// offline machine still gets its initrds when kernels cannot be fetched); every failure is
+/// reported at the end.
 fn stages(run: &mut Run) -> anyhow::Result<()> {
     let wants = |stage| run.args.only.is_empty() || run.args.only.contains(&stage);
-    if wants(Stage::Kernels) {
-        crate::kernels::sync(run)?;
+    let mut failures = Vec::new();
+    if wants(Stage::Kernels)
+        && let Err(e) = crate::kernels::sync(run)
+    {
+        failures.push(format!("kernels: {e:#}"));
     }
-    if wants(Stage::Initrds) {
-        crate::initrd::sync(run)?;
+    if wants(Stage::Initrds)
+        && let Err(e) = crate::initrd::sync(run)
+    {
+        failures.push(format!("initrds: {e:#}"));
     }
-    Ok(())
+    match failures.len() {
+        0 => Ok(()),
+        1 => bail!("{}", failures[0]),
+        n => bail!("{n} stages failed:\n- {}", failures.join("\n- ")),
+    }
 }
 
 /// Writes the lock atomically (temp file, fsync, rename): a crash never leaves half a lock.

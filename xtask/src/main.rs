@@ -11,16 +11,13 @@ mod bench_verify;
 mod fetch;
 mod initrd;
 mod kernels;
-#[allow(dead_code)] // TODO(session 1): the artifacts stage calls oci::pull_base; remove then.
 mod layers;
 mod lock_cmd;
 #[cfg_attr(not(test), allow(dead_code))] // The fault replies serve the tests.
 mod loopback;
-#[allow(dead_code)] // TODO(session 1): the artifacts stage calls oci::pull_base; remove then.
 mod oci;
 mod store;
 mod test;
-#[allow(dead_code)] // TODO(session 1): used once the OCI and initrd stages land; remove then.
 mod tree;
 mod vm;
 #[cfg(test)]

@@ -43,7 +43,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
 ];
 
-/// Prepare the machine (rustup targets, apt packages), then run fmt, clippy and every test.
+/// Prepare the machine (rustup targets, apt packages), then run fmt, clippy, every test, and
+/// the check that the committed lock's default initrd rebuilds byte-identically.
 #[derive(clap::Args)]
 pub struct Test {
     /// Skip `cargo fmt --check` and clippy (they still run in CI).
@@ -70,8 +71,33 @@ impl Test {
         cmd!(sh, "cargo test --workspace {args...}")
             .run()
             .context("tests failed (see above)")?;
+        if args.is_empty() {
+            check_committed_initrd_reproduces(sh)?;
+        }
         Ok(())
     }
+}
+
+/// The reproducibility check: the default (minimal) initrd rebuilds from this checkout,
+/// offline, into a fresh store, byte-identical to what the committed lock records.
+fn check_committed_initrd_reproduces(sh: &Shell) -> anyhow::Result<()> {
+    let store = tempfile::tempdir()?;
+    let data_dir = store.path();
+    let initrd = system::embedded_lock().defaults.initrd.to_string();
+    cmd!(
+        sh,
+        "cargo xtask artifacts --only initrds --initrd {initrd} --offline --locked --data-dir {data_dir}"
+    )
+    .run()
+    .with_context(|| {
+        format!(
+            "initrd {initrd} does not rebuild to the digests artifacts.lock records; if guest-init \
+             changed on purpose, record the new outputs with `cargo xtask artifacts --only initrds \
+             --initrd {initrd} --offline` and commit artifacts.lock"
+        )
+    })?;
+    eprintln!("reproducibility: initrd {initrd} rebuilt byte-identical to artifacts.lock");
+    Ok(())
 }
 
 /// The targets rust-toolchain.toml lists, added with rustup (a no-op when present).

@@ -200,15 +200,6 @@ impl Tree {
         !doomed.is_empty()
     }
 
-    /// Removes everything below `path` but keeps `path` itself (an opaque directory).
-    pub fn clear_dir(&mut self, path: &TreePath) {
-        let keep = self.entries.remove(path);
-        self.remove(path);
-        if let Some(node) = keep {
-            self.entries.insert(path.clone(), node);
-        }
-    }
-
     /// `path` (if present) and every entry below it, parents before children.
     pub fn subtree<'a>(
         &'a self,
@@ -231,10 +222,6 @@ impl Tree {
 
     pub fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 }
 

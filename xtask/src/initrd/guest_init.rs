@@ -230,9 +230,7 @@ mod tests {
     #[test]
     fn a_dynamic_executable_is_refused() {
         // The host's /bin/true is a dynamically linked x86_64 executable.
-        let Ok(bytes) = std::fs::read("/bin/true") else {
-            return;
-        };
+        let bytes = std::fs::read("/bin/true").expect("reading /bin/true");
         let err = check_static_elf(&bytes, Arch::host()).unwrap_err();
         assert!(err.to_string().contains("dynamically linked"), "{err}");
     }
@@ -243,15 +241,13 @@ mod tests {
         let src = dir.path().join("hello.c");
         std::fs::write(&src, "int main(void) { return 0; }\n").unwrap();
         let out = dir.path().join("hello");
-        let Ok(status) = std::process::Command::new("cc")
+        // The host's Rust toolchain links through `cc`, so it is there wherever tests build.
+        let status = std::process::Command::new("cc")
             .arg("-o")
             .arg(&out)
             .arg(&src)
             .status()
-        else {
-            eprintln!("skipped: no C compiler");
-            return;
-        };
+            .expect("running cc (apt-get install gcc)");
         assert!(status.success());
         let bytes = std::fs::read(&out).unwrap();
         let err = check_static_elf(&bytes, Arch::host()).unwrap_err();
@@ -260,9 +256,7 @@ mod tests {
 
     #[test]
     fn wrong_machine_and_garbage_are_refused() {
-        let Ok(bytes) = std::fs::read("/bin/true") else {
-            return;
-        };
+        let bytes = std::fs::read("/bin/true").expect("reading /bin/true");
         let other = match Arch::host() {
             Arch::X86_64 => Arch::Aarch64,
             Arch::Aarch64 => Arch::X86_64,

@@ -241,10 +241,13 @@ fn sync_one(
 
     let base_tree = match &base_pin {
         None => None,
-        Some((base, manifest)) => Some(
-            pull_base(lock, store, plan, base, *manifest, arch)
-                .with_context(|| format!("pulling base `{base}` ({arch})"))?,
-        ),
+        Some((base, manifest)) => {
+            let (tree, pulled) = pull_base(lock, store, plan, base, *manifest, arch)
+                .with_context(|| format!("pulling base `{base}` ({arch})"))?;
+            // A moved tag (recorded above, never under --locked) changes this input.
+            inputs.insert(INPUT_BASE.to_owned(), pulled);
+            Some(tree)
+        }
     };
     let tree = recipe::assemble(base_tree, &guest_init.bytes, modules.as_ref())?;
     let bytes = cpio::write_initrd(&tree, plan.mtime)?;
@@ -295,22 +298,27 @@ fn pull_base(
     base: &Version,
     manifest: Digest,
     arch: Arch,
-) -> anyhow::Result<Tree> {
+) -> anyhow::Result<(Tree, Digest)> {
     let mut options = crate::oci::PullOptions::from_env()?;
     options.offline = plan.offline;
     options.locked = plan.locked;
     let pins = lock.bases[base].clone();
     let pulled = crate::oci::pull_base(&options, &pins, arch, &store.layout().oci_cache())?;
-    if pulled.manifest_digest != manifest {
+    if let Some(updated) = pulled.updated_pins {
+        eprintln!(
+            "base `{base}`: `{}` now resolves to index {} ({arch} manifest {}); was index {} \
+             ({arch} manifest {manifest}): recording the new pins in the lock",
+            pins.reference, pulled.index_digest, pulled.manifest_digest, pins.index
+        );
+        lock.bases.insert(base.clone(), updated);
+    } else if pulled.manifest_digest != manifest {
         bail!(
-            "the lock pins the {arch} manifest {manifest}, the pull gave {}",
-            pulled.manifest_digest
+            "the lock pins the {arch} manifest {manifest}, the pull gave {} (index {})",
+            pulled.manifest_digest,
+            pulled.index_digest
         );
     }
-    if let Some(updated) = pulled.updated_pins {
-        lock.bases.insert(base.clone(), updated);
-    }
-    Ok(pulled.tree)
+    Ok((pulled.tree, pulled.manifest_digest))
 }
 
 /// Under `--locked`, an initrd whose inputs differ from the lock cannot be recorded.

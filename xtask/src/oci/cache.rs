@@ -159,6 +159,7 @@ impl OciLayout {
         sync_dir(&dir)
     }
 
+    #[cfg(test)]
     /// The entries of `index.json` that carry a ref name.
     pub fn entries(&self) -> anyhow::Result<Vec<LayoutEntry>> {
         let index = self.read_index()?;

@@ -99,12 +99,11 @@ fn url_host_port(url: &Url) -> String {
     }
 }
 
-/// A manifest (or index) as served: its exact bytes, their digest, and its media type.
+/// A manifest (or index) as served: its exact bytes and their digest.
 #[derive(Debug, Clone)]
 pub struct FetchedManifest {
     pub bytes: Vec<u8>,
     pub digest: Digest,
-    pub media_type: String,
 }
 
 /// A client for one repository on one registry.
@@ -218,14 +217,10 @@ impl Registry {
                  served hash to {digest}; the registry or a proxy altered it, nothing was cached"
             );
         }
-        let media_type = super::media_type_of(&bytes)
-            .or(content_type)
-            .ok_or_else(|| anyhow!("{what} from {url} names no media type"))?;
-        Ok(FetchedManifest {
-            bytes,
-            digest,
-            media_type,
-        })
+        if super::media_type_of(&bytes).or(content_type).is_none() {
+            bail!("{what} from {url} names no media type");
+        }
+        Ok(FetchedManifest { bytes, digest })
     }
 
     /// Streams a blob into `file` (truncated first, and again on each retry). The caller

@@ -172,7 +172,6 @@ fn fixture_layers(arch: Arch, generation: u8) -> Vec<(&'static str, Vec<u8>)> {
 /// A fixture image written as an OCI layout.
 pub struct Fixture {
     pub dir: PathBuf,
-    pub tag: String,
     pub index: Digest,
     pub manifests: BTreeMap<Arch, Digest>,
     pub layers: BTreeMap<Arch, Vec<Digest>>,
@@ -293,7 +292,6 @@ pub fn build_layout(dir: &Path, tag: &str, generation: u8) -> Fixture {
     std::fs::write(dir.join("index.json"), layout_index.to_string()).unwrap();
     Fixture {
         dir: dir.to_owned(),
-        tag: tag.to_owned(),
         index: index_digest,
         manifests,
         layers: all_layers,
