@@ -69,6 +69,11 @@ pub struct Artifacts {
     /// `virtio_blk,overlay`); the lock records the new list.
     #[arg(long, value_name = "NAMES", value_delimiter = ',')]
     pub modules: Option<Vec<String>>,
+    /// Pull base NAME from SOURCE instead of its lock reference (repeatable), e.g.
+    /// `alpine=oci:/mnt/images/alpine:3.22` for a local OCI layout on an air-gapped host. The
+    /// lock's digests must still match.
+    #[arg(long, value_name = "NAME=SOURCE", value_parser = parse_base_source)]
+    pub base_source: Vec<(Version, String)>,
 }
 
 /// A stage of `cargo xtask artifacts`, for `--only`.
@@ -147,6 +152,16 @@ impl Artifacts {
                 bail!("--initrd {version}: not in {}", self.lock.display());
             }
         }
+        for (base, _) in &self.base_source {
+            if !lock.bases.contains_key(base) {
+                let known: Vec<&str> = lock.bases.keys().map(|b| b.as_str()).collect();
+                bail!(
+                    "--base-source {base}=…: no base `{base}` in {} (bases: {})",
+                    self.lock.display(),
+                    known.join(", ")
+                );
+            }
+        }
         let store = StoreWriter::open(&self.data_dir)?;
         let original = lock.clone();
         let mut run = Run {
@@ -170,6 +185,14 @@ impl Artifacts {
         // The store now satisfies this lock (for the selection made): keep a copy beside it.
         write_lock(&run.store.layout().lock_file(), &run.lock)
     }
+}
+
+fn parse_base_source(text: &str) -> Result<(Version, String), String> {
+    let (name, source) = text
+        .split_once('=')
+        .filter(|(_, source)| !source.is_empty())
+        .ok_or_else(|| format!("`{text}`: expected NAME=SOURCE, e.g. alpine=oci:/path:3.22"))?;
+    Ok((Version::new(name)?, source.to_owned()))
 }
 
 /// Runs the selected stages in data-flow order. A failing stage does not stop the next one (an
@@ -208,4 +231,25 @@ pub(crate) fn write_lock(path: &std::path::Path, lock: &Lock) -> anyhow::Result<
     temp.persist(path)
         .with_context(|| format!("writing {}", path.display()))?;
     crate::store::sync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_sources_parse_as_name_and_source() {
+        let (name, source) = parse_base_source("alpine=oci:/mnt/alpine:3.22").unwrap();
+        assert_eq!(
+            (name.as_str(), source.as_str()),
+            ("alpine", "oci:/mnt/alpine:3.22")
+        );
+        assert!(
+            parse_base_source("alpine")
+                .unwrap_err()
+                .contains("NAME=SOURCE")
+        );
+        assert!(parse_base_source("alpine=").is_err());
+        assert!(parse_base_source("../x=oci:/a").is_err());
+    }
 }

@@ -54,6 +54,8 @@ pub struct Plan {
     pub modules: Option<Vec<String>>,
     /// Every entry's mtime.
     pub mtime: u32,
+    /// Sources that replace a base's lock reference (`--base-source`), by base name.
+    pub base_sources: BTreeMap<Version, String>,
 }
 
 /// The stage as `cargo xtask artifacts` runs it.
@@ -66,6 +68,7 @@ pub fn sync(run: &mut Run) -> anyhow::Result<()> {
         modules_dir: run.args.modules_dir.clone(),
         modules: run.args.modules.clone(),
         mtime: cpio::mtime_from_env()?,
+        base_sources: run.args.base_source.iter().cloned().collect(),
     };
     let workspace = crate::workspace_root();
     let options = BuildOptions {
@@ -302,6 +305,9 @@ fn pull_base(
     let mut options = crate::oci::PullOptions::from_env()?;
     options.offline = plan.offline;
     options.locked = plan.locked;
+    if let Some(source) = plan.base_sources.get(base) {
+        options.source = Some(source.clone());
+    }
     let pins = lock.bases[base].clone();
     let pulled = crate::oci::pull_base(&options, &pins, arch, &store.layout().oci_cache())?;
     if let Some(updated) = pulled.updated_pins {
@@ -728,5 +734,44 @@ mod tests {
             f.lock.initrds["v2"].outputs.is_empty(),
             "nothing recorded for v2"
         );
+    }
+
+    #[test]
+    fn a_base_image_initrd_from_a_local_layout_carries_the_base_and_guest_init() {
+        let mut f = Fixture::new();
+        let images = tempfile::tempdir().unwrap();
+        let layout = images.path().join("alpine");
+        let image = crate::oci::testing::build_layout(&layout, "3.22", 1);
+        f.lock.bases.insert(
+            v("alpine"),
+            Base {
+                // Unreachable on purpose: the source flag must be what is used.
+                reference: "registry.invalid/library/alpine:3.22".into(),
+                index: image.index,
+                manifests: UniqueMap(image.manifests.clone()),
+            },
+        );
+        f.lock.initrds.get_mut("v2").unwrap().base = Some(v("alpine"));
+        let mut plan = Plan {
+            versions: vec![v("v2")],
+            arches: vec![Arch::X86_64],
+            ..plan()
+        };
+        plan.base_sources
+            .insert(v("alpine"), format!("oci:{}:3.22", layout.display()));
+        let report = f.sync(&plan, "a").unwrap();
+        assert_eq!(report.built.len(), 1, "{report}");
+
+        let out = f.output("v2", Arch::X86_64);
+        assert_eq!(out.inputs[INPUT_BASE], image.manifests[&Arch::X86_64]);
+        let blob = std::fs::read(f.store.layout().blob(&out.sha256)).unwrap();
+        let mut archive = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&blob[..]), &mut archive)
+            .unwrap();
+        let has = |needle: &[u8]| archive.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"bin/busybox\0"), "the base's files are in the initrd");
+        assert!(has(b"busybox for x86_64"), "the x86_64 layer was applied");
+        assert!(has(b"\x7fELF a x86_64"), "guest-init is /init");
+        assert!(has(b"init\0"));
     }
 }

@@ -19,7 +19,7 @@ pub mod platform;
 pub mod reference;
 pub mod registry;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
 
