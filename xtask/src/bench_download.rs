@@ -16,18 +16,7 @@ const SIZE: usize = 256 << 20;
 const ROUNDS: usize = 5;
 
 pub fn run(sh: &Shell) -> anyhow::Result<()> {
-    // Incompressible-looking, deterministic content.
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let body: Arc<Vec<u8>> = Arc::new(
-        (0..SIZE)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect(),
-    );
+    let body: Arc<Vec<u8>> = Arc::new(crate::noise::Noise::new(0x9e37_79b9_7f4a_7c15).bytes(SIZE));
     let digest = system::hash::sha256_bytes(&body);
     let served = body.clone();
     let server = Server::start(move |_, _| Reply::Body {

@@ -21,13 +21,8 @@ pub fn run(sh: &Shell) -> anyhow::Result<()> {
 /// A deterministic tree on disk: 1500 small text-like files in nested directories, 40 larger
 /// binary-like files, symlinks. About 10 MB.
 fn write_fixture(root: &Path) -> anyhow::Result<()> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut noise = crate::noise::Noise::new(0x2545_f491_4f6c_dd1d);
+    let mut next = move || noise.next_u64();
     const WORDS: [&str; 8] = [
         "module", "virtio", "init", "mount", "overlay", "config", "kernel", "device",
     ];

@@ -14,16 +14,7 @@ const ROUNDS: usize = 5;
 
 pub fn run(sh: &Shell) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    // Incompressible-looking, deterministic content.
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let data: Vec<u8> = (0..SIZE)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
+    let data = crate::noise::Noise::new(0x9e37_79b9_7f4a_7c15).bytes(SIZE);
     let writer = StoreWriter::open(dir.path())?;
     let (digest, size, blob) = writer.put_bytes(&data)?;
     let version = "bench";

@@ -274,17 +274,7 @@ mod tests {
     const V: &str = "ch-test-1";
 
     fn content(len: usize) -> Arc<Vec<u8>> {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        Arc::new(
-            (0..len)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    state as u8
-                })
-                .collect(),
-        )
+        Arc::new(crate::noise::Noise::new(0x2545_f491_4f6c_dd1d).bytes(len))
     }
 
     fn lock_for(files: &[(Arch, &str, &[u8], Option<u64>)]) -> Lock {

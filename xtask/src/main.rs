@@ -15,6 +15,7 @@ mod layers;
 mod lock_cmd;
 #[cfg_attr(not(test), allow(dead_code))] // The fault replies serve the tests.
 mod loopback;
+mod noise;
 mod oci;
 mod store;
 mod test;
