@@ -24,7 +24,7 @@ pub fn run(sh: &Shell) -> anyhow::Result<()> {
             minimal.len()
         );
     }
-    let test_initrd = vm::test_initrd()?;
+    let test_initrd = vm::test_initrd(Arch::X86_64)?;
     println!(
         "x86_64 test initrd (+ {} and their dependencies): {} bytes",
         vm::TEST_MODULES.join(", "),
@@ -33,7 +33,7 @@ pub fn run(sh: &Shell) -> anyhow::Result<()> {
 
     let dir = tempfile::tempdir()?;
     let tree = dir.path().join("rootfs");
-    vm::busybox_rootfs(&tree)?;
+    vm::busybox_rootfs(Arch::X86_64, &tree)?;
     let rootfs = dir.path().join("rootfs.img");
     vm::ext4_image(&rootfs, Some(&tree), 64)?;
     let config_tree = dir.path().join("config");

@@ -30,6 +30,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "the VM tests boot guest-init under qemu-system-x86_64",
     ),
     (
+        "qemu-system-arm",
+        "the aarch64 VM tests boot guest-init under qemu-system-aarch64 -M virt",
+    ),
+    (
+        "kmod",
+        "depmod indexes the modules of the arm64 kernel the aarch64 VM tests boot",
+    ),
+    (
         "linux-image-cloud-amd64",
         "the VM tests boot Debian's cloud kernel and its virtio modules",
     ),
@@ -43,10 +51,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
 ];
 
-/// Prepare the machine (rustup targets, apt packages), then run fmt, clippy, every test, and
-/// the check that the committed lock's default initrd rebuilds byte-identically.
+/// Prepare the machine (rustup targets, apt packages, the arm64 kernel and busybox for the
+/// aarch64 VM tests), then run fmt, clippy, every test, and the check that the committed lock's
+/// default initrd rebuilds byte-identically.
 #[derive(clap::Args)]
 pub struct Test {
+    /// Prepare the machine, then stop without running anything.
+    #[arg(long)]
+    prepare_only: bool,
     /// Skip `cargo fmt --check` and clippy (they still run in CI).
     #[arg(long)]
     no_lint: bool,
@@ -59,6 +71,10 @@ impl Test {
     pub fn run(self, sh: &Shell) -> anyhow::Result<()> {
         install_rust_targets(sh)?;
         install_apt_packages(sh)?;
+        prepare_arm64_guest(sh)?;
+        if self.prepare_only {
+            return Ok(());
+        }
         if !self.no_lint {
             cmd!(sh, "cargo fmt --all -- --check")
                 .run()
@@ -164,6 +180,118 @@ fn install_apt_packages(sh: &Shell) -> anyhow::Result<()> {
     .context("installing the tests' Debian packages")
 }
 
+/// Debian's arm64 cloud kernel (with a `modules.dep`) and `busybox-static`, unpacked at
+/// [`crate::vm::arm64_root`] for the aarch64 VM tests. An amd64 host cannot install arm64
+/// packages, so they are fetched with `apt-get download` and a private apt state (the host's
+/// sources, arm64 only, an empty dpkg status) kept next to it, then unpacked with `dpkg-deb -x`.
+/// Idempotent: a complete root is kept (delete it to fetch newer packages); it is only renamed
+/// into place once complete.
+fn prepare_arm64_guest(sh: &Shell) -> anyhow::Result<()> {
+    let root = crate::vm::arm64_root();
+    if root.is_dir() {
+        return Ok(());
+    }
+    eprintln!("preparing the aarch64 VM tests: Debian's arm64 cloud kernel and busybox-static");
+    fetch_arm64_guest(sh, &root).with_context(|| {
+        format!(
+            "preparing {} (Debian's arm64 cloud kernel and busybox-static for the aarch64 VM \
+             tests, fetched from the host's apt sources with a private arm64 apt state)",
+            root.display()
+        )
+    })
+}
+
+fn fetch_arm64_guest(sh: &Shell, root: &Path) -> anyhow::Result<()> {
+    let dir = root.parent().context("the arm64 root has a parent")?;
+    let lists = dir.join("lists");
+    let cache = dir.join("cache");
+    let status = dir.join("status");
+    std::fs::create_dir_all(lists.join("partial"))?;
+    std::fs::create_dir_all(cache.join("archives/partial"))?;
+    std::fs::write(&status, "")?;
+    let options: Vec<String> = [
+        "APT::Architecture=arm64".to_owned(),
+        "APT::Architectures::=arm64".to_owned(),
+        format!("Dir::State::Lists={}", lists.display()),
+        format!("Dir::Cache={}", cache.display()),
+        format!("Dir::State::status={}", status.display()),
+    ]
+    .into_iter()
+    .flat_map(|o| ["-o".to_owned(), o])
+    .collect();
+    let options = options.as_slice();
+    cmd!(sh, "apt-get {options...} -q update")
+        .run()
+        .context("apt-get update (arm64, private state)")?;
+    let depends = cmd!(sh, "apt-cache {options...} depends linux-image-cloud-arm64")
+        .read()
+        .context("apt-cache depends linux-image-cloud-arm64")?;
+    let kernel = arm64_kernel_package(&depends)?;
+    let kver = kernel["linux-image-".len()..].to_owned();
+
+    let debs = dir.join("debs");
+    if debs.exists() {
+        std::fs::remove_dir_all(&debs)?;
+    }
+    std::fs::create_dir_all(&debs)?;
+    {
+        let _cwd = sh.push_dir(&debs);
+        cmd!(
+            sh,
+            "apt-get {options...} -q download {kernel} busybox-static"
+        )
+        .run()
+        .with_context(|| format!("apt-get download {kernel} busybox-static"))?;
+    }
+    let staging = dir.join("root.partial");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    std::fs::create_dir_all(&staging)?;
+    for deb in std::fs::read_dir(&debs)? {
+        let deb = deb?.path();
+        cmd!(sh, "dpkg-deb -x {deb} {staging}")
+            .run()
+            .with_context(|| format!("dpkg-deb -x {}", deb.display()))?;
+    }
+    // Debian's package leaves modules.dep to its postinst.
+    if !staging
+        .join("lib/modules")
+        .join(&kver)
+        .join("modules.dep")
+        .is_file()
+    {
+        cmd!(sh, "depmod -b {staging} {kver}")
+            .run()
+            .context("depmod (apt-get install kmod)")?;
+    }
+    for needed in [
+        format!("boot/vmlinuz-{kver}"),
+        format!("lib/modules/{kver}/modules.dep"),
+        "bin/busybox".to_owned(),
+    ] {
+        if !staging.join(&needed).is_file() {
+            bail!("the unpacked packages have no {needed}");
+        }
+    }
+    std::fs::rename(&staging, root)?;
+    eprintln!("prepared {} (kernel {kver})", root.display());
+    Ok(())
+}
+
+/// The real kernel package the `linux-image-cloud-arm64` metapackage depends on, from
+/// `apt-cache depends` output.
+fn arm64_kernel_package(depends: &str) -> anyhow::Result<String> {
+    depends
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-") && p.ends_with("-cloud-arm64"))
+        .map(str::to_owned)
+        .with_context(|| {
+            format!("linux-image-cloud-arm64 depends on no linux-image-*-cloud-arm64:\n{depends}")
+        })
+}
+
 fn apt_installed(sh: &Shell, package: &str) -> bool {
     let format = "-f=${Status}";
     cmd!(sh, "dpkg-query -W {format} {package}")
@@ -183,5 +311,15 @@ mod tests {
         let toml = "[toolchain]\nchannel = \"1.95.0\"\ntargets = [\"a-musl\", \"b-musl\"]\n";
         assert_eq!(toolchain_targets(toml), ["a-musl", "b-musl"]);
         assert!(toolchain_targets("[toolchain]\n").is_empty());
+    }
+
+    #[test]
+    fn finds_the_real_arm64_kernel_package() {
+        let depends = "linux-image-cloud-arm64\n  Depends: linux-image-6.1.0-56-cloud-arm64\n";
+        assert_eq!(
+            arm64_kernel_package(depends).unwrap(),
+            "linux-image-6.1.0-56-cloud-arm64"
+        );
+        assert!(arm64_kernel_package("linux-image-cloud-arm64\n").is_err());
     }
 }

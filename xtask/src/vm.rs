@@ -1,8 +1,11 @@
 //! The VM test harness: boots guest-init under QEMU with fixture disks and reads what it printed.
 //!
 //! A test initrd (minimal profile + the virtio, overlay and power-button modules of Debian's
-//! cloud kernel) is built once per process. Disks are ext4 images made with `mkfs.ext4 -d` from
-//! fixture directories, which needs no root. QEMU runs under TCG unless KVM really works (this
+//! cloud kernel) is built once per process and architecture. x86_64 guests boot the host's
+//! `linux-image-cloud-amd64`; aarch64 guests boot Debian's arm64 cloud kernel under
+//! `qemu-system-aarch64 -M virt` (always TCG on an x86_64 host), from the packages
+//! `cargo xtask test` unpacks under `target/vm-tests/arm64-kernel/` ([`arm64_root`]). Disks are
+//! ext4 images made with `mkfs.ext4 -d` from fixture directories, which needs no root. QEMU runs under TCG unless KVM really works (this
 //! machine's `/dev/kvm` is paravirtual and cannot run a guest). Tests assert on the console,
 //! never on QEMU's exit status: a guest whose PID 1 died exits QEMU with 0 too.
 
@@ -20,6 +23,30 @@ use system::Arch;
 /// ACPI power button delivered as an input event.
 pub const TEST_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "overlay", "button", "evdev"];
 
+/// Where `cargo xtask test` unpacks Debian's `linux-image-<kver>-cloud-arm64` and
+/// `busybox-static` for arm64 (an amd64 host cannot install them): `boot/vmlinuz-<kver>`,
+/// `lib/modules/<kver>` with its `modules.dep`, and `bin/busybox`.
+pub fn arm64_root() -> PathBuf {
+    crate::workspace_root().join("target/vm-tests/arm64-kernel/root")
+}
+
+/// The command that prepares what the VM tests need without running them.
+pub const PREPARE_COMMAND: &str = "cargo xtask test --prepare-only";
+
+/// The newest `vmlinuz-*<suffix>` in `boot`.
+fn newest_image(boot: &Path, suffix: &str) -> Option<PathBuf> {
+    let mut images: Vec<PathBuf> = fs::read_dir(boot)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with("vmlinuz-") && name.ends_with(suffix)
+        })
+        .collect();
+    images.sort();
+    images.pop()
+}
+
 /// A kernel to boot and the modules directory that matches it.
 #[derive(Debug, Clone)]
 pub struct Kernel {
@@ -30,16 +57,7 @@ pub struct Kernel {
 impl Kernel {
     /// Debian's `linux-image-cloud-amd64` as installed on this machine.
     pub fn debian_cloud() -> anyhow::Result<Kernel> {
-        let mut images: Vec<PathBuf> = fs::read_dir("/boot")
-            .context("reading /boot")?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                let name = p.file_name().unwrap_or_default().to_string_lossy();
-                name.starts_with("vmlinuz-") && name.ends_with("-cloud-amd64")
-            })
-            .collect();
-        images.sort();
-        let Some(image) = images.pop() else {
+        let Some(image) = newest_image(Path::new("/boot"), "-cloud-amd64") else {
             bail!(
                 "no /boot/vmlinuz-*-cloud-amd64: the VM tests boot Debian's cloud kernel; install \
                  it with `apt-get install linux-image-cloud-amd64` (`cargo xtask test` does)"
@@ -55,27 +73,66 @@ impl Kernel {
         }
         Ok(Kernel { image, modules })
     }
+
+    /// Debian's `linux-image-cloud-arm64` as `cargo xtask test` unpacked it ([`arm64_root`]).
+    pub fn debian_cloud_arm64() -> anyhow::Result<Kernel> {
+        let root = arm64_root();
+        let Some(image) = newest_image(&root.join("boot"), "-cloud-arm64") else {
+            bail!(
+                "no {}/boot/vmlinuz-*-cloud-arm64: the aarch64 VM tests boot Debian's arm64 cloud \
+                 kernel, fetched with apt-get download and unpacked there; prepare it with \
+                 `{PREPARE_COMMAND}`",
+                root.display()
+            );
+        };
+        let version = image.file_name().unwrap().to_string_lossy()["vmlinuz-".len()..].to_owned();
+        let modules = root.join("lib/modules").join(&version);
+        if !modules.join("modules.dep").exists() {
+            bail!(
+                "{} has no modules.dep; remove {} and prepare it again with `{PREPARE_COMMAND}`",
+                modules.display(),
+                root.display()
+            );
+        }
+        Ok(Kernel { image, modules })
+    }
+
+    /// Debian's cloud kernel for guests of `arch`.
+    pub fn debian_cloud_for(arch: Arch) -> anyhow::Result<Kernel> {
+        match arch {
+            Arch::X86_64 => Kernel::debian_cloud(),
+            Arch::Aarch64 => Kernel::debian_cloud_arm64(),
+        }
+    }
 }
 
-/// The test initrd, built once per test process and shared.
-pub fn test_initrd() -> anyhow::Result<&'static Path> {
-    static INITRD: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    INITRD
-        .get_or_init(|| {
-            let build = || -> anyhow::Result<PathBuf> {
-                let kernel = Kernel::debian_cloud()?;
-                let bytes =
-                    crate::initrd::build_test_initrd(Arch::X86_64, &kernel.modules, TEST_MODULES)?;
-                let dir = crate::workspace_root().join("target/vm-tests");
-                fs::create_dir_all(&dir)?;
-                let path = dir.join(format!("initrd-{}.gz", std::process::id()));
-                fs::write(&path, bytes)?;
-                Ok(path)
+/// The test initrd for guests of `arch`, built once per test process and shared. On arm64 the
+/// `button` module is built in (and skipped) and no input device sends `KEY_POWER`.
+pub fn test_initrd(arch: Arch) -> anyhow::Result<&'static Path> {
+    static X86_64: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    static AARCH64: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let cell = match arch {
+        Arch::X86_64 => &X86_64,
+        Arch::Aarch64 => &AARCH64,
+    };
+    cell.get_or_init(|| {
+        let build = || -> anyhow::Result<PathBuf> {
+            let kernel = Kernel::debian_cloud_for(arch)?;
+            let bytes = crate::initrd::build_test_initrd(arch, &kernel.modules, TEST_MODULES)?;
+            let dir = crate::workspace_root().join("target/vm-tests");
+            fs::create_dir_all(&dir)?;
+            let name = match arch {
+                Arch::X86_64 => format!("initrd-{}.gz", std::process::id()),
+                Arch::Aarch64 => format!("initrd-{arch}-{}.gz", std::process::id()),
             };
-            build().map_err(|e| format!("{e:#}"))
-        })
-        .as_deref()
-        .map_err(|e| anyhow::anyhow!("building the test initrd: {e}"))
+            let path = dir.join(name);
+            fs::write(&path, bytes)?;
+            Ok(path)
+        };
+        build().map_err(|e| format!("{e:#}"))
+    })
+    .as_deref()
+    .map_err(|e| anyhow::anyhow!("building the {arch} test initrd: {e}"))
 }
 
 /// An ext4 disk image made from a directory (`mkfs.ext4 -d`), or empty.
@@ -99,21 +156,49 @@ pub fn ext4_image(path: &Path, contents: Option<&Path>, size_mib: u32) -> anyhow
     Ok(())
 }
 
-/// A rootfs tree with a shell and tools: Debian's `busybox-static` and one link per applet, a
-/// root user and an unprivileged `app` user (uid 1000) in groups `app` (1000) and `extra` (2000).
-pub fn busybox_rootfs(dir: &Path) -> anyhow::Result<()> {
-    let busybox = Path::new("/bin/busybox");
-    if !busybox.exists() {
-        bail!("no /bin/busybox: install it with `apt-get install busybox-static`");
-    }
+/// The applets linked in an aarch64 rootfs: an arm64 busybox cannot run on this host to list
+/// its own, so these are the ones the aarch64 tests use.
+const AARCH64_APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "env", "id", "ls", "sleep", "true", "false", "kill", "sync", "uname",
+];
+
+/// A rootfs tree for guests of `arch` with a shell and tools: Debian's `busybox-static` (the
+/// host's on x86_64, the one unpacked under [`arm64_root`] on aarch64) and one link per applet,
+/// a root user and an unprivileged `app` user (uid 1000) in groups `app` (1000) and `extra`
+/// (2000).
+pub fn busybox_rootfs(arch: Arch, dir: &Path) -> anyhow::Result<()> {
     let bin = dir.join("bin");
     fs::create_dir_all(&bin)?;
-    fs::copy(busybox, bin.join("busybox"))?;
-    let list = Command::new(busybox)
-        .arg("--list")
-        .output()
-        .context("busybox --list")?;
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+    let applets: Vec<String> = match arch {
+        Arch::X86_64 => {
+            let busybox = Path::new("/bin/busybox");
+            if !busybox.exists() {
+                bail!("no /bin/busybox: install it with `apt-get install busybox-static`");
+            }
+            fs::copy(busybox, bin.join("busybox"))?;
+            let list = Command::new(busybox)
+                .arg("--list")
+                .output()
+                .context("busybox --list")?;
+            String::from_utf8_lossy(&list.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        }
+        Arch::Aarch64 => {
+            let busybox = arm64_root().join("bin/busybox");
+            if !busybox.exists() {
+                bail!(
+                    "no {}: the aarch64 VM tests' rootfs has Debian's arm64 busybox-static; \
+                     prepare it with `{PREPARE_COMMAND}`",
+                    busybox.display()
+                );
+            }
+            fs::copy(&busybox, bin.join("busybox"))?;
+            AARCH64_APPLETS.iter().map(|a| a.to_string()).collect()
+        }
+    };
+    for applet in &applets {
         if applet != "busybox" && !applet.is_empty() {
             std::os::unix::fs::symlink("busybox", bin.join(applet))?;
         }
@@ -135,9 +220,11 @@ pub fn busybox_rootfs(dir: &Path) -> anyhow::Result<()> {
 /// What a test boots: the disks in virtio order (vda rootfs, vdb writable, vdc config, ...).
 pub struct VmSpec {
     pub disks: Vec<PathBuf>,
-    /// Appended to `console=ttyS0 panic=-1`.
+    /// Appended to `console=<ttyS0 or ttyAMA0> panic=-1 loglevel=4`.
     pub append: String,
     pub memory_mib: u32,
+    /// The guest's architecture: x86_64 unless set.
+    pub arch: Arch,
 }
 
 impl VmSpec {
@@ -146,6 +233,7 @@ impl VmSpec {
             disks,
             append: String::new(),
             memory_mib: 512,
+            arch: Arch::X86_64,
         }
     }
 }
@@ -166,6 +254,16 @@ pub fn accelerator() -> String {
             .is_ok();
     if usable_kvm {
         "kvm".into()
+    } else {
+        "tcg".into()
+    }
+}
+
+/// The accelerator for guests of `arch`: [`accelerator`] when the guest runs the host's
+/// architecture, TCG otherwise.
+pub fn accelerator_for(arch: Arch) -> String {
+    if arch == Arch::host() {
+        accelerator()
     } else {
         "tcg".into()
     }
@@ -250,17 +348,22 @@ impl Boot {
 }
 
 impl Vm {
-    /// Boots `spec` with the shared test initrd and Debian's cloud kernel.
+    /// Boots `spec` with the shared test initrd and Debian's cloud kernel for `spec.arch`.
     pub fn start(spec: &VmSpec) -> anyhow::Result<Vm> {
-        let kernel = Kernel::debian_cloud()?;
-        let initrd = test_initrd()?;
+        let kernel = Kernel::debian_cloud_for(spec.arch)?;
+        let initrd = test_initrd(spec.arch)?;
         Vm::start_with(&kernel.image, initrd, spec)
     }
 
     pub fn start_with(kernel: &Path, initrd: &Path, spec: &VmSpec) -> anyhow::Result<Vm> {
         let dir = tempfile::tempdir()?;
         let monitor = dir.path().join("monitor.sock");
-        let mut cmd = Command::new("qemu-system-x86_64");
+        let accel = accelerator_for(spec.arch);
+        let (qemu, package, machine, console) = match spec.arch {
+            Arch::X86_64 => ("qemu-system-x86_64", "qemu-system-x86", "pc", "ttyS0"),
+            Arch::Aarch64 => ("qemu-system-aarch64", "qemu-system-arm", "virt", "ttyAMA0"),
+        };
+        let mut cmd = Command::new(qemu);
         cmd.args([
             "-nodefaults",
             "-no-user-config",
@@ -270,21 +373,28 @@ impl Vm {
         ])
         .args([
             "-M",
-            "pc",
+            machine,
             "-accel",
-            &accelerator(),
+            &accel,
             "-m",
             &spec.memory_mib.to_string(),
-        ])
-        .args(["-serial", "stdio", "-net", "none"])
-        .arg("-monitor")
-        .arg(format!("unix:{},server=on,wait=off", monitor.display()))
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-append")
-        .arg(format!("console=ttyS0 panic=-1 loglevel=4 {}", spec.append));
+        ]);
+        if spec.arch == Arch::Aarch64 {
+            // PSCI powers the guest off; `-no-reboot` turns a reset into an exit too.
+            cmd.args(["-cpu", if accel == "kvm" { "host" } else { "cortex-a57" }]);
+        }
+        cmd.args(["-serial", "stdio", "-net", "none"])
+            .arg("-monitor")
+            .arg(format!("unix:{},server=on,wait=off", monitor.display()))
+            .arg("-kernel")
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .arg("-append")
+            .arg(format!(
+                "console={console} panic=-1 loglevel=4 {}",
+                spec.append
+            ));
         for disk in &spec.disks {
             cmd.arg("-drive")
                 .arg(format!("file={},if=virtio,format=raw", disk.display()));
@@ -294,7 +404,7 @@ impl Vm {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .context("starting qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+            .with_context(|| format!("starting {qemu} (apt-get install {package})"))?;
 
         let console = Arc::new((Mutex::new(String::new()), Condvar::new()));
         let verbose = std::env::var_os("VM_TEST_VERBOSE").is_some();

@@ -5,12 +5,14 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
+use system::Arch;
 use system::hash::sha256_reader;
 
 use crate::vm::{BOOT_TIMEOUT, Boot, Vm, VmSpec, busybox_rootfs, ext4_image};
 
 /// The disks of one test VM: a busybox rootfs, an empty writable disk, and a config disk.
 struct Guest {
+    arch: Arch,
     dir: tempfile::TempDir,
     rootfs: PathBuf,
     writable: PathBuf,
@@ -24,9 +26,13 @@ impl Guest {
     }
 
     fn with_rootfs(config: Value, extra: impl FnOnce(&Path)) -> Guest {
+        Guest::for_arch(Arch::X86_64, config, extra)
+    }
+
+    fn for_arch(arch: Arch, config: Value, extra: impl FnOnce(&Path)) -> Guest {
         let dir = tempfile::tempdir().unwrap();
         let tree = dir.path().join("rootfs-tree");
-        busybox_rootfs(&tree).unwrap();
+        busybox_rootfs(arch, &tree).unwrap();
         extra(&tree);
         let rootfs = dir.path().join("rootfs.img");
         ext4_image(&rootfs, Some(&tree), 64).unwrap();
@@ -42,6 +48,7 @@ impl Guest {
         let config = dir.path().join("config.img");
         ext4_image(&config, Some(&config_tree), 4).unwrap();
         Guest {
+            arch,
             dir,
             rootfs,
             writable,
@@ -50,11 +57,13 @@ impl Guest {
     }
 
     fn spec(&self) -> VmSpec {
-        VmSpec::new(vec![
+        let mut spec = VmSpec::new(vec![
             self.rootfs.clone(),
             self.writable.clone(),
             self.config.clone(),
-        ])
+        ]);
+        spec.arch = self.arch;
+        spec
     }
 
     fn boot(&self) -> Boot {
@@ -205,4 +214,39 @@ fn without_a_writable_disk_the_upper_layer_is_a_tmpfs() {
     let mut spec = guest.spec();
     spec.append = "guest_init.writable=tmpfs".into();
     boot(&spec).expect_exit(0).expect_output("scratch");
+}
+
+/// The same guest-init, cross-built for aarch64, booting Debian's arm64 cloud kernel under
+/// `qemu-system-aarch64 -M virt -cpu cortex-a57` (TCG) with virtio-pci disks and an arm64
+/// busybox rootfs. `cargo xtask test` fetches the kernel and busybox beforehand.
+mod aarch64 {
+    use super::*;
+
+    fn guest(config: Value) -> Guest {
+        Guest::for_arch(Arch::Aarch64, config, |_| {})
+    }
+
+    #[test]
+    fn hello_app_exits_zero() {
+        let boot = guest(json!({ "entrypoint": ["echo"], "cmd": ["hello from aarch64"] })).boot();
+        boot.expect_exit(0)
+            .expect_output("hello from aarch64")
+            .expect_log("timings:");
+        assert_eq!(boot.reason.as_deref(), Some("app"));
+    }
+
+    #[test]
+    fn the_app_exit_code_is_reported() {
+        guest(sh("echo MACHINE=$(uname -m); exit 42"))
+            .boot()
+            .expect_exit(42)
+            .expect_output("MACHINE=aarch64");
+    }
+
+    #[test]
+    fn a_missing_entrypoint_is_a_clear_error() {
+        let boot = guest(json!({ "entrypoint": ["/no/such/app"] })).boot();
+        boot.expect_exit(245).expect_log("/no/such/app");
+        assert_eq!(boot.reason.as_deref(), Some("entrypoint"));
+    }
 }
