@@ -270,6 +270,7 @@ mod tests {
     use super::*;
     use crate::fetch::{Mirror, Progress};
     use crate::loopback::{Reply, Server};
+    use crate::store::temp_store;
 
     const V: &str = "ch-test-1";
 
@@ -353,14 +354,8 @@ mod tests {
     #[test]
     fn fetches_verifies_links_and_records_the_size() {
         let body = content(300_000);
-        let served = body.clone();
-        let server = Server::start(move |_, _| Reply::Body {
-            body: served.clone(),
-            ranges: true,
-        })
-        .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = StoreWriter::open(dir.path()).unwrap();
+        let server = Server::serving(&body, true);
+        let (_dir, store) = temp_store();
         let mut lock = lock_for(&[(Arch::X86_64, &server.url("/vmlinux"), &body, None)]);
 
         let report = sync(&mut lock, &store, &Plan::default()).unwrap();
@@ -384,8 +379,7 @@ mod tests {
             ranges: false,
         })
         .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = StoreWriter::open(dir.path()).unwrap();
+        let (_dir, store) = temp_store();
         let url = server.url("/vmlinux");
         let mut lock = lock_for(&[(Arch::X86_64, &url, &pinned, None)]);
         let err = sync(&mut lock, &store, &Plan::default()).unwrap_err();
@@ -407,14 +401,8 @@ mod tests {
     #[test]
     fn a_wrong_size_stores_nothing_and_is_caught_before_downloading() {
         let body = content(10_000);
-        let served = body.clone();
-        let server = Server::start(move |_, _| Reply::Body {
-            body: served.clone(),
-            ranges: false,
-        })
-        .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = StoreWriter::open(dir.path()).unwrap();
+        let server = Server::serving(&body, false);
+        let (_dir, store) = temp_store();
         let mut lock = lock_for(&[(Arch::X86_64, &server.url("/k"), &body, Some(9_999))]);
         let err = format!(
             "{:#}",
@@ -443,8 +431,7 @@ mod tests {
             },
         })
         .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = StoreWriter::open(dir.path()).unwrap();
+        let (_dir, store) = temp_store();
         let mut lock = lock_for(&[(Arch::X86_64, &server.url("/k"), &body, None)]);
         sync(&mut lock, &store, &Plan::default()).unwrap();
         let requests = server.requests();
@@ -471,8 +458,7 @@ mod tests {
             },
         })
         .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = StoreWriter::open(dir.path()).unwrap();
+        let (_dir, store) = temp_store();
         let mut lock = lock_for(&[(Arch::X86_64, &server.url("/k"), &body, None)]);
         sync(&mut lock, &store, &Plan::default()).unwrap();
         let requests = server.requests();
@@ -502,8 +488,7 @@ mod tests {
             },
         })
         .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = StoreWriter::open(dir.path()).unwrap();
+        let (_dir, store) = temp_store();
         let mut lock = lock_for(&[(Arch::X86_64, &server.url("/k"), &body, None)]);
         sync(&mut lock, &store, &Plan::default()).unwrap();
         assert_eq!(server.count(), 3);
@@ -517,8 +502,7 @@ mod tests {
             headers: vec![],
         })
         .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = StoreWriter::open(dir.path()).unwrap();
+        let (_dir, store) = temp_store();
         let mut lock = lock_for(&[(Arch::X86_64, &server.url("/k"), b"k", None)]);
         let err = format!(
             "{:#}",
@@ -536,8 +520,7 @@ mod tests {
             headers: vec![],
         })
         .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = StoreWriter::open(dir.path()).unwrap();
+        let (_dir, store) = temp_store();
         let url = server.url("/gone");
         let mut lock = lock_for(&[(Arch::Aarch64, &url, b"k", None)]);
         let err = format!(
@@ -554,8 +537,7 @@ mod tests {
     #[test]
     fn a_stalled_server_times_out() {
         let server = Server::start(|_, _| Reply::Stall).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = StoreWriter::open(dir.path()).unwrap();
+        let (_dir, store) = temp_store();
         let mut lock = lock_for(&[(Arch::X86_64, &server.url("/k"), b"k", None)]);
         let started = std::time::Instant::now();
         let err = format!(
@@ -584,8 +566,7 @@ mod tests {
         .unwrap();
         let target = cdn.url("/asset");
         let origin = Server::start(move |_, _| Reply::Redirect(target.clone())).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = StoreWriter::open(dir.path()).unwrap();
+        let (_dir, store) = temp_store();
         let mut lock = lock_for(&[(Arch::X86_64, &origin.url("/release/k"), &body, None)]);
         sync(&mut lock, &store, &Plan::default()).unwrap();
         assert_eq!((origin.count(), cdn.count()), (1, 1));
@@ -595,14 +576,8 @@ mod tests {
     #[test]
     fn a_mirror_replaces_the_url_prefix() {
         let body = content(1_000);
-        let served = body.clone();
-        let server = Server::start(move |_, _| Reply::Body {
-            body: served.clone(),
-            ranges: true,
-        })
-        .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = StoreWriter::open(dir.path()).unwrap();
+        let server = Server::serving(&body, true);
+        let (_dir, store) = temp_store();
         // `.invalid` never resolves: reaching the file proves the mirror was used.
         let mut lock = lock_for(&[(
             Arch::X86_64,
@@ -635,8 +610,7 @@ mod tests {
     fn offline_uses_the_store_and_lists_every_missing_file() {
         let x86 = content(2_000);
         let arm = content(3_000);
-        let dir = tempfile::tempdir().unwrap();
-        let store = StoreWriter::open(dir.path()).unwrap();
+        let (_dir, store) = temp_store();
         // URLs that would fail if anything tried them.
         let mut lock = lock_for(&[
             (Arch::X86_64, "http://127.0.0.1:9/x", &x86, None),
@@ -676,14 +650,8 @@ mod tests {
     #[test]
     fn locked_refuses_an_unrecorded_size_before_any_request() {
         let body = content(1_000);
-        let served = body.clone();
-        let server = Server::start(move |_, _| Reply::Body {
-            body: served.clone(),
-            ranges: true,
-        })
-        .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = StoreWriter::open(dir.path()).unwrap();
+        let server = Server::serving(&body, true);
+        let (_dir, store) = temp_store();
         let mut lock = lock_for(&[(Arch::X86_64, &server.url("/k"), &body, None)]);
         let original = lock.clone();
         let locked = Plan {
@@ -715,8 +683,7 @@ mod tests {
     #[test]
     fn selection_narrows_by_version_and_arch() {
         let x86 = content(100);
-        let dir = tempfile::tempdir().unwrap();
-        let store = StoreWriter::open(dir.path()).unwrap();
+        let (_dir, store) = temp_store();
         store.put_bytes(&x86).unwrap();
         let mut lock = lock_for(&[
             (Arch::X86_64, "http://127.0.0.1:9/x", &x86, None),
@@ -741,12 +708,7 @@ mod tests {
     #[test]
     fn two_concurrent_runs_leave_one_consistent_store() {
         let body = content(2_000_000);
-        let served = body.clone();
-        let server = Server::start(move |_, _| Reply::Body {
-            body: served.clone(),
-            ranges: true,
-        })
-        .unwrap();
+        let server = Server::serving(&body, true);
         let dir = tempfile::tempdir().unwrap();
         let url = server.url("/k");
         let runs: Vec<_> = (0..2)

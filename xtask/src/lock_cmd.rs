@@ -235,6 +235,7 @@ mod tests {
 
     use super::*;
     use crate::loopback::{Reply, Server};
+    use crate::store::temp_store;
 
     fn test_fetcher() -> Fetcher {
         Fetcher::new(
@@ -256,14 +257,8 @@ mod tests {
     #[test]
     fn add_kernel_downloads_records_and_diffs() {
         let body = Arc::new(b"a new kernel image".to_vec());
-        let served = body.clone();
-        let server = Server::start(move |_, _| Reply::Body {
-            body: served.clone(),
-            ranges: true,
-        })
-        .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = StoreWriter::open(dir.path()).unwrap();
+        let server = Server::serving(&body, true);
+        let (_dir, store) = temp_store();
         let old = base_lock();
         let version = Version::new("ch-test-9").unwrap();
         let url: ArchUrl = format!("x86_64={}", server.url("/vmlinux-x86_64"))
@@ -304,8 +299,7 @@ mod tests {
             headers: vec![],
         })
         .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = StoreWriter::open(dir.path()).unwrap();
+        let (_dir, store) = temp_store();
         let url: ArchUrl = format!("aarch64={}", server.url("/Image")).parse().unwrap();
         let version = Version::new("ch-test-9").unwrap();
         let err = add_kernel(

@@ -68,6 +68,16 @@ pub struct Server {
 impl Server {
     /// Listens on an ephemeral port of 127.0.0.1; `handler` gets the request's index (0-based,
     /// in arrival order) and the request.
+    /// A server that answers every request with `body` (honouring `Range` when `ranges`).
+    pub fn serving(body: &Arc<Vec<u8>>, ranges: bool) -> Server {
+        let body = Arc::clone(body);
+        Server::start(move |_, _| Reply::Body {
+            body: Arc::clone(&body),
+            ranges,
+        })
+        .expect("starting a loopback server")
+    }
+
     pub fn start(
         handler: impl Fn(usize, &Request) -> Reply + Send + Sync + 'static,
     ) -> io::Result<Server> {

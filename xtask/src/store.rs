@@ -170,6 +170,14 @@ impl StoreWriter {
     }
 }
 
+/// A store in a fresh temp dir, for tests; the dir lives as long as the returned guard.
+#[cfg(test)]
+pub fn temp_store() -> (tempfile::TempDir, StoreWriter) {
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let store = StoreWriter::open(dir.path()).expect("opening a store in a temp dir");
+    (dir, store)
+}
+
 /// Makes a rename or a new entry in `dir` durable.
 pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
     File::open(dir)
