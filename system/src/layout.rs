@@ -8,6 +8,7 @@
 //!   oci-cache/                              OCI image layout (oci-layout, index.json, blobs/sha256)
 //!   artifacts.lock                          the lock this store satisfies
 //!   .lock                                   advisory lock serializing writers
+//!   .verified/<hex>                         the stamp of a blob when the generator last hashed it
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -63,6 +64,12 @@ impl Layout {
 
     pub fn lock_file(&self) -> PathBuf {
         self.root.join("artifacts.lock")
+    }
+
+    /// Where the generator records that it hashed blob `digest` (its [`crate::stamp::FileStamp`]),
+    /// so a later run trusts the blob while it is unchanged instead of hashing it again.
+    pub fn verified_stamp(&self, digest: &Sha256) -> PathBuf {
+        self.root.join(".verified").join(digest.hex())
     }
 
     /// The advisory lock file concurrent writers serialize on.

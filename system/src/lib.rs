@@ -45,6 +45,7 @@ pub mod hash;
 pub mod layout;
 pub mod lock;
 mod snapshot;
+pub mod stamp;
 mod store;
 mod version;
 

@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +12,7 @@ use crate::error::{Artifact, Error, Kind};
 use crate::hash::sha256_reader;
 use crate::layout::Layout;
 use crate::lock::{Lock, Sha256};
+use crate::stamp::FileStamp;
 use crate::version::{InitrdVersion, KernelVersion};
 
 /// How much to trust earlier verifications.
@@ -23,29 +23,6 @@ pub enum Check {
     Cached,
     /// Re-hash every file.
     Full,
-}
-
-/// What proves a file unchanged since it was hashed: any write changes size, mtime or ctime, and
-/// replacing the file changes the inode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl FileStamp {
-    fn of(meta: &fs::Metadata) -> FileStamp {
-        FileStamp {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-        }
-    }
 }
 
 /// The verified artifacts of a store, for one lock.
@@ -239,13 +216,13 @@ impl Store {
         // Stamp the open file, not the path, so what we hash is what we stamped.
         let stamp = FileStamp::of(&file.metadata().map_err(|e| io_error(&blob, e))?);
         if let Some(expected_size) = size
-            && stamp.size != expected_size
+            && stamp.size() != expected_size
         {
             return Err(Error::WrongSize {
                 artifact: artifact.clone(),
                 path: blob,
                 expected: expected_size,
-                actual: stamp.size,
+                actual: stamp.size(),
             });
         }
         if check == Check::Cached && self.cached(&blob) == Some((stamp, *expected)) {

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use system::hash::sha256_reader;
+use system::stamp::FileStamp;
 use system::{Layout, Sha256};
 
 /// Exclusive write access to one store, for as long as it lives.
@@ -54,7 +55,8 @@ impl StoreWriter {
     }
 
     /// Whether a blob with this digest is present and its content matches. A blob whose content
-    /// does not match (bit rot, tampering) is removed so that it is written again.
+    /// does not match (bit rot, tampering) is removed so that it is written again. A blob that
+    /// is unchanged since an earlier run hashed it (same [`FileStamp`]) is not hashed again.
     pub fn has_verified_blob(&self, digest: &Sha256, size: Option<u64>) -> anyhow::Result<bool> {
         let path = self.layout.blob(digest);
         let file = match File::open(&path) {
@@ -62,11 +64,18 @@ impl StoreWriter {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
         };
-        let (actual, len) =
-            sha256_reader(file).with_context(|| format!("hashing {}", path.display()))?;
-        if actual == *digest && size.is_none_or(|s| s == len) {
+        let stamp = FileStamp::of(&file.metadata()?);
+        let size_ok = |len: u64| size.is_none_or(|s| s == len);
+        if size_ok(stamp.size()) && self.recorded_stamp(digest) == Some(stamp) {
             return Ok(true);
         }
+        let (actual, len) =
+            sha256_reader(file).with_context(|| format!("hashing {}", path.display()))?;
+        if actual == *digest && size_ok(len) {
+            self.record_stamp(digest, &stamp)?;
+            return Ok(true);
+        }
+        let _ = fs::remove_file(self.layout.verified_stamp(digest));
         eprintln!(
             "removing corrupt blob {}: content hashes to {actual} ({len} bytes)",
             path.display()
@@ -148,7 +157,26 @@ impl StoreWriter {
         temp.persist(&path)
             .with_context(|| format!("moving a verified blob to {}", path.display()))?;
         sync_dir(&self.layout.blobs())?;
+        // Its content was just checked: record that, so the next run need not hash it again.
+        self.record_stamp(digest, &FileStamp::of(&fs::metadata(&path)?))?;
         Ok(path)
+    }
+
+    fn recorded_stamp(&self, digest: &Sha256) -> Option<FileStamp> {
+        let text = fs::read_to_string(self.layout.verified_stamp(digest)).ok()?;
+        FileStamp::parse(&text)
+    }
+
+    /// Written after the hash: a crash in between only costs a re-hash on the next run.
+    fn record_stamp(&self, digest: &Sha256, stamp: &FileStamp) -> anyhow::Result<()> {
+        let path = self.layout.verified_stamp(digest);
+        let dir = path.parent().context("a stamp has a parent directory")?;
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut temp = tempfile::NamedTempFile::new_in(dir)?;
+        temp.write_all(stamp.to_line().as_bytes())?;
+        temp.persist(&path)
+            .with_context(|| format!("recording {}", path.display()))?;
+        Ok(())
     }
 
     /// Points the named link `link` (e.g. `kernel/<v>/<arch>/vmlinux`) at the blob `digest`,
@@ -236,5 +264,26 @@ mod tests {
         fs::write(&path, b"evil").unwrap();
         assert!(!store.has_verified_blob(&digest, None).unwrap());
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_blob_hashed_by_an_earlier_run_is_not_hashed_again_while_unchanged() {
+        let (_dir, store) = temp_store();
+        let (digest, size, path) = store.put_bytes(b"kernel").unwrap();
+        let stamp = store.layout().verified_stamp(&digest);
+        assert!(stamp.exists(), "publishing records the verification");
+
+        // Proof that the record is what decides: a blob rewritten to wrong content, with its
+        // record forged to the new stamp, is trusted without hashing.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&path, b"KERNEL").unwrap();
+        let forged = FileStamp::of(&fs::metadata(&path).unwrap());
+        fs::write(&stamp, forged.to_line()).unwrap();
+        assert!(store.has_verified_blob(&digest, Some(size)).unwrap());
+
+        // Without a matching record the content is hashed, found wrong and removed.
+        fs::write(&stamp, "0 0 0 0 0 0 0").unwrap();
+        assert!(!store.has_verified_blob(&digest, Some(size)).unwrap());
+        assert!(!path.exists() && !stamp.exists());
     }
 }
