@@ -1,0 +1,1 @@
+//! The contract between a host and guest-init (filled in by the redesign, issue 9).
