@@ -1,6 +1,6 @@
 //! GPU drivers: the `gpu` key is recognised, loading its drivers is not implemented yet.
 
-use crate::config::Config;
+use guest_protocol::Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {

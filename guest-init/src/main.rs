@@ -1,7 +1,6 @@
 //! guest-init: PID 1 of every microVM. `main` only orders the boot phases; each phase lives in
 //! its own module and makes its syscalls through [`syscalls::Syscalls`].
 
-mod cmdline;
 mod command;
 mod config;
 mod drivers;
@@ -22,9 +21,9 @@ mod volumes;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use cmdline::BootOptions;
-use config::{Config, InitMode};
-use error::{AppExit, FailureClass, Fatal};
+use error::{AppExit, ExitLine, ExitReason, Fatal};
+use guest_protocol::cmdline::{self, BootOptions};
+use guest_protocol::{Config, InitMode};
 use logger::Timings;
 use syscalls::{Linux, MountFlags, Syscalls};
 
@@ -48,7 +47,7 @@ fn main() {
     let sys = Linux::new();
     match boot(&sys) {
         Ok(exit) => {
-            write_exit_line(exit.code(), "app");
+            write_exit_line(ExitLine::from(exit));
             shutdown::power_off();
         }
         Err(fatal) => fail(fatal),
@@ -59,12 +58,12 @@ fn main() {
 fn boot(sys: &dyn Syscalls) -> Result<AppExit, Fatal> {
     let mut timings = Timings::default();
 
-    mount::mount_early(sys).map_err(|e| Fatal::new("mount", FailureClass::Mount, e))?;
+    mount::mount_early(sys).map_err(|e| Fatal::new("mount", ExitReason::Mount, e))?;
     // Userspace lines to /dev/kmsg are rate limited by default; ours are few and wanted.
     let _ = std::fs::write("/proc/sys/kernel/printk_devkmsg", "on\n");
     logger::attach_console();
     shutdown::disable_ctrl_alt_del();
-    reaper::block_signals().map_err(|e| Fatal::new("signals", FailureClass::Internal, e))?;
+    reaper::block_signals().map_err(|e| Fatal::new("signals", ExitReason::Internal, e))?;
     timings.mark("mounts");
     info!("mount", "early mounts done");
 
@@ -85,7 +84,7 @@ fn boot(sys: &dyn Syscalls) -> Result<AppExit, Fatal> {
 
     for device in [&options.rootfs, &options.config] {
         let waited = mount::wait_for_device(sys, device, options.device_timeout)
-            .map_err(|e| Fatal::new("devices", FailureClass::Device, e))?;
+            .map_err(|e| Fatal::new("devices", ExitReason::Device, e))?;
         info!(
             "devices",
             "{} present after {} ms",
@@ -99,7 +98,7 @@ fn boot(sys: &dyn Syscalls) -> Result<AppExit, Fatal> {
     timings.mark("config");
 
     let layout = root::mount_overlay_root(sys, &options.rootfs, &options.writable)
-        .map_err(|e| Fatal::new("root", FailureClass::Rootfs, e))?;
+        .map_err(|e| Fatal::new("root", ExitReason::Rootfs, e))?;
     info!(
         "root",
         "{} ({}) read-only under overlay, writable layer on {}",
@@ -113,9 +112,9 @@ fn boot(sys: &dyn Syscalls) -> Result<AppExit, Fatal> {
         Path::new(root::NEW_ROOT),
         options.device_timeout,
     )
-    .map_err(|e| Fatal::new("volumes", FailureClass::Mount, e))?;
+    .map_err(|e| Fatal::new("volumes", ExitReason::Mount, e))?;
     root::switch_root(sys, Path::new(root::NEW_ROOT))
-        .map_err(|e| Fatal::new("root", FailureClass::Rootfs, e))?;
+        .map_err(|e| Fatal::new("root", ExitReason::Rootfs, e))?;
     timings.mark("root");
 
     if let Err(err) = network::loopback_up() {
@@ -125,7 +124,7 @@ fn boot(sys: &dyn Syscalls) -> Result<AppExit, Fatal> {
         sys.sethostname(hostname).map_err(|e| {
             Fatal::new(
                 "hostname",
-                FailureClass::Internal,
+                ExitReason::Internal,
                 format!("sethostname {hostname:?}: {e}"),
             )
         })?;
@@ -160,7 +159,7 @@ fn boot(sys: &dyn Syscalls) -> Result<AppExit, Fatal> {
 fn boot_options() -> Result<BootOptions, Fatal> {
     let text = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let (options, warnings) =
-        cmdline::parse(&text).map_err(|e| Fatal::new("cmdline", FailureClass::Config, e))?;
+        cmdline::parse(&text).map_err(|e| Fatal::new("cmdline", ExitReason::Config, e))?;
     for warning in warnings {
         info!("cmdline", "{warning}");
     }
@@ -184,13 +183,13 @@ fn load_modules(sys: &dyn Syscalls) -> Result<(), Fatal> {
                 path: path.to_owned(),
                 source,
             };
-            return Err(Fatal::new("modules", FailureClass::Modules, err));
+            return Err(Fatal::new("modules", ExitReason::Modules, err));
         }
     };
     let list = modules::parse_load_order(&text, path)
-        .map_err(|e| Fatal::new("modules", FailureClass::Modules, e))?;
-    let outcomes = modules::load_all(sys, &list)
-        .map_err(|e| Fatal::new("modules", FailureClass::Modules, e))?;
+        .map_err(|e| Fatal::new("modules", ExitReason::Modules, e))?;
+    let outcomes =
+        modules::load_all(sys, &list).map_err(|e| Fatal::new("modules", ExitReason::Modules, e))?;
     for (module, outcome) in list.iter().zip(&outcomes) {
         if *outcome != modules::Outcome::Loaded {
             info!("modules", "{}: {outcome:?}", module.display());
@@ -209,12 +208,12 @@ fn read_config(sys: &dyn Syscalls, options: &BootOptions) -> Result<Config, Fata
         &CONFIG_TYPES,
         MountFlags::RDONLY,
     )
-    .map_err(|e| Fatal::new("config", FailureClass::Mount, e))?;
+    .map_err(|e| Fatal::new("config", ExitReason::Mount, e))?;
     let file: PathBuf = mount_point.join(config::FILE_NAME);
     let loaded = config::load(&file);
     // The config disk is not needed after this; the application never sees it.
     let _ = sys.unmount(mount_point);
-    let (config, warnings) = loaded.map_err(|e| Fatal::new("config", FailureClass::Config, e))?;
+    let (config, warnings) = loaded.map_err(|e| Fatal::new("config", ExitReason::Config, e))?;
     for warning in warnings {
         info!("config", "{warning}");
     }
@@ -222,11 +221,11 @@ fn read_config(sys: &dyn Syscalls, options: &BootOptions) -> Result<Config, Fata
         DEBUG_SHELL.store(true, Ordering::SeqCst);
     }
     network::check_supported(&config)
-        .map_err(|e| Fatal::new("network", FailureClass::Unsupported, e))?;
+        .map_err(|e| Fatal::new("network", ExitReason::Unsupported, e))?;
     volumes::check_supported(&config)
-        .map_err(|e| Fatal::new("volumes", FailureClass::Unsupported, e))?;
+        .map_err(|e| Fatal::new("volumes", ExitReason::Unsupported, e))?;
     drivers::check_supported(&config)
-        .map_err(|e| Fatal::new("drivers", FailureClass::Unsupported, e))?;
+        .map_err(|e| Fatal::new("drivers", ExitReason::Unsupported, e))?;
     info!(
         "config",
         "{} from {}: argv {:?}, mode {:?}",
@@ -238,9 +237,9 @@ fn read_config(sys: &dyn Syscalls, options: &BootOptions) -> Result<Config, Fata
     Ok(config)
 }
 
-fn write_exit_line(code: u8, reason: &str) {
+fn write_exit_line(line: ExitLine) {
     if !EXIT_LINE_WRITTEN.swap(true, Ordering::SeqCst) {
-        logger::write_line(&error::exit_line(code, reason));
+        logger::write_line(&line.to_string());
     }
 }
 
@@ -254,7 +253,7 @@ fn fail(fatal: Fatal) -> ! {
         cause = inner.source();
     }
     info!(fatal.phase, "FATAL ({}): {message}", fatal.class);
-    write_exit_line(fatal.class.exit_code(), fatal.class.name());
+    write_exit_line(fatal.exit_line());
     debug_shell_then_power_off()
 }
 
@@ -299,7 +298,23 @@ fn debug_shell_then_power_off() -> ! {
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|panic| {
         info!("panic", "FATAL (internal): {panic}");
-        write_exit_line(FailureClass::Internal.exit_code(), "panic");
+        if let Some(line) = ExitLine::failure(ExitReason::Panic) {
+            write_exit_line(line);
+        }
         debug_shell_then_power_off();
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use guest_protocol::CmdlineKey;
+
+    #[test]
+    fn readme_documents_every_kernel_parameter() {
+        let readme = include_str!("../README.md");
+        for key in CmdlineKey::ALL {
+            let param = format!("`guest_init.{}=", key.name());
+            assert!(readme.contains(&param), "README.md lacks {param}");
+        }
+    }
 }

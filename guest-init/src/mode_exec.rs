@@ -8,10 +8,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::command::{self, CommandError};
-use crate::config::Config;
-use crate::error::{AppExit, FailureClass, Fatal};
+use crate::error::{AppExit, ExitReason, Fatal};
 use crate::reaper::{self, Action};
 use crate::user::{self, Credentials};
+use guest_protocol::Config;
 
 const PHASE: &str = "exec";
 
@@ -31,7 +31,7 @@ pub fn prepare(config: &Config) -> Result<Launch, Fatal> {
     if argv.is_empty() {
         return Err(Fatal::new(
             PHASE,
-            FailureClass::Entrypoint,
+            ExitReason::Entrypoint,
             CommandError::Empty,
         ));
     }
@@ -45,7 +45,7 @@ pub fn prepare(config: &Config) -> Result<Launch, Fatal> {
         &group,
         (passwd_path, group_path),
     )
-    .map_err(|err| Fatal::new(PHASE, FailureClass::User, err))?;
+    .map_err(|err| Fatal::new(PHASE, ExitReason::User, err))?;
     let env = command::environment(&config.env, &credentials.home);
     let workdir = config.workdir.clone().unwrap_or_else(|| PathBuf::from("/"));
     // Container runtimes create a missing workdir rather than fail.
@@ -53,7 +53,7 @@ pub fn prepare(config: &Config) -> Result<Launch, Fatal> {
         std::fs::create_dir_all(&workdir).map_err(|err| {
             Fatal::new(
                 PHASE,
-                FailureClass::Spawn,
+                ExitReason::Spawn,
                 format!("creating workdir {}: {err}", workdir.display()),
             )
         })?;
@@ -63,7 +63,7 @@ pub fn prepare(config: &Config) -> Result<Launch, Fatal> {
         .map(String::as_str)
         .unwrap_or(command::DEFAULT_PATH);
     let program = command::resolve(&argv[0], path, &workdir, Path::new("/"))
-        .map_err(|err| Fatal::new(PHASE, FailureClass::Entrypoint, err))?;
+        .map_err(|err| Fatal::new(PHASE, ExitReason::Entrypoint, err))?;
     Ok(Launch {
         program,
         argv,
@@ -87,7 +87,7 @@ pub fn command(launch: &Launch) -> Result<Command, Fatal> {
         console().map_err(|err| {
             Fatal::new(
                 PHASE,
-                FailureClass::Spawn,
+                ExitReason::Spawn,
                 format!("opening /dev/console: {err}"),
             )
         })
@@ -130,7 +130,7 @@ pub fn spawn(launch: &Launch) -> Result<i32, Fatal> {
     let child = command(launch)?.spawn().map_err(|err| {
         Fatal::new(
             PHASE,
-            FailureClass::Spawn,
+            ExitReason::Spawn,
             format!(
                 "starting {} as uid {}: {err}",
                 launch.program.display(),

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::command;
-use crate::config::Config;
-use crate::error::{FailureClass, Fatal};
+use crate::error::{ExitReason, Fatal};
+use guest_protocol::Config;
 
 const PHASE: &str = "systemd";
 
@@ -23,7 +23,7 @@ pub fn hand_over(config: &Config) -> Fatal {
         .unwrap_or(command::DEFAULT_PATH);
     let program = match command::resolve(&argv[0], path, Path::new("/"), Path::new("/")) {
         Ok(program) => program,
-        Err(err) => return Fatal::new(PHASE, FailureClass::Entrypoint, err),
+        Err(err) => return Fatal::new(PHASE, ExitReason::Entrypoint, err),
     };
     crate::info!(PHASE, "handing PID 1 to {}", program.display());
     let mut cmd = Command::new(&program);
@@ -35,7 +35,7 @@ pub fn hand_over(config: &Config) -> Fatal {
     let err = cmd.exec();
     Fatal::new(
         PHASE,
-        FailureClass::Spawn,
+        ExitReason::Spawn,
         format!("exec {}: {err}", program.display()),
     )
 }

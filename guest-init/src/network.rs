@@ -2,7 +2,7 @@
 
 use std::io;
 
-use crate::config::Config;
+use guest_protocol::Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -59,7 +59,7 @@ mod tests {
 
     #[test]
     fn configured_network_is_refused_with_a_clear_message() {
-        let (config, _) = crate::config::parse(
+        let (config, _) = guest_protocol::config::parse(
             r#"{"network_enabled": true, "guest_ip": "10.0.0.2", "guest_cidr": 24}"#,
             Path::new("config.json"),
         )

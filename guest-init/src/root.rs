@@ -7,9 +7,9 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::cmdline::Writable;
 use crate::mount::{self, MountError};
 use crate::syscalls::{MountFlags, Syscalls};
+use guest_protocol::Writable;
 
 /// Staging area in the initramfs (`/.guest-init`); hidden under the new root once switched.
 pub const LOWER: &str = "/.guest-init/lower";

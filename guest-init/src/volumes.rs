@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config::{Config, VolumeMode, VolumeMount};
 use crate::mount::{self, MountError};
 use crate::syscalls::{MountFlags, Syscalls};
+use guest_protocol::config::{Config, VolumeMode, VolumeMount};
 
 /// Filesystems tried for a volume device, in order.
 pub const VOLUME_TYPES: [&str; 2] = ["ext4", "erofs"];
