@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use cpio::newc::{Builder, ModeFileType};
 use flate2::{Compression, GzBuilder};
 
-use crate::tree::{Node, NodeKind, Tree, TreePath};
+use crate::rootfs::{Node, NodeKind, Tree, TreePath};
 
 /// The mtime of every entry when `SOURCE_DATE_EPOCH` is unset: the Unix epoch.
 pub const DEFAULT_MTIME: u32 = 0;

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use system::Digest;
 
-use crate::tree::{Node, Tree, TreePath};
+use crate::rootfs::{Node, Tree, TreePath};
 
 /// Where guest-init looks for the load order, relative to `/`.
 pub const LOAD_ORDER: &str = "lib/modules/load-order";

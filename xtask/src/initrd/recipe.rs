@@ -15,7 +15,7 @@ use serde::Serialize;
 use system::Digest;
 
 use super::modules::ModuleSet;
-use crate::tree::{Node, NodeKind, Tree, TreePath};
+use crate::rootfs::{Node, NodeKind, Tree, TreePath};
 
 /// Bumped whenever the builder puts something else into an initrd for the same inputs (the
 /// profile's entries, the writer's format): every initrd then rebuilds, and the lock says why.

@@ -15,11 +15,10 @@
 
 pub mod auth;
 pub mod cache;
+pub mod layers;
 pub mod platform;
 pub mod reference;
 pub mod registry;
-#[cfg(test)]
-pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
 
@@ -33,8 +32,8 @@ use oci_spec::image::{ImageIndex, ImageManifest};
 use system::Arch;
 use system::lock::{Base, Digest, UniqueMap};
 
-use crate::layers::{Applier, LayerInfo, LayerLimits};
-use crate::tree::Tree;
+use crate::oci::layers::{Applier, LayerInfo, LayerLimits};
+use crate::rootfs::Tree;
 use cache::{LayoutEntry, OciLayout};
 use reference::Source;
 use registry::{MAX_MANIFEST_BYTES, NetworkOptions, Registry};

@@ -9,9 +9,9 @@ use std::process::Command;
 use system::Arch;
 use system::lock::Digest;
 
-use super::testing::{DockerRegistry, FakeRegistry, Faults, build_layout, require_tool};
 use super::*;
-use crate::tree::{NodeKind, TreePath};
+use crate::rootfs::{NodeKind, TreePath};
+use testkit::oci::{DockerRegistry, FakeRegistry, Faults, build_layout, require_tool};
 
 fn options() -> PullOptions {
     let mut options = PullOptions::default();

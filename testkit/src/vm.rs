@@ -1,0 +1,468 @@
+//! The VM test harness: boots guest-init under QEMU with fixture disks and reads what it printed.
+//!
+//! The caller brings the initrd (a minimal profile + [`TEST_MODULES`] of Debian's cloud kernel).
+//! x86_64 guests boot the host's `linux-image-cloud-amd64`; aarch64 guests boot Debian's arm64
+//! cloud kernel under `qemu-system-aarch64 -M virt` (always TCG on an x86_64 host), from the
+//! packages `cargo xtask test` unpacks (the `arm64_root` the caller names). Disks are ext4
+//! images made with `mkfs.ext4 -d` from fixture directories, which needs no root. QEMU runs
+//! under TCG unless KVM really works (this machine's `/dev/kvm` is paravirtual and cannot run a
+//! guest). Tests assert on the console,
+//! never on QEMU's exit status: a guest whose PID 1 died exits QEMU with 0 too.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use std::{fs, thread};
+
+use anyhow::{Context, bail};
+use system::Arch;
+
+/// Debian cloud kernel modules a test initrd carries: block devices, the overlay root, and the
+/// ACPI power button delivered as an input event.
+pub const TEST_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "overlay", "button", "evdev"];
+
+/// The command that prepares what the VM tests need without running them.
+pub const PREPARE_COMMAND: &str = "cargo xtask test --prepare-only";
+
+/// The newest `vmlinuz-*<suffix>` in `boot`.
+fn newest_image(boot: &Path, suffix: &str) -> Option<PathBuf> {
+    let mut images: Vec<PathBuf> = fs::read_dir(boot)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with("vmlinuz-") && name.ends_with(suffix)
+        })
+        .collect();
+    images.sort();
+    images.pop()
+}
+
+/// A kernel to boot and the modules directory that matches it.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    pub image: PathBuf,
+    pub modules: PathBuf,
+}
+
+impl Kernel {
+    /// Debian's `linux-image-cloud-amd64` as installed on this machine.
+    pub fn debian_cloud() -> anyhow::Result<Kernel> {
+        let Some(image) = newest_image(Path::new("/boot"), "-cloud-amd64") else {
+            bail!(
+                "no /boot/vmlinuz-*-cloud-amd64: the VM tests boot Debian's cloud kernel; install \
+                 it with `apt-get install linux-image-cloud-amd64` (`cargo xtask test` does)"
+            );
+        };
+        let version = image.file_name().unwrap().to_string_lossy()["vmlinuz-".len()..].to_owned();
+        let modules = PathBuf::from("/lib/modules").join(&version);
+        if !modules.join("modules.dep").exists() {
+            bail!(
+                "{} has no modules.dep; reinstall linux-image-{version}",
+                modules.display()
+            );
+        }
+        Ok(Kernel { image, modules })
+    }
+
+    /// Debian's `linux-image-cloud-arm64` as `cargo xtask test` unpacked it at `root`
+    /// (`boot/vmlinuz-<kver>`, `lib/modules/<kver>` with its `modules.dep`).
+    pub fn debian_cloud_arm64(root: &Path) -> anyhow::Result<Kernel> {
+        let Some(image) = newest_image(&root.join("boot"), "-cloud-arm64") else {
+            bail!(
+                "no {}/boot/vmlinuz-*-cloud-arm64: the aarch64 VM tests boot Debian's arm64 cloud \
+                 kernel, fetched with apt-get download and unpacked there; prepare it with \
+                 `{PREPARE_COMMAND}`",
+                root.display()
+            );
+        };
+        let version = image.file_name().unwrap().to_string_lossy()["vmlinuz-".len()..].to_owned();
+        let modules = root.join("lib/modules").join(&version);
+        if !modules.join("modules.dep").exists() {
+            bail!(
+                "{} has no modules.dep; remove {} and prepare it again with `{PREPARE_COMMAND}`",
+                modules.display(),
+                root.display()
+            );
+        }
+        Ok(Kernel { image, modules })
+    }
+
+    /// Debian's cloud kernel for guests of `arch` (arm64's unpacked at `arm64_root`).
+    pub fn debian_cloud_for(arch: Arch, arm64_root: &Path) -> anyhow::Result<Kernel> {
+        match arch {
+            Arch::X86_64 => Kernel::debian_cloud(),
+            Arch::Aarch64 => Kernel::debian_cloud_arm64(arm64_root),
+        }
+    }
+}
+
+/// An ext4 disk image made from a directory (`mkfs.ext4 -d`), or empty.
+pub fn ext4_image(path: &Path, contents: Option<&Path>, size_mib: u32) -> anyhow::Result<()> {
+    let mut cmd = Command::new("mkfs.ext4");
+    cmd.args(["-q", "-F", "-E", "root_owner=0:0"]);
+    if let Some(dir) = contents {
+        cmd.arg("-d").arg(dir);
+    }
+    cmd.arg(path).arg(format!("{size_mib}M"));
+    let out = cmd
+        .output()
+        .context("running mkfs.ext4 (apt-get install e2fsprogs)")?;
+    if !out.status.success() {
+        bail!(
+            "mkfs.ext4 {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The applets linked in an aarch64 rootfs: an arm64 busybox cannot run on this host to list
+/// its own, so these are the ones the aarch64 tests use.
+const AARCH64_APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "env", "id", "ls", "sleep", "true", "false", "kill", "sync", "uname",
+];
+
+/// A rootfs tree for guests of `arch` with a shell and tools: Debian's `busybox-static` (the
+/// host's on x86_64, the one unpacked under `arm64_root` on aarch64) and one link per applet,
+/// a root user and an unprivileged `app` user (uid 1000) in groups `app` (1000) and `extra`
+/// (2000).
+pub fn busybox_rootfs(arch: Arch, dir: &Path, arm64_root: &Path) -> anyhow::Result<()> {
+    let bin = dir.join("bin");
+    fs::create_dir_all(&bin)?;
+    let applets: Vec<String> = match arch {
+        Arch::X86_64 => {
+            let busybox = Path::new("/bin/busybox");
+            if !busybox.exists() {
+                bail!("no /bin/busybox: install it with `apt-get install busybox-static`");
+            }
+            fs::copy(busybox, bin.join("busybox"))?;
+            let list = Command::new(busybox)
+                .arg("--list")
+                .output()
+                .context("busybox --list")?;
+            String::from_utf8_lossy(&list.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        }
+        Arch::Aarch64 => {
+            let busybox = arm64_root.join("bin/busybox");
+            if !busybox.exists() {
+                bail!(
+                    "no {}: the aarch64 VM tests' rootfs has Debian's arm64 busybox-static; \
+                     prepare it with `{PREPARE_COMMAND}`",
+                    busybox.display()
+                );
+            }
+            fs::copy(&busybox, bin.join("busybox"))?;
+            AARCH64_APPLETS.iter().map(|a| a.to_string()).collect()
+        }
+    };
+    for applet in &applets {
+        if applet != "busybox" && !applet.is_empty() {
+            std::os::unix::fs::symlink("busybox", bin.join(applet))?;
+        }
+    }
+    for sub in ["etc", "tmp", "home/app", "root", "usr/bin", "sbin"] {
+        fs::create_dir_all(dir.join(sub))?;
+    }
+    fs::write(
+        dir.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+    )?;
+    fs::write(
+        dir.join("etc/group"),
+        "root:x:0:\napp:x:1000:\nextra:x:2000:app\n",
+    )?;
+    Ok(())
+}
+
+/// What a test boots: the disks in virtio order (vda rootfs, vdb writable, vdc config, ...).
+pub struct VmSpec {
+    pub disks: Vec<PathBuf>,
+    /// Appended to `console=<ttyS0 or ttyAMA0> panic=-1 loglevel=4`.
+    pub append: String,
+    pub memory_mib: u32,
+    /// The guest's architecture: x86_64 unless set.
+    pub arch: Arch,
+}
+
+impl VmSpec {
+    pub fn new(disks: Vec<PathBuf>) -> VmSpec {
+        VmSpec {
+            disks,
+            append: String::new(),
+            memory_mib: 512,
+            arch: Arch::X86_64,
+        }
+    }
+}
+
+/// The accelerator to use: KVM only where it can run a guest, TCG otherwise. `VM_TEST_ACCEL`
+/// overrides the choice.
+pub fn accelerator() -> String {
+    if let Ok(forced) = std::env::var("VM_TEST_ACCEL") {
+        return forced;
+    }
+    // A paravirtual KVM (kvm_pvm) opens fine but hangs real guests.
+    let usable_kvm = Path::new("/dev/kvm").exists()
+        && !Path::new("/sys/module/kvm_pvm").exists()
+        && fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+    if usable_kvm {
+        "kvm".into()
+    } else {
+        "tcg".into()
+    }
+}
+
+/// The accelerator for guests of `arch`: [`accelerator`] when the guest runs the host's
+/// architecture, TCG otherwise.
+pub fn accelerator_for(arch: Arch) -> String {
+    if arch == Arch::host() {
+        accelerator()
+    } else {
+        "tcg".into()
+    }
+}
+
+/// A running VM: its console so far, and its monitor.
+pub struct Vm {
+    child: Child,
+    console: Arc<(Mutex<String>, Condvar)>,
+    monitor: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// How a boot ended, as the guest said it on the console.
+#[derive(Debug)]
+pub struct Boot {
+    pub console: String,
+    /// The `code=` of the `GUEST-INIT-EXIT` line.
+    pub exit_code: Option<i32>,
+    /// The `reason=` of that line.
+    pub reason: Option<String>,
+}
+
+impl Boot {
+    /// The line of `guest-init`'s timings, e.g. `exec=1722ms` → 1722.
+    pub fn timing_ms(&self, phase: &str) -> Option<u64> {
+        let line = self.console.lines().find(|l| l.contains("timings:"))?;
+        let field = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{phase}=")))?;
+        field.trim_end_matches("ms").parse().ok()
+    }
+}
+
+impl Boot {
+    /// Asserts the log has exactly one exit line, no kernel panic, and the given code.
+    pub fn expect_exit(&self, code: i32) -> &Boot {
+        let lines = self.console.matches("GUEST-INIT-EXIT ").count();
+        assert_eq!(
+            lines, 1,
+            "expected exactly one exit line:\n{}",
+            self.console
+        );
+        assert_eq!(
+            self.exit_code,
+            Some(code),
+            "wrong exit code:\n{}",
+            self.console
+        );
+        assert!(
+            !self.console.contains("Kernel panic"),
+            "kernel panicked:\n{}",
+            self.console
+        );
+        self
+    }
+
+    /// Asserts the application printed a line containing `needle`. Log lines of guest-init and
+    /// the kernel (which quote the command, and so the script's text) do not count.
+    pub fn expect_output(&self, needle: &str) -> &Boot {
+        assert!(
+            self.console
+                .lines()
+                .any(|l| !l.starts_with('[') && l.contains(needle)),
+            "the application printed no line containing {needle:?}:\n{}",
+            self.console
+        );
+        self
+    }
+
+    /// Asserts some console line (guest-init's log included) contains `needle`.
+    pub fn expect_log(&self, needle: &str) -> &Boot {
+        assert!(
+            self.console.lines().any(|l| l.contains(needle)),
+            "no console line contains {needle:?}:\n{}",
+            self.console
+        );
+        self
+    }
+}
+
+impl Vm {
+    /// Boots `spec` with this kernel and initrd.
+    pub fn start_with(kernel: &Path, initrd: &Path, spec: &VmSpec) -> anyhow::Result<Vm> {
+        let dir = tempfile::tempdir()?;
+        let monitor = dir.path().join("monitor.sock");
+        let accel = accelerator_for(spec.arch);
+        let (qemu, package, machine, console) = match spec.arch {
+            Arch::X86_64 => ("qemu-system-x86_64", "qemu-system-x86", "pc", "ttyS0"),
+            Arch::Aarch64 => ("qemu-system-aarch64", "qemu-system-arm", "virt", "ttyAMA0"),
+        };
+        let mut cmd = Command::new(qemu);
+        cmd.args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args([
+            "-M",
+            machine,
+            "-accel",
+            &accel,
+            "-m",
+            &spec.memory_mib.to_string(),
+        ]);
+        if spec.arch == Arch::Aarch64 {
+            // PSCI powers the guest off; `-no-reboot` turns a reset into an exit too.
+            cmd.args(["-cpu", if accel == "kvm" { "host" } else { "cortex-a57" }]);
+        }
+        cmd.args(["-serial", "stdio", "-net", "none"])
+            .arg("-monitor")
+            .arg(format!("unix:{},server=on,wait=off", monitor.display()))
+            .arg("-kernel")
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .arg("-append")
+            .arg(format!(
+                "console={console} panic=-1 loglevel=4 {}",
+                spec.append
+            ));
+        for disk in &spec.disks {
+            cmd.arg("-drive")
+                .arg(format!("file={},if=virtio,format=raw", disk.display()));
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {qemu} (apt-get install {package})"))?;
+
+        let console = Arc::new((Mutex::new(String::new()), Condvar::new()));
+        let verbose = std::env::var_os("VM_TEST_VERBOSE").is_some();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let console = Arc::clone(&console);
+            thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                let mut raw = Vec::new();
+                while reader.read_until(b'\n', &mut raw).unwrap_or(0) > 0 {
+                    let line = String::from_utf8_lossy(&raw).replace('\r', "");
+                    if verbose {
+                        eprint!("{line}");
+                    }
+                    let (text, changed) = &*console;
+                    text.lock().unwrap().push_str(&line);
+                    changed.notify_all();
+                    raw.clear();
+                }
+            });
+        }
+        Ok(Vm {
+            child,
+            console,
+            monitor,
+            _dir: dir,
+        })
+    }
+
+    /// Waits until a console line contains `needle`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let (text, changed) = &*self.console;
+        let mut guard = text.lock().unwrap();
+        while !guard.contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("no {needle:?} on the console within {timeout:?}:\n{guard}");
+            }
+            guard = changed.wait_timeout(guard, left).unwrap().0;
+        }
+        Ok(())
+    }
+
+    /// Presses the ACPI power button (`system_powerdown` on the QEMU monitor).
+    pub fn power_button(&self) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut socket =
+            std::os::unix::net::UnixStream::connect(&self.monitor).with_context(|| {
+                format!("connecting to the QEMU monitor {}", self.monitor.display())
+            })?;
+        socket.write_all(b"system_powerdown\n")?;
+        // Let QEMU read the command before the socket closes.
+        thread::sleep(Duration::from_millis(200));
+        Ok(())
+    }
+
+    /// Waits for QEMU to exit (the guest powered off), or kills it after `timeout`.
+    pub fn finish(mut self, timeout: Duration) -> anyhow::Result<Boot> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.child.try_wait()?.is_some() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!(
+                    "the VM did not power off within {timeout:?}; console:\n{}",
+                    self.console.0.lock().unwrap()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        // The reader threads finish with the pipes; give them a moment to drain.
+        thread::sleep(Duration::from_millis(100));
+        let console = self.console.0.lock().unwrap().clone();
+        let exit = console
+            .lines()
+            .find_map(|l| l.split_once("GUEST-INIT-EXIT ").map(|(_, rest)| rest));
+        let field = |name: &str| {
+            exit.and_then(|rest| {
+                rest.split_whitespace()
+                    .find_map(|w| w.strip_prefix(name).map(str::to_owned))
+            })
+        };
+        Ok(Boot {
+            exit_code: field("code=").and_then(|c| c.parse().ok()),
+            reason: field("reason="),
+            console,
+        })
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How long a boot may take before the harness gives up: generous for TCG on a busy machine.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);

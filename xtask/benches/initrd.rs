@@ -1,0 +1,204 @@
+//! `cargo xtask bench initrd`: (a) our newc + gzip writer against `find | sort | cpio -o -H newc
+//! | gzip -9` on the same tree, time and size, in one run; (b) a no-op `artifacts` run of the
+//! built xtask binary (initrds only, everything already in the store).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use testkit::bench::median;
+use xshell::{Shell, cmd};
+
+use xtask::initrd::cpio;
+use xtask::rootfs::{Node, Tree, TreePath};
+
+const ROUNDS: usize = 5;
+
+fn run(sh: &Shell) -> anyhow::Result<()> {
+    assemble_vs_gnu(sh)?;
+    noop_artifacts(sh)
+}
+
+/// A deterministic tree on disk: 1500 small text-like files in nested directories, 40 larger
+/// binary-like files, symlinks. About 10 MB.
+fn write_fixture(root: &Path) -> anyhow::Result<()> {
+    let mut noise = testkit::noise::Noise::new(0x2545_f491_4f6c_dd1d);
+    let mut next = move || noise.next_u64();
+    const WORDS: [&str; 8] = [
+        "module", "virtio", "init", "mount", "overlay", "config", "kernel", "device",
+    ];
+    for i in 0..1500 {
+        let dir = root.join(format!("usr/share/d{:02}/s{}", i % 37, i % 5));
+        std::fs::create_dir_all(&dir)?;
+        let text: String = (0..(200 + next() % 800))
+            .map(|_| WORDS[(next() % 8) as usize])
+            .collect::<Vec<_>>()
+            .join(" ");
+        std::fs::write(dir.join(format!("f{i}.txt")), text)?;
+    }
+    for i in 0..40 {
+        let dir = root.join("usr/lib");
+        std::fs::create_dir_all(&dir)?;
+        // Half structured, half noise: compresses like a binary.
+        let bytes: Vec<u8> = (0..150_000)
+            .map(|j| {
+                if j % 2 == 0 {
+                    (j / 64) as u8
+                } else {
+                    next() as u8
+                }
+            })
+            .collect();
+        std::fs::write(dir.join(format!("lib{i}.so")), bytes)?;
+        std::os::unix::fs::symlink(format!("lib{i}.so"), dir.join(format!("lib{i}.so.1")))?;
+    }
+    Ok(())
+}
+
+/// Reads a directory into a [`Tree`], the way the initrd stage would hold it.
+fn load_tree(root: &Path) -> anyhow::Result<Tree> {
+    use std::os::unix::fs::MetadataExt;
+    let mut tree = Tree::new();
+    for entry in walkdir::WalkDir::new(root).min_depth(1).sort_by_file_name() {
+        let entry = entry?;
+        let rel = entry.path().strip_prefix(root)?;
+        let path = TreePath::new(rel.to_str().context("non-UTF-8 fixture path")?)?;
+        let meta = entry.path().symlink_metadata()?;
+        let mode = meta.mode() & 0o7777;
+        let node = if meta.is_dir() {
+            Node::dir(mode)
+        } else if meta.file_type().is_symlink() {
+            Node::symlink(
+                std::fs::read_link(entry.path())?
+                    .to_str()
+                    .context("non-UTF-8 link")?,
+            )
+        } else {
+            Node::file(mode, std::fs::read(entry.path())?)
+        };
+        tree.insert(path, node.owned_by(meta.uid(), meta.gid()))?;
+    }
+    Ok(tree)
+}
+
+fn assemble_vs_gnu(sh: &Shell) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("root");
+    write_fixture(&root)?;
+    let out = dir.path().join("gnu.cpio.gz");
+
+    let mut ours = Vec::new();
+    let mut ours_write = Vec::new();
+    let mut gnu = Vec::new();
+    let mut sizes = (0, 0);
+    let mut tree_len = 0;
+    for _ in 0..ROUNDS {
+        let start = Instant::now();
+        let tree = load_tree(&root)?;
+        let written = Instant::now();
+        let bytes = cpio::write_initrd(&tree, 0)?;
+        ours.push(start.elapsed());
+        ours_write.push(written.elapsed());
+        sizes.0 = bytes.len();
+        tree_len = tree.len();
+
+        let _dir = sh.push_dir(&root);
+        let _c = sh.push_env("LC_ALL", "C");
+        let script = format!(
+            "find . | sort | cpio -o -H newc --quiet | gzip -9 > {}",
+            out.display()
+        );
+        let start = Instant::now();
+        cmd!(sh, "sh -c {script}")
+            .quiet()
+            .run()
+            .context("running the find | cpio | gzip baseline (is cpio installed?)")?;
+        gnu.push(start.elapsed());
+        sizes.1 = std::fs::metadata(&out)?.len() as usize;
+    }
+    let (ours, ours_write, gnu) = (median(ours), median(ours_write), median(gnu));
+    let raw: u64 = walkdir::WalkDir::new(&root)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum();
+    println!(
+        "initrd assembly, {tree_len} entries, {:.1} MB of files, median of {ROUNDS} rounds:",
+        raw as f64 / 1e6
+    );
+    println!(
+        "  ours (read tree + newc + gzip -9): {ours:>9.2?}  (newc + gzip alone: {ours_write:.2?})"
+    );
+    println!("  find | sort | cpio | gzip -9:      {gnu:>9.2?}");
+    println!(
+        "  time ratio (ours / baseline): {:.2}",
+        ours.as_secs_f64() / gnu.as_secs_f64()
+    );
+    println!(
+        "  size: ours {} bytes, baseline {} bytes, ratio {:.3}",
+        sizes.0,
+        sizes.1,
+        sizes.0 as f64 / sizes.1 as f64
+    );
+    Ok(())
+}
+
+/// Times `artifacts --only initrds --offline` of the built binary with everything in place.
+fn noop_artifacts(sh: &Shell) -> anyhow::Result<()> {
+    cmd!(sh, "cargo build --package xtask --quiet")
+        .run()
+        .context("building xtask")?;
+    let workspace = sh.current_dir();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|t| workspace.join(t))
+        .unwrap_or_else(|| workspace.join("target"));
+    let xtask: PathBuf = target.join("debug/xtask");
+    let dir = tempfile::tempdir()?;
+    let lock = dir.path().join("artifacts.lock");
+    std::fs::copy(workspace.join("artifacts.lock"), &lock)?;
+    let data = dir.path().join("data");
+    let version = "v1.0.0";
+    let args = [
+        "artifacts",
+        "--only",
+        "initrds",
+        "--initrd",
+        version,
+        "--offline",
+    ];
+    // The first run builds (or finds) guest-init and the initrds.
+    cmd!(sh, "{xtask} {args...} --lock {lock} --data-dir {data}")
+        .quiet()
+        .ignore_stderr()
+        .run()
+        .context("the first artifacts run")?;
+    let mut samples = Vec::new();
+    for _ in 0..ROUNDS {
+        let start = Instant::now();
+        let output = cmd!(sh, "{xtask} {args...} --lock {lock} --data-dir {data}")
+            .quiet()
+            .ignore_status()
+            .output()?;
+        samples.push(start.elapsed());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        anyhow::ensure!(
+            output.status.success() && stderr.contains("built: 0"),
+            "the no-op run was not a no-op:\n{stderr}"
+        );
+    }
+    let noop = median(samples);
+    println!(
+        "no-op `artifacts --only initrds --initrd {version} --offline` ({} arches, guest-init \
+         up to date), median of {ROUNDS}: {:.0} ms",
+        system::Arch::ALL.len(),
+        noop.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let sh = Shell::new()?;
+    sh.change_dir(xtask::workspace_root());
+    run(&sh)
+}

@@ -1,0 +1,306 @@
+//! Writing into a store: nothing becomes visible unverified, and writers take turns.
+//!
+//! Every blob is written to a temp file in the blobs directory (same filesystem), fsynced,
+//! checked against its expected digest and size, made read-only, renamed into place, and the
+//! directory fsynced. A crash at any point leaves either no blob or a whole one. Named links are
+//! replaced by renaming a fresh symlink over them. An advisory lock on `.lock` serializes
+//! concurrent `cargo xtask artifacts` runs on one data dir.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use system::hash::sha256_reader;
+use system::stamp::FileStamp;
+use system::{Layout, Sha256};
+
+/// Exclusive write access to one store, for as long as it lives.
+pub struct StoreWriter {
+    layout: Layout,
+    _lock: File,
+}
+
+impl StoreWriter {
+    /// Creates the store's directories under `data_dir` and takes the writer lock, waiting for
+    /// another writer to finish if there is one.
+    pub fn open(data_dir: &Path) -> anyhow::Result<StoreWriter> {
+        let layout = Layout::new(data_dir);
+        fs::create_dir_all(layout.blobs())
+            .with_context(|| format!("creating the store at {}", layout.root().display()))?;
+        let lock_path = layout.writer_lock();
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening the writer lock {}", lock_path.display()))?;
+        if lock.try_lock().is_err() {
+            eprintln!(
+                "waiting for another writer of {} to finish",
+                layout.root().display()
+            );
+            lock.lock()
+                .with_context(|| format!("locking {}", lock_path.display()))?;
+        }
+        Ok(StoreWriter {
+            layout,
+            _lock: lock,
+        })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Whether a blob with this digest is present and its content matches. A blob whose content
+    /// does not match (bit rot, tampering) is removed so that it is written again. A blob that
+    /// is unchanged since an earlier run hashed it (same [`FileStamp`]) is not hashed again.
+    pub fn has_verified_blob(&self, digest: &Sha256, size: Option<u64>) -> anyhow::Result<bool> {
+        let path = self.layout.blob(digest);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+        };
+        let stamp = FileStamp::of(&file.metadata()?);
+        let size_ok = |len: u64| size.is_none_or(|s| s == len);
+        if size_ok(stamp.size()) && self.recorded_stamp(digest) == Some(stamp) {
+            return Ok(true);
+        }
+        let (actual, len) =
+            sha256_reader(file).with_context(|| format!("hashing {}", path.display()))?;
+        if actual == *digest && size_ok(len) {
+            self.record_stamp(digest, &stamp)?;
+            return Ok(true);
+        }
+        let _ = fs::remove_file(self.layout.verified_stamp(digest));
+        eprintln!(
+            "removing corrupt blob {}: content hashes to {actual} ({len} bytes)",
+            path.display()
+        );
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        Ok(false)
+    }
+
+    /// A temp file beside the blobs, to fill and then hand to [`StoreWriter::commit_blob`].
+    pub fn temp_blob(&self) -> anyhow::Result<tempfile::NamedTempFile> {
+        tempfile::Builder::new()
+            .prefix(".partial-")
+            .tempfile_in(self.layout.blobs())
+            .with_context(|| format!("creating a temp file in {}", self.layout.blobs().display()))
+    }
+
+    /// Makes a filled temp file the blob `expected`, after checking that it is exactly that
+    /// content. Returns the blob's path. On any mismatch the temp file is deleted and nothing
+    /// becomes visible. This reads the file back; a writer that hashed while writing uses
+    /// [`StoreWriter::commit_verified_blob`] instead.
+    #[allow(dead_code)] // For writers that cannot hash as they write; downloads do.
+    pub fn commit_blob(
+        &self,
+        temp: tempfile::NamedTempFile,
+        expected: &Sha256,
+        expected_size: Option<u64>,
+        what: &str,
+    ) -> anyhow::Result<PathBuf> {
+        let (actual, size) = sha256_reader(File::open(temp.path())?)
+            .with_context(|| format!("hashing {}", temp.path().display()))?;
+        self.commit_verified_blob(temp, expected, expected_size, &actual, size, what)
+    }
+
+    /// Like [`StoreWriter::commit_blob`], for content the caller hashed while writing it (a
+    /// download hashes as it streams): `actual` and `size` describe what was written, so the
+    /// temp file is not read a second time. Syncs, checks against `expected` and
+    /// `expected_size`, and only then renames into place.
+    pub fn commit_verified_blob(
+        &self,
+        temp: tempfile::NamedTempFile,
+        expected: &Sha256,
+        expected_size: Option<u64>,
+        actual: &Sha256,
+        size: u64,
+        what: &str,
+    ) -> anyhow::Result<PathBuf> {
+        temp.as_file()
+            .sync_all()
+            .context("syncing a downloaded blob")?;
+        if let Some(expected_size) = expected_size
+            && size != expected_size
+        {
+            bail!("{what}: expected {expected_size} bytes, got {size}; nothing was stored");
+        }
+        if actual != expected {
+            bail!("{what}: expected sha256 {expected}, got {actual}; nothing was stored");
+        }
+        self.publish(temp, expected)
+    }
+
+    /// Stores bytes whose digest the caller has not pinned (a freshly built initrd). Returns
+    /// its digest, size and path.
+    pub fn put_bytes(&self, bytes: &[u8]) -> anyhow::Result<(Sha256, u64, PathBuf)> {
+        let digest = system::hash::sha256_bytes(bytes);
+        let path = self.layout.blob(&digest);
+        if path.exists() && self.has_verified_blob(&digest, Some(bytes.len() as u64))? {
+            return Ok((digest, bytes.len() as u64, path));
+        }
+        let mut temp = self.temp_blob()?;
+        temp.write_all(bytes).context("writing a blob")?;
+        temp.as_file().sync_all().context("syncing a blob")?;
+        let path = self.publish(temp, &digest)?;
+        Ok((digest, bytes.len() as u64, path))
+    }
+
+    fn publish(&self, temp: tempfile::NamedTempFile, digest: &Sha256) -> anyhow::Result<PathBuf> {
+        let path = self.layout.blob(digest);
+        fs::set_permissions(temp.path(), fs::Permissions::from_mode(0o444))?;
+        temp.persist(&path)
+            .with_context(|| format!("moving a verified blob to {}", path.display()))?;
+        sync_dir(&self.layout.blobs())?;
+        // Its content was just checked: record that, so the next run need not hash it again.
+        self.record_stamp(digest, &FileStamp::of(&fs::metadata(&path)?))?;
+        Ok(path)
+    }
+
+    fn recorded_stamp(&self, digest: &Sha256) -> Option<FileStamp> {
+        let text = fs::read_to_string(self.layout.verified_stamp(digest)).ok()?;
+        FileStamp::parse(&text)
+    }
+
+    /// Written after the hash: a crash in between only costs a re-hash on the next run.
+    fn record_stamp(&self, digest: &Sha256, stamp: &FileStamp) -> anyhow::Result<()> {
+        let path = self.layout.verified_stamp(digest);
+        let dir = path.parent().context("a stamp has a parent directory")?;
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut temp = tempfile::NamedTempFile::new_in(dir)?;
+        temp.write_all(stamp.to_line().as_bytes())?;
+        temp.persist(&path)
+            .with_context(|| format!("recording {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Points the named link `link` (e.g. `kernel/<v>/<arch>/vmlinux`) at the blob `digest`,
+    /// atomically: a reader sees the old target or the new one, never no link.
+    pub fn link(&self, link: &Path, digest: &Sha256) -> anyhow::Result<()> {
+        let dir = link
+            .parent()
+            .context("a named link has a parent directory")?;
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let target = Layout::link_target(digest);
+        if fs::read_link(link).is_ok_and(|current| current == target) {
+            return Ok(());
+        }
+        let temp = dir.join(format!(".link-{}", std::process::id()));
+        let _ = fs::remove_file(&temp);
+        symlink(&target, &temp).with_context(|| format!("creating {}", temp.display()))?;
+        fs::rename(&temp, link).with_context(|| format!("replacing {}", link.display()))?;
+        sync_dir(dir)
+    }
+}
+
+/// A store in a fresh temp dir, for tests; the dir lives as long as the returned guard.
+#[cfg(test)]
+pub fn temp_store() -> (tempfile::TempDir, StoreWriter) {
+    let dir = tempfile::tempdir().expect("creating a temp dir");
+    let store = StoreWriter::open(dir.path()).expect("opening a store in a temp dir");
+    (dir, store)
+}
+
+/// Replaces `path` with `bytes` atomically (temp file in the same directory, fsync, rename,
+/// fsync the directory): a reader or a crash sees the old content or the new, never half.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut temp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
+    temp.write_all(bytes)
+        .and_then(|()| temp.as_file().sync_all())
+        .with_context(|| format!("writing {}", temp.path().display()))?;
+    temp.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    sync_dir(dir)
+}
+
+/// Makes a rename or a new entry in `dir` durable.
+pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing directory {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrong_blob_never_becomes_visible() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreWriter::open(dir.path()).unwrap();
+        let mut temp = store.temp_blob().unwrap();
+        temp.write_all(b"not what was promised").unwrap();
+        let promised = system::hash::sha256_bytes(b"what was promised");
+        let err = store
+            .commit_blob(temp, &promised, None, "kernel x")
+            .unwrap_err();
+        assert!(err.to_string().contains(&promised.hex()), "{err}");
+        let left: Vec<_> = fs::read_dir(store.layout().blobs()).unwrap().collect();
+        assert!(left.is_empty(), "blobs dir should be empty: {left:?}");
+    }
+
+    #[test]
+    fn put_then_link_resolves_through_the_system_crate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreWriter::open(dir.path()).unwrap();
+        let (digest, size, path) = store.put_bytes(b"initrd bytes").unwrap();
+        assert_eq!(size, 12);
+        assert_eq!(fs::read(&path).unwrap(), b"initrd bytes");
+        let link = store.layout().initrd_link("v1", system::Arch::X86_64);
+        store.link(&link, &digest).unwrap();
+        assert_eq!(
+            fs::canonicalize(&link).unwrap(),
+            fs::canonicalize(&path).unwrap()
+        );
+        // Relinking to the same blob is a no-op; to another blob replaces the link.
+        store.link(&link, &digest).unwrap();
+        let (other, _, other_path) = store.put_bytes(b"other").unwrap();
+        store.link(&link, &other).unwrap();
+        assert_eq!(
+            fs::canonicalize(&link).unwrap(),
+            fs::canonicalize(other_path).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_corrupt_blob_is_removed_and_reported_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreWriter::open(dir.path()).unwrap();
+        let (digest, _, path) = store.put_bytes(b"good").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&path, b"evil").unwrap();
+        assert!(!store.has_verified_blob(&digest, None).unwrap());
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_blob_hashed_by_an_earlier_run_is_not_hashed_again_while_unchanged() {
+        let (_dir, store) = temp_store();
+        let (digest, size, path) = store.put_bytes(b"kernel").unwrap();
+        let stamp = store.layout().verified_stamp(&digest);
+        assert!(stamp.exists(), "publishing records the verification");
+
+        // Proof that the record is what decides: a blob rewritten to wrong content, with its
+        // record forged to the new stamp, is trusted without hashing.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&path, b"KERNEL").unwrap();
+        let forged = FileStamp::of(&fs::metadata(&path).unwrap());
+        fs::write(&stamp, forged.to_line()).unwrap();
+        assert!(store.has_verified_blob(&digest, Some(size)).unwrap());
+
+        // Without a matching record the content is hashed, found wrong and removed.
+        fs::write(&stamp, "0 0 0 0 0 0 0").unwrap();
+        assert!(!store.has_verified_blob(&digest, Some(size)).unwrap());
+        assert!(!path.exists() && !stamp.exists());
+    }
+}
