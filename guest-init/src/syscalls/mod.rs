@@ -1,16 +1,37 @@
 //! The seam between boot phases and the kernel.
 //!
-//! Every mount, module load, root switch and device probe the phases make goes through
-//! [`Syscalls`]. Production uses [`Linux`]; unit tests use [`fake::Recorder`], which records the
-//! calls so the order and flags of a sequence are checked without root.
+//! Three narrow traits, so each phase names what it touches:
+//! - [`Syscalls`]: mounts, root switch, module loads, hostname, files, sync;
+//! - [`Process`]: signal mask and `sigtimedwait`, `kill`, `waitpid`, spawning a child (or
+//!   exec in place) with the steps it runs between fork and exec (session, console,
+//!   credentials);
+//! - [`Machine`]: reboot/power off, input device events, network interface flags.
+//!
+//! Both [`Syscalls`] and [`Process`] read time through [`Clock`], so bounded waits are tested
+//! on a fake clock. [`Kernel`] is all of them, for `main` and the shutdown path. Production
+//! uses [`Linux`]; unit tests use [`fake::Recorder`], which records every call, injects typed
+//! failures and simulates children and pending signals, so the phases run without root or VM.
 
-use std::io;
-use std::path::Path;
-use std::time::{Duration, Instant};
+#[cfg(test)]
+pub mod fake;
+mod linux;
 
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use guest_protocol::AppExit;
+pub use linux::Linux;
 pub use rustix::mount::MountFlags;
 
-pub trait Syscalls {
+/// Monotonic time, for bounded waits.
+pub trait Clock {
+    fn now(&self) -> Duration;
+    fn sleep(&self, duration: Duration);
+}
+
+pub trait Syscalls: Clock {
     fn mount(
         &self,
         source: &str,
@@ -23,6 +44,8 @@ pub trait Syscalls {
     fn mount_move(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// `mount --make-rprivate`: nothing propagates out of the moves that follow.
     fn make_rprivate(&self, target: &Path) -> io::Result<()>;
+    /// `mount -o remount` with new flags (e.g. `/` read-only before power off).
+    fn remount(&self, target: &Path, flags: MountFlags) -> io::Result<()>;
     fn unmount(&self, target: &Path) -> io::Result<()>;
     fn mkdir_all(&self, path: &Path) -> io::Result<()>;
     fn chdir(&self, path: &Path) -> io::Result<()>;
@@ -31,266 +54,116 @@ pub trait Syscalls {
     fn finit_module(&self, path: &Path) -> io::Result<()>;
     fn sethostname(&self, name: &str) -> io::Result<()>;
     fn exists(&self, path: &Path) -> bool;
-    /// Monotonic clock, for bounded waits.
-    fn now(&self) -> Duration;
-    fn sleep(&self, duration: Duration);
+    fn read_to_string(&self, path: &Path) -> io::Result<String>;
+    /// Write every dirty buffer to disk.
+    fn sync(&self);
 }
 
-/// The real kernel, through rustix (raw syscalls, no C).
-pub struct Linux {
-    epoch: Instant,
+/// A signal taken from the pending set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    pub signal: i32,
+    /// Sent by the kernel itself (`si_code == SI_KERNEL`), e.g. Ctrl-Alt-Del's SIGINT.
+    pub from_kernel: bool,
 }
 
-impl Linux {
-    pub fn new() -> Self {
-        Linux {
-            epoch: Instant::now(),
+/// Whether `waitpid` may block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitMode {
+    Block,
+    NoHang,
+}
+
+/// A child that `waitpid` collected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reaped {
+    pub pid: i32,
+    /// `None` for a status that is neither an exit nor a kill (stopped, continued).
+    pub exit: Option<AppExit>,
+}
+
+/// What the child does between fork and exec, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChildStep {
+    /// An empty signal mask: PID 1's blocked signals would survive exec and make the child
+    /// deaf to SIGTERM.
+    UnblockSignals,
+    /// `setsid`: a session of its own.
+    NewSession,
+    /// `TIOCSCTTY` on stdin: job control and Ctrl-C. A failure is ignored (not every
+    /// console is a terminal).
+    ControllingTerminal,
+    SetGroups(Vec<u32>),
+    SetGid(u32),
+    SetUid(u32),
+}
+
+/// A program to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spawn {
+    pub program: PathBuf,
+    /// Passed as is: argv[0] need not be the program's path.
+    pub argv: Vec<String>,
+    /// `None`: guest-init's own environment.
+    pub env: Option<BTreeMap<String, String>>,
+    /// `None`: guest-init's working directory.
+    pub workdir: Option<PathBuf>,
+    /// stdin, stdout and stderr on `/dev/console` (otherwise inherited).
+    pub console: bool,
+    pub in_child: Vec<ChildStep>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("opening /dev/console: {0}")]
+    Console(io::Error),
+    /// fork, a child step or exec failed.
+    #[error(transparent)]
+    Start(io::Error),
+}
+
+impl SpawnError {
+    pub fn into_io(self) -> io::Error {
+        match self {
+            SpawnError::Console(err) | SpawnError::Start(err) => err,
         }
-    }
-}
-
-impl Syscalls for Linux {
-    fn mount(
-        &self,
-        source: &str,
-        target: &Path,
-        fstype: &str,
-        flags: MountFlags,
-        data: &str,
-    ) -> io::Result<()> {
-        let data = std::ffi::CString::new(data)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in mount options"))?;
-        let data = (!data.is_empty()).then_some(data.as_c_str());
-        rustix::mount::mount(source, target, fstype, flags, data)?;
-        Ok(())
-    }
-
-    fn mount_move(&self, from: &Path, to: &Path) -> io::Result<()> {
-        rustix::mount::mount_move(from, to)?;
-        Ok(())
-    }
-
-    fn make_rprivate(&self, target: &Path) -> io::Result<()> {
-        rustix::mount::mount_change(
-            target,
-            rustix::mount::MountPropagationFlags::PRIVATE
-                | rustix::mount::MountPropagationFlags::REC,
-        )?;
-        Ok(())
-    }
-
-    fn unmount(&self, target: &Path) -> io::Result<()> {
-        rustix::mount::unmount(target, rustix::mount::UnmountFlags::empty())?;
-        Ok(())
-    }
-
-    fn mkdir_all(&self, path: &Path) -> io::Result<()> {
-        std::fs::create_dir_all(path)
-    }
-
-    fn chdir(&self, path: &Path) -> io::Result<()> {
-        rustix::process::chdir(path)?;
-        Ok(())
-    }
-
-    fn chroot(&self, path: &Path) -> io::Result<()> {
-        rustix::process::chroot(path)?;
-        Ok(())
-    }
-
-    fn finit_module(&self, path: &Path) -> io::Result<()> {
-        let file = std::fs::File::open(path)?;
-        rustix::system::finit_module(&file, c"", 0)?;
-        Ok(())
-    }
-
-    fn sethostname(&self, name: &str) -> io::Result<()> {
-        rustix::system::sethostname(name.as_bytes())?;
-        Ok(())
-    }
-
-    fn exists(&self, path: &Path) -> bool {
-        path.exists()
-    }
-
-    fn now(&self) -> Duration {
-        self.epoch.elapsed()
-    }
-
-    fn sleep(&self, duration: Duration) {
-        std::thread::sleep(duration);
     }
 }
 
-#[cfg(test)]
-pub mod fake {
-    //! A recording double: every call is appended to `calls`; paths in `existing` exist;
-    //! `failures` makes a call fail with an errno; `sleep` advances a fake clock.
-
-    use super::*;
-    use std::cell::{Cell, RefCell};
-    use std::collections::{HashMap, HashSet};
-    use std::path::PathBuf;
-
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub enum Call {
-        Mount {
-            source: String,
-            target: PathBuf,
-            fstype: String,
-            flags: MountFlags,
-            data: String,
-        },
-        MountMove {
-            from: PathBuf,
-            to: PathBuf,
-        },
-        MakeRprivate(PathBuf),
-        Unmount(PathBuf),
-        MkdirAll(PathBuf),
-        Chdir(PathBuf),
-        Chroot(PathBuf),
-        FinitModule(PathBuf),
-        Sethostname(String),
-    }
-
-    #[derive(Default)]
-    pub struct Recorder {
-        pub calls: RefCell<Vec<Call>>,
-        pub existing: RefCell<HashSet<PathBuf>>,
-        /// Key: a call's target (mount target, module path, ...); value: errno to fail with.
-        /// For mounts the key is `"<target>:<fstype>"` so one filesystem type can fail.
-        pub failures: RefCell<HashMap<String, i32>>,
-        pub clock: Cell<Duration>,
-        /// Paths that appear once the fake clock reaches the given time.
-        pub appears_at: RefCell<Vec<(PathBuf, Duration)>>,
-    }
-
-    impl Recorder {
-        pub fn with_existing(paths: &[&str]) -> Self {
-            let recorder = Recorder::default();
-            for path in paths {
-                recorder.existing.borrow_mut().insert(PathBuf::from(path));
-            }
-            recorder
-        }
-
-        pub fn fail(&self, key: &str, errno: i32) {
-            self.failures.borrow_mut().insert(key.to_owned(), errno);
-        }
-
-        pub fn calls(&self) -> Vec<Call> {
-            self.calls.borrow().clone()
-        }
-
-        pub fn mounts(&self) -> Vec<(String, String, String, MountFlags, String)> {
-            self.calls()
-                .into_iter()
-                .filter_map(|call| match call {
-                    Call::Mount {
-                        source,
-                        target,
-                        fstype,
-                        flags,
-                        data,
-                    } => Some((source, target.display().to_string(), fstype, flags, data)),
-                    _ => None,
-                })
-                .collect()
-        }
-
-        fn check(&self, key: &str) -> io::Result<()> {
-            match self.failures.borrow().get(key) {
-                Some(errno) => Err(io::Error::from_raw_os_error(*errno)),
-                None => Ok(()),
-            }
-        }
-
-        fn record(&self, call: Call) {
-            self.calls.borrow_mut().push(call);
-        }
-    }
-
-    impl Syscalls for Recorder {
-        fn mount(
-            &self,
-            source: &str,
-            target: &Path,
-            fstype: &str,
-            flags: MountFlags,
-            data: &str,
-        ) -> io::Result<()> {
-            self.record(Call::Mount {
-                source: source.to_owned(),
-                target: target.to_owned(),
-                fstype: fstype.to_owned(),
-                flags,
-                data: data.to_owned(),
-            });
-            self.check(&format!("{}:{fstype}", target.display()))
-        }
-
-        fn mount_move(&self, from: &Path, to: &Path) -> io::Result<()> {
-            self.record(Call::MountMove {
-                from: from.to_owned(),
-                to: to.to_owned(),
-            });
-            self.check(&from.display().to_string())
-        }
-
-        fn make_rprivate(&self, target: &Path) -> io::Result<()> {
-            self.record(Call::MakeRprivate(target.to_owned()));
-            Ok(())
-        }
-
-        fn unmount(&self, target: &Path) -> io::Result<()> {
-            self.record(Call::Unmount(target.to_owned()));
-            Ok(())
-        }
-
-        fn mkdir_all(&self, path: &Path) -> io::Result<()> {
-            self.record(Call::MkdirAll(path.to_owned()));
-            self.existing.borrow_mut().insert(path.to_owned());
-            Ok(())
-        }
-
-        fn chdir(&self, path: &Path) -> io::Result<()> {
-            self.record(Call::Chdir(path.to_owned()));
-            Ok(())
-        }
-
-        fn chroot(&self, path: &Path) -> io::Result<()> {
-            self.record(Call::Chroot(path.to_owned()));
-            Ok(())
-        }
-
-        fn finit_module(&self, path: &Path) -> io::Result<()> {
-            self.record(Call::FinitModule(path.to_owned()));
-            self.check(&path.display().to_string())
-        }
-
-        fn sethostname(&self, name: &str) -> io::Result<()> {
-            self.record(Call::Sethostname(name.to_owned()));
-            Ok(())
-        }
-
-        fn exists(&self, path: &Path) -> bool {
-            if self.existing.borrow().contains(path) {
-                return true;
-            }
-            let now = self.clock.get();
-            self.appears_at
-                .borrow()
-                .iter()
-                .any(|(appearing, at)| appearing == path && *at <= now)
-        }
-
-        fn now(&self) -> Duration {
-            self.clock.get()
-        }
-
-        fn sleep(&self, duration: Duration) {
-            self.clock.set(self.clock.get() + duration);
-        }
-    }
+pub trait Process: Clock {
+    /// Add `signals` to this thread's blocked set (threads started later inherit it).
+    fn block_signals(&self, signals: &[i32]) -> io::Result<()>;
+    /// Take one pending signal of `signals`, waiting at most `timeout` (`None`: forever).
+    /// `EAGAIN`: the timeout passed; `EINTR`: interrupted.
+    fn wait_signal(&self, signals: &[i32], timeout: Option<Duration>) -> io::Result<Received>;
+    fn kill(&self, pid: i32, signal: i32) -> io::Result<()>;
+    /// `waitpid(-1)`. `Ok(None)`: [`WaitMode::NoHang`] and no child has exited yet;
+    /// `ECHILD`: no child left.
+    fn wait_child(&self, mode: WaitMode) -> io::Result<Option<Reaped>>;
+    /// Fork, run [`Spawn::in_child`], exec. Returns the child's pid.
+    fn spawn(&self, spawn: &Spawn) -> Result<i32, SpawnError>;
+    /// Run [`Spawn::in_child`] and exec in place of this process. Returns only on failure.
+    fn exec(&self, spawn: &Spawn) -> SpawnError;
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Power {
+    /// Ctrl-Alt-Del sends SIGINT to PID 1 instead of rebooting at once.
+    CtrlAltDelOff,
+    PowerOff,
+}
+
+pub trait Machine {
+    fn reboot(&self, command: Power) -> io::Result<()>;
+    /// The event stream of an input device (`/dev/input/eventN`).
+    fn open_input(&self, device: &Path) -> io::Result<Box<dyn Read + Send>>;
+    /// `SIOCGIFFLAGS` of a network interface.
+    fn interface_flags(&self, name: &str) -> io::Result<i16>;
+    /// `SIOCSIFFLAGS` of a network interface.
+    fn set_interface_flags(&self, name: &str, flags: i16) -> io::Result<()>;
+}
+
+/// Everything PID 1 asks of the kernel.
+pub trait Kernel: Syscalls + Process + Machine {}
+
+impl<T: Syscalls + Process + Machine + ?Sized> Kernel for T {}

@@ -236,8 +236,16 @@ enum Attempt {
     Fatal(FetchError),
 }
 
+/// Makes ring rustls' process-wide crypto provider (reqwest is built without one, so no C is
+/// compiled for aws-lc). Idempotent.
+pub fn use_ring_for_tls() {
+    // An error only says a provider is installed already, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 impl Fetcher {
     pub fn new(options: Options, mirrors: Mirrors) -> anyhow::Result<Fetcher> {
+        use_ring_for_tls();
         // Proxies from the environment and up to 10 redirects are reqwest's defaults: keep them.
         let client = reqwest::blocking::Client::builder()
             .connect_timeout(options.connect_timeout)

@@ -146,6 +146,7 @@ impl Registry {
             }
             attempt.follow()
         });
+        crate::fetch::use_ring_for_tls();
         let http = Client::builder()
             .connect_timeout(options.connect_timeout)
             .timeout(options.read_timeout)
