@@ -1,5 +1,15 @@
 //! guest-init: PID 1 of every microVM. `main` only orders the boot phases; each phase lives in
-//! its own module and makes its syscalls through [`syscalls::Syscalls`].
+//! its own module.
+//!
+//! The phases reach the kernel through the traits in [`syscalls`]: mounts, root switch, module
+//! loads and hostname through `Syscalls`; signals, children (spawn, exec, credentials, wait)
+//! through `Process`; power off, Ctrl-Alt-Del, the power button's events and the loopback
+//! flags through `Machine`. Unit tests replay them on `syscalls::fake::Recorder`. What still
+//! touches the system directly, and is covered only by the VM tests or by tests on temporary
+//! directories: this file's reads of `/proc/cmdline`, the module load order and `config.json`
+//! and its write of `printk_devkmsg`; the logger's `/dev/console` and `/dev/kmsg`; the PATH
+//! lookup in `command` (tested on fixture trees); the sysfs scan for power keys in `shutdown`
+//! (tested on a fixture tree).
 
 mod command;
 mod config;
@@ -25,7 +35,7 @@ use error::{AppExit, ExitLine, ExitReason, Fatal};
 use guest_protocol::cmdline::{self, BootOptions};
 use guest_protocol::{Config, InitMode};
 use logger::Timings;
-use syscalls::{Linux, MountFlags, Syscalls};
+use syscalls::{ChildStep, Kernel, Linux, MountFlags, Spawn, Syscalls};
 
 /// Where the config disk is mounted (read-only) while config.json is read.
 const CONFIG_MOUNT: &str = "/.guest-init/config";
@@ -43,27 +53,29 @@ fn main() {
         eprintln!("guest-init: must run as PID 1 inside a microVM; refusing to mount anything");
         std::process::exit(1);
     }
-    install_panic_hook();
-    let sys = Linux::new();
-    match boot(&sys) {
+    // PID 1 never returns from main: the seam lives as long as the watcher threads and the
+    // panic hook that use it.
+    let sys: &'static Linux = Box::leak(Box::new(Linux::new()));
+    install_panic_hook(sys);
+    match boot(sys) {
         Ok(exit) => {
             write_exit_line(ExitLine::from(exit));
-            shutdown::power_off();
+            shutdown::power_off(sys);
         }
-        Err(fatal) => fail(fatal),
+        Err(fatal) => fail(sys, fatal),
     }
 }
 
 /// The boot phases, in order. Returns when the application exited.
-fn boot(sys: &dyn Syscalls) -> Result<AppExit, Fatal> {
+fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
     let mut timings = Timings::default();
 
     mount::mount_early(sys).map_err(|e| Fatal::new("mount", ExitReason::Mount, e))?;
     // Userspace lines to /dev/kmsg are rate limited by default; ours are few and wanted.
     let _ = std::fs::write("/proc/sys/kernel/printk_devkmsg", "on\n");
     logger::attach_console();
-    shutdown::disable_ctrl_alt_del();
-    reaper::block_signals().map_err(|e| Fatal::new("signals", ExitReason::Internal, e))?;
+    shutdown::disable_ctrl_alt_del(sys);
+    reaper::block_signals(sys).map_err(|e| Fatal::new("signals", ExitReason::Internal, e))?;
     timings.mark("mounts");
     info!("mount", "early mounts done");
 
@@ -74,8 +86,8 @@ fn boot(sys: &dyn Syscalls) -> Result<AppExit, Fatal> {
     timings.mark("modules");
     // Right after the button/evdev drivers load: a press before the device is open is lost.
     // A press during boot stays pending as SIGPWR and is honoured once the app runs.
-    let watched = shutdown::watch_power_button();
-    if watched.is_empty() {
+    let watchers = shutdown::watch_power_button(sys, Path::new(shutdown::SYS_CLASS_INPUT));
+    if watchers.devices.is_empty() {
         info!(
             "shutdown",
             "no input device sends KEY_POWER (button/evdev modules?): a power-button shutdown will not be graceful"
@@ -117,7 +129,7 @@ fn boot(sys: &dyn Syscalls) -> Result<AppExit, Fatal> {
         .map_err(|e| Fatal::new("root", ExitReason::Rootfs, e))?;
     timings.mark("root");
 
-    if let Err(err) = network::loopback_up() {
+    if let Err(err) = network::loopback_up(sys) {
         info!("network", "{err} (continuing without loopback)");
     }
     if let Some(hostname) = &config.hostname {
@@ -134,11 +146,11 @@ fn boot(sys: &dyn Syscalls) -> Result<AppExit, Fatal> {
         InitMode::Systemd => {
             timings.mark("exec");
             info!("timings", "{}", timings.line());
-            Err(mode_systemd::hand_over(&config))
+            Err(mode_systemd::hand_over(sys, &config))
         }
         InitMode::Exec => {
-            let launch = mode_exec::prepare(&config)?;
-            let app = mode_exec::spawn(&launch)?;
+            let launch = mode_exec::prepare(sys, &config)?;
+            let app = mode_exec::spawn(sys, &launch)?;
             timings.mark("exec");
             info!(
                 "exec",
@@ -149,7 +161,7 @@ fn boot(sys: &dyn Syscalls) -> Result<AppExit, Fatal> {
                 launch.workdir.display()
             );
             info!("timings", "{}", timings.line());
-            let exit = mode_exec::supervise(app, config.shutdown_grace);
+            let exit = mode_exec::supervise(sys, app, config.shutdown_grace);
             info!("exec", "application exited: {exit:?}");
             Ok(exit)
         }
@@ -245,7 +257,7 @@ fn write_exit_line(line: ExitLine) {
 
 /// Log the failure with its cause chain, print the exit line, optionally a debug shell,
 /// then power off. Never returns: PID 1 exiting panics the kernel.
-fn fail(fatal: Fatal) -> ! {
+fn fail(sys: &dyn Kernel, fatal: Fatal) -> ! {
     let mut message = fatal.source.to_string();
     let mut cause = fatal.source.source();
     while let Some(inner) = cause {
@@ -254,54 +266,45 @@ fn fail(fatal: Fatal) -> ! {
     }
     info!(fatal.phase, "FATAL ({}): {message}", fatal.class);
     write_exit_line(fatal.exit_line());
-    debug_shell_then_power_off()
+    debug_shell_then_power_off(sys)
 }
 
-fn debug_shell_then_power_off() -> ! {
+fn debug_shell_then_power_off(sys: &dyn Kernel) -> ! {
     if DEBUG_SHELL.load(Ordering::SeqCst) {
         info!(
             "debug",
             "starting /bin/sh on the console; exit it to power off"
         );
-        let shell = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/console")
-            .and_then(|console| {
-                let mut cmd = std::process::Command::new("/bin/sh");
-                cmd.stdin(console.try_clone()?)
-                    .stdout(console.try_clone()?)
-                    .stderr(console);
-                // SAFETY: only raw syscalls between fork and exec.
-                unsafe {
-                    use std::os::unix::process::CommandExt;
-                    cmd.pre_exec(|| {
-                        reaper::unblock_in_child()?;
-                        rustix::process::setsid()?;
-                        let _ = rustix::process::ioctl_tiocsctty(rustix::stdio::stdin());
-                        Ok(())
-                    });
-                }
-                cmd.spawn()
-            });
-        match shell {
-            Ok(child) => {
-                reaper::wait_for(child.id() as i32);
+        let shell = Spawn {
+            program: PathBuf::from("/bin/sh"),
+            argv: vec!["/bin/sh".to_owned()],
+            env: None,
+            workdir: None,
+            console: true,
+            in_child: vec![
+                ChildStep::UnblockSignals,
+                ChildStep::NewSession,
+                ChildStep::ControllingTerminal,
+            ],
+        };
+        match sys.spawn(&shell) {
+            Ok(pid) => {
+                reaper::wait_for(sys, pid);
             }
-            Err(err) => info!("debug", "cannot start /bin/sh: {err}"),
+            Err(err) => info!("debug", "cannot start /bin/sh: {}", err.into_io()),
         }
     }
-    shutdown::power_off()
+    shutdown::power_off(sys)
 }
 
 /// A panic is a fatal error like any other: log it, exit line, power off.
-fn install_panic_hook() {
-    std::panic::set_hook(Box::new(|panic| {
+fn install_panic_hook(sys: &'static Linux) {
+    std::panic::set_hook(Box::new(move |panic| {
         info!("panic", "FATAL (internal): {panic}");
         if let Some(line) = ExitLine::failure(ExitReason::Panic) {
             write_exit_line(line);
         }
-        debug_shell_then_power_off();
+        debug_shell_then_power_off(sys);
     }));
 }
 

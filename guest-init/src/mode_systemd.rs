@@ -1,17 +1,17 @@
 //! Systemd mode: after the root switch, PID 1 becomes the image's init (exec, same PID).
 
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Command;
+
+use guest_protocol::Config;
 
 use crate::command;
 use crate::error::{ExitReason, Fatal};
-use guest_protocol::Config;
+use crate::syscalls::{ChildStep, Process, Spawn};
 
 const PHASE: &str = "systemd";
 
 /// Replace guest-init with the image's init. Returns only on failure.
-pub fn hand_over(config: &Config) -> Fatal {
+pub fn hand_over(sys: &dyn Process, config: &Config) -> Fatal {
     let mut argv = config.argv();
     if argv.is_empty() {
         argv.push("/sbin/init".to_owned());
@@ -26,13 +26,16 @@ pub fn hand_over(config: &Config) -> Fatal {
         Err(err) => return Fatal::new(PHASE, ExitReason::Entrypoint, err),
     };
     crate::info!(PHASE, "handing PID 1 to {}", program.display());
-    let mut cmd = Command::new(&program);
-    cmd.arg0(&argv[0]).args(&argv[1..]).env_clear().envs(&env);
-    // SAFETY: one raw syscall before exec; init must not start with our blocked signals.
-    unsafe {
-        cmd.pre_exec(crate::reaper::unblock_in_child);
-    }
-    let err = cmd.exec();
+    let init = Spawn {
+        program: program.clone(),
+        argv,
+        env: Some(env),
+        workdir: None,
+        console: false,
+        // Init must not start with our blocked signals.
+        in_child: vec![ChildStep::UnblockSignals],
+    };
+    let err = sys.exec(&init).into_io();
     Fatal::new(
         PHASE,
         ExitReason::Spawn,

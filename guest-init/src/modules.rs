@@ -85,7 +85,11 @@ pub fn load_all(sys: &dyn Syscalls, modules: &[PathBuf]) -> Result<Vec<Outcome>,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::syscalls::fake::{Call, Recorder};
+    use crate::syscalls::fake::{Call, Op, Recorder};
+
+    fn finit(path: &str) -> Op {
+        Op::FinitModule { path: path.into() }
+    }
 
     #[test]
     fn parses_comments_blanks_and_relative_paths() {
@@ -119,8 +123,8 @@ mod tests {
     #[test]
     fn loads_in_order_and_tolerates_already_loaded_and_no_device() {
         let sys = Recorder::default();
-        sys.fail("/b.ko", rustix::io::Errno::EXIST.raw_os_error());
-        sys.fail("/c.ko", rustix::io::Errno::NODEV.raw_os_error());
+        sys.fail(finit("/b.ko"), rustix::io::Errno::EXIST.raw_os_error());
+        sys.fail(finit("/c.ko"), rustix::io::Errno::NODEV.raw_os_error());
         let modules = [
             PathBuf::from("/a.ko"),
             PathBuf::from("/b.ko"),
@@ -144,7 +148,7 @@ mod tests {
     #[test]
     fn other_errors_stop_with_the_module_named() {
         let sys = Recorder::default();
-        sys.fail("/a.ko", rustix::io::Errno::NOEXEC.raw_os_error());
+        sys.fail(finit("/a.ko"), rustix::io::Errno::NOEXEC.raw_os_error());
         let err = load_all(&sys, &[PathBuf::from("/a.ko"), PathBuf::from("/b.ko")]).unwrap_err();
         assert!(err.to_string().starts_with("loading kernel module /a.ko: "));
         assert_eq!(sys.calls().len(), 1);

@@ -173,7 +173,8 @@ pub fn mount_device(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::syscalls::fake::{Call, Recorder};
+    use crate::syscalls::Clock;
+    use crate::syscalls::fake::{Call, Op, Recorder};
 
     #[test]
     fn early_mounts_in_order_with_flags() {
@@ -208,11 +209,11 @@ mod tests {
     #[test]
     fn devtmpfs_already_mounted_is_fine_other_failures_are_not() {
         let sys = Recorder::default();
-        sys.fail("/dev:devtmpfs", libc::EBUSY);
+        sys.fail(Op::mount("/dev", "devtmpfs"), libc::EBUSY);
         mount_early(&sys).unwrap();
 
         let sys = Recorder::default();
-        sys.fail("/sys:sysfs", libc::EPERM);
+        sys.fail(Op::mount("/sys", "sysfs"), libc::EPERM);
         let err = mount_early(&sys).unwrap_err();
         assert!(err.to_string().starts_with("mounting sysfs on /sys: "));
         assert_eq!(sys.mounts().len(), 2);
@@ -221,9 +222,7 @@ mod tests {
     #[test]
     fn waits_until_the_device_appears() {
         let sys = Recorder::default();
-        sys.appears_at
-            .borrow_mut()
-            .push((PathBuf::from("/dev/vda"), Duration::from_millis(42)));
+        sys.appear_at("/dev/vda", Duration::from_millis(42));
         let waited = wait_for_device(&sys, Path::new("/dev/vda"), Duration::from_secs(10)).unwrap();
         assert!(waited >= Duration::from_millis(42) && waited < Duration::from_millis(50));
     }
@@ -243,7 +242,7 @@ mod tests {
     #[test]
     fn mount_device_tries_types_in_turn() {
         let sys = Recorder::default();
-        sys.fail("/lower:ext4", libc::EINVAL);
+        sys.fail(Op::mount("/lower", "ext4"), libc::EINVAL);
         let fstype = mount_device(
             &sys,
             Path::new("/dev/vda"),

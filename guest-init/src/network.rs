@@ -4,6 +4,10 @@ use std::io;
 
 use guest_protocol::Config;
 
+use crate::syscalls::Machine;
+
+const LOOPBACK: &str = "lo";
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
     #[error(
@@ -27,29 +31,13 @@ pub fn check_supported(config: &Config) -> Result<(), NetworkError> {
 }
 
 /// `ip link set lo up`: many programs talk to 127.0.0.1 even without a network.
-pub fn loopback_up() -> Result<(), NetworkError> {
-    // SAFETY: ifreq is plain data; the socket fd is closed on every path.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(NetworkError::Loopback(io::Error::last_os_error()));
-        }
-        let mut req: libc::ifreq = std::mem::zeroed();
-        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-            *dst = *src as libc::c_char;
-        }
-        let mut result = Ok(());
-        if libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req) < 0 {
-            result = Err(io::Error::last_os_error());
-        } else {
-            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-            if libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &req) < 0 {
-                result = Err(io::Error::last_os_error());
-            }
-        }
-        libc::close(fd);
-        result.map_err(NetworkError::Loopback)
-    }
+pub fn loopback_up(sys: &dyn Machine) -> Result<(), NetworkError> {
+    let flags = sys
+        .interface_flags(LOOPBACK)
+        .map_err(NetworkError::Loopback)?;
+    let up = (libc::IFF_UP | libc::IFF_RUNNING) as i16;
+    sys.set_interface_flags(LOOPBACK, flags | up)
+        .map_err(NetworkError::Loopback)
 }
 
 #[cfg(test)]

@@ -147,7 +147,7 @@ fn mkdir(sys: &dyn Syscalls, path: &Path) -> Result<(), RootError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::syscalls::fake::{Call, Recorder};
+    use crate::syscalls::fake::{Call, Op, Recorder};
 
     #[test]
     fn overlay_on_writable_disk() {
@@ -194,7 +194,7 @@ mod tests {
     #[test]
     fn tmpfs_upper_when_the_disk_is_absent_and_erofs_image() {
         let sys = Recorder::default();
-        sys.fail("/.guest-init/lower:ext4", libc::EINVAL);
+        sys.fail(Op::mount(LOWER, "ext4"), libc::EINVAL);
         let layout = mount_overlay_root(
             &sys,
             Path::new("/dev/vda"),
@@ -210,7 +210,7 @@ mod tests {
     #[test]
     fn overlay_failure_hints_at_the_module() {
         let sys = Recorder::default();
-        sys.fail("/.guest-init/root:overlay", libc::ENODEV);
+        sys.fail(Op::mount(NEW_ROOT, "overlay"), libc::ENODEV);
         let err = mount_overlay_root(&sys, Path::new("/dev/vda"), &Writable::Tmpfs).unwrap_err();
         assert!(err.to_string().contains("must list overlay.ko"), "{err}");
     }
@@ -244,7 +244,12 @@ mod tests {
     #[test]
     fn switch_root_failure_names_the_step() {
         let sys = Recorder::default();
-        sys.fail("/proc", libc::EINVAL);
+        sys.fail(
+            Op::MountMove {
+                from: "/proc".into(),
+            },
+            libc::EINVAL,
+        );
         let err = switch_root(&sys, Path::new(NEW_ROOT)).unwrap_err();
         assert!(
             err.to_string()

@@ -5,11 +5,19 @@
 //! driver on x86, `gpio-keys` on arm64 virt). A watcher thread per such device turns the key
 //! press into [`reaper::SHUTDOWN_SIGNAL`] for PID 1's signal loop.
 
-use std::fs::File;
-use std::io::Read;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crate::reaper;
+use crate::syscalls::{Kernel, Machine, MountFlags, Power, Syscalls};
+
+/// Where the kernel lists input devices.
+pub const SYS_CLASS_INPUT: &str = "/sys/class/input";
+
+/// How long the kill of everything may take to reap before power off.
+pub const REAP_AT_SHUTDOWN: Duration = Duration::from_secs(2);
 
 pub const EV_KEY: u16 = 1;
 pub const KEY_POWER: u16 = 116;
@@ -89,20 +97,41 @@ pub fn power_key_devices(sys_class_input: &Path) -> Vec<PathBuf> {
     devices
 }
 
-/// Start one watcher thread per power key device; returns the devices watched.
-pub fn watch_power_button() -> Vec<PathBuf> {
-    let devices = power_key_devices(Path::new("/sys/class/input"));
-    for device in &devices {
-        let device = device.clone();
-        let _ = std::thread::Builder::new()
-            .name("power-button".into())
-            .spawn(move || watch(&device));
-    }
-    devices
+/// The watched devices and their threads.
+pub struct Watchers {
+    pub devices: Vec<PathBuf>,
+    // Only tests join; in PID 1 the handles are dropped, which detaches the threads.
+    #[cfg_attr(not(test), expect(dead_code))]
+    threads: Vec<JoinHandle<()>>,
 }
 
-fn watch(device: &Path) {
-    let Ok(mut file) = File::open(device) else {
+impl Watchers {
+    /// Wait until every watcher's device went away (tests: the fake's events end).
+    #[cfg(test)]
+    pub fn join(self) {
+        for thread in self.threads {
+            thread.join().expect("watcher thread panicked");
+        }
+    }
+}
+
+/// Start one watcher thread per power key device listed under `sys_class_input`.
+pub fn watch_power_button(sys: &'static (dyn Kernel + Sync), sys_class_input: &Path) -> Watchers {
+    let devices = power_key_devices(sys_class_input);
+    let mut threads = Vec::new();
+    for device in &devices {
+        let device = device.clone();
+        let spawned = std::thread::Builder::new()
+            .name("power-button".into())
+            .spawn(move || watch(sys, &device));
+        threads.extend(spawned.ok());
+    }
+    Watchers { devices, threads }
+}
+
+/// Read `device` until it goes away; each power key press asks PID 1 to shut down.
+pub fn watch(sys: &dyn Kernel, device: &Path) {
+    let Ok(mut events) = sys.open_input(device) else {
         crate::info!(
             "shutdown",
             "cannot open {}: power button ignored",
@@ -112,7 +141,7 @@ fn watch(device: &Path) {
     };
     let mut buf = vec![0u8; INPUT_EVENT_SIZE * 16];
     loop {
-        let n = match file.read(&mut buf) {
+        let n = match events.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
@@ -122,40 +151,49 @@ fn watch(device: &Path) {
             .any(is_power_press)
         {
             crate::info!("shutdown", "power button pressed ({})", device.display());
-            reaper::send(std::process::id() as i32, reaper::SHUTDOWN_SIGNAL);
+            reaper::send(sys, reaper::INIT_PID, reaper::SHUTDOWN_SIGNAL);
         }
     }
 }
 
 /// Let Ctrl-Alt-Del send SIGINT to PID 1 instead of an immediate reboot.
-pub fn disable_ctrl_alt_del() {
-    let _ = rustix::system::reboot(rustix::system::RebootCommand::CadOff);
+pub fn disable_ctrl_alt_del(sys: &dyn Machine) {
+    let _ = sys.reboot(Power::CtrlAltDelOff);
 }
 
-/// Kill what is left, sync, unmount (best effort, reverse order) and power off. Never returns.
-pub fn power_off() -> ! {
+/// Kill what is left, sync, unmount (best effort, reverse order), power off. Returns only
+/// when the power off failed (the real one does not return on success).
+pub fn shut_down(sys: &dyn Kernel) -> io::Result<()> {
     // kill(-1) reaches every process but PID 1 itself.
-    reaper::send(-1, libc::SIGKILL);
-    reaper::reap_remaining(std::time::Duration::from_secs(2));
-    rustix::fs::sync();
-    unmount_all();
-    rustix::fs::sync();
-    let err = rustix::system::reboot(rustix::system::RebootCommand::PowerOff);
-    crate::info!("shutdown", "power off failed: {err:?}; halting here");
+    reaper::send(sys, -1, libc::SIGKILL);
+    reaper::reap_remaining(sys, REAP_AT_SHUTDOWN);
+    sys.sync();
+    unmount_all(sys);
+    sys.sync();
+    sys.reboot(Power::PowerOff)
+}
+
+/// [`shut_down`], and if the power off fails, halt here: PID 1 must never exit.
+pub fn power_off(sys: &dyn Kernel) -> ! {
+    if let Err(err) = shut_down(sys) {
+        crate::info!("shutdown", "power off failed: {err}; halting here");
+    }
     loop {
         std::thread::park();
     }
 }
 
-fn unmount_all() {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+fn unmount_all(sys: &dyn Syscalls) {
+    let mounts = sys
+        .read_to_string(Path::new("/proc/self/mounts"))
+        .unwrap_or_default();
     for target in mount_targets(&mounts).iter().rev() {
         if target != "/" {
-            let _ = rustix::mount::unmount(target.as_str(), rustix::mount::UnmountFlags::empty());
+            let _ = sys.unmount(Path::new(target));
         }
     }
     // The root itself cannot be unmounted: make it read-only so the upper disk is clean.
-    let _ = rustix::mount::mount_remount("/", rustix::mount::MountFlags::RDONLY, "");
+    let _ = sys.remount(Path::new("/"), MountFlags::RDONLY);
 }
 
 /// Mount points from /proc/self/mounts, in mount order (octal escapes decoded).

@@ -1,0 +1,378 @@
+//! The real kernel: rustix (raw syscalls) and, for the signal mask, `sigtimedwait`, `waitpid`,
+//! `kill` and the interface ioctls, libc's bindings to the musl that std already links. No C
+//! code is built.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rustix::process::{Gid, Uid};
+
+use super::{
+    AppExit, ChildStep, Clock, Machine, MountFlags, Power, Process, Reaped, Received, Spawn,
+    SpawnError, Syscalls, WaitMode,
+};
+
+/// `si_code` of signals the kernel sends itself (Ctrl-Alt-Del goes out as SI_KERNEL).
+const SI_KERNEL: i32 = 0x80;
+
+pub struct Linux {
+    epoch: Instant,
+}
+
+impl Linux {
+    pub fn new() -> Self {
+        Linux {
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Clock for Linux {
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    fn sleep(&self, duration: Duration) {
+        std::thread::sleep(duration);
+    }
+}
+
+impl Syscalls for Linux {
+    fn mount(
+        &self,
+        source: &str,
+        target: &Path,
+        fstype: &str,
+        flags: MountFlags,
+        data: &str,
+    ) -> io::Result<()> {
+        let data = std::ffi::CString::new(data)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in mount options"))?;
+        let data = (!data.is_empty()).then_some(data.as_c_str());
+        rustix::mount::mount(source, target, fstype, flags, data)?;
+        Ok(())
+    }
+
+    fn mount_move(&self, from: &Path, to: &Path) -> io::Result<()> {
+        rustix::mount::mount_move(from, to)?;
+        Ok(())
+    }
+
+    fn make_rprivate(&self, target: &Path) -> io::Result<()> {
+        rustix::mount::mount_change(
+            target,
+            rustix::mount::MountPropagationFlags::PRIVATE
+                | rustix::mount::MountPropagationFlags::REC,
+        )?;
+        Ok(())
+    }
+
+    fn remount(&self, target: &Path, flags: MountFlags) -> io::Result<()> {
+        rustix::mount::mount_remount(target, flags, "")?;
+        Ok(())
+    }
+
+    fn unmount(&self, target: &Path) -> io::Result<()> {
+        rustix::mount::unmount(target, rustix::mount::UnmountFlags::empty())?;
+        Ok(())
+    }
+
+    fn mkdir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(path)
+    }
+
+    fn chdir(&self, path: &Path) -> io::Result<()> {
+        rustix::process::chdir(path)?;
+        Ok(())
+    }
+
+    fn chroot(&self, path: &Path) -> io::Result<()> {
+        rustix::process::chroot(path)?;
+        Ok(())
+    }
+
+    fn finit_module(&self, path: &Path) -> io::Result<()> {
+        let file = File::open(path)?;
+        rustix::system::finit_module(&file, c"", 0)?;
+        Ok(())
+    }
+
+    fn sethostname(&self, name: &str) -> io::Result<()> {
+        rustix::system::sethostname(name.as_bytes())?;
+        Ok(())
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+
+    fn read_to_string(&self, path: &Path) -> io::Result<String> {
+        std::fs::read_to_string(path)
+    }
+
+    fn sync(&self) {
+        rustix::fs::sync();
+    }
+}
+
+fn sigset(signals: &[i32]) -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset only write the set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in signals {
+            libc::sigaddset(&mut set, *signal);
+        }
+        set
+    }
+}
+
+fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Decode a `waitpid` status word.
+pub fn decode_status(status: i32) -> Option<AppExit> {
+    if libc::WIFEXITED(status) {
+        Some(AppExit::Exited(libc::WEXITSTATUS(status)))
+    } else if libc::WIFSIGNALED(status) {
+        Some(AppExit::Signaled(libc::WTERMSIG(status)))
+    } else {
+        None
+    }
+}
+
+/// A [`ChildStep`] with its ids converted before fork: the child must not allocate.
+enum PreparedStep {
+    UnblockSignals,
+    NewSession,
+    ControllingTerminal,
+    SetGroups(Vec<Gid>),
+    SetGid(Gid),
+    SetUid(Uid),
+}
+
+fn prepare(step: &ChildStep) -> PreparedStep {
+    match step {
+        ChildStep::UnblockSignals => PreparedStep::UnblockSignals,
+        ChildStep::NewSession => PreparedStep::NewSession,
+        ChildStep::ControllingTerminal => PreparedStep::ControllingTerminal,
+        ChildStep::SetGroups(groups) => {
+            PreparedStep::SetGroups(groups.iter().map(|g| Gid::from_raw(*g)).collect())
+        }
+        ChildStep::SetGid(gid) => PreparedStep::SetGid(Gid::from_raw(*gid)),
+        ChildStep::SetUid(uid) => PreparedStep::SetUid(Uid::from_raw(*uid)),
+    }
+}
+
+/// Runs between fork and exec: raw syscalls only (no allocation, no locks). After fork the
+/// child has one thread, so the thread-level credential calls cover the process.
+fn run_in_child(steps: &[PreparedStep]) -> io::Result<()> {
+    for step in steps {
+        match step {
+            PreparedStep::UnblockSignals => {
+                let empty = sigset(&[]);
+                // SAFETY: valid set pointer, null old-set pointer.
+                check(unsafe {
+                    libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut())
+                })?;
+            }
+            PreparedStep::NewSession => {
+                rustix::process::setsid()?;
+            }
+            PreparedStep::ControllingTerminal => {
+                let _ = rustix::process::ioctl_tiocsctty(rustix::stdio::stdin());
+            }
+            PreparedStep::SetGroups(groups) => rustix::thread::set_thread_groups(groups)?,
+            PreparedStep::SetGid(gid) => rustix::thread::set_thread_gid(*gid)?,
+            PreparedStep::SetUid(uid) => rustix::thread::set_thread_uid(*uid)?,
+        }
+    }
+    Ok(())
+}
+
+fn console() -> Result<Stdio, SpawnError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+        .map(Stdio::from)
+        .map_err(SpawnError::Console)
+}
+
+fn command(spawn: &Spawn) -> Result<Command, SpawnError> {
+    let mut cmd = Command::new(&spawn.program);
+    if let Some((argv0, args)) = spawn.argv.split_first() {
+        cmd.arg0(argv0).args(args);
+    }
+    if let Some(env) = &spawn.env {
+        cmd.env_clear().envs(env);
+    }
+    if let Some(workdir) = &spawn.workdir {
+        cmd.current_dir(workdir);
+    }
+    if spawn.console {
+        cmd.stdin(console()?).stdout(console()?).stderr(console()?);
+    }
+    let steps: Vec<PreparedStep> = spawn.in_child.iter().map(prepare).collect();
+    // SAFETY: the closure only makes raw syscalls (see run_in_child).
+    unsafe {
+        cmd.pre_exec(move || run_in_child(&steps));
+    }
+    Ok(cmd)
+}
+
+impl Process for Linux {
+    fn block_signals(&self, signals: &[i32]) -> io::Result<()> {
+        let set = sigset(signals);
+        // SAFETY: valid set pointer, null old-set pointer.
+        check(unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) })?;
+        Ok(())
+    }
+
+    fn wait_signal(&self, signals: &[i32], timeout: Option<Duration>) -> io::Result<Received> {
+        let set = sigset(signals);
+        // SAFETY: zeroed siginfo is a valid out-parameter; set and timespec outlive the call.
+        let (rc, info) = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let rc = match timeout {
+                Some(timeout) => {
+                    let ts = libc::timespec {
+                        tv_sec: timeout.as_secs() as _,
+                        tv_nsec: timeout.subsec_nanos() as _,
+                    };
+                    libc::sigtimedwait(&set, &mut info, &ts)
+                }
+                None => libc::sigwaitinfo(&set, &mut info),
+            };
+            (rc, info)
+        };
+        Ok(Received {
+            signal: check(rc)?,
+            from_kernel: info.si_code == SI_KERNEL,
+        })
+    }
+
+    fn kill(&self, pid: i32, signal: i32) -> io::Result<()> {
+        // SAFETY: plain syscall.
+        check(unsafe { libc::kill(pid, signal) })?;
+        Ok(())
+    }
+
+    fn wait_child(&self, mode: WaitMode) -> io::Result<Option<Reaped>> {
+        let options = match mode {
+            WaitMode::Block => 0,
+            WaitMode::NoHang => libc::WNOHANG,
+        };
+        let mut status = 0;
+        // SAFETY: plain syscall with a valid status pointer.
+        let pid = check(unsafe { libc::waitpid(-1, &mut status, options) })?;
+        Ok((pid > 0).then(|| Reaped {
+            pid,
+            exit: decode_status(status),
+        }))
+    }
+
+    fn spawn(&self, spawn: &Spawn) -> Result<i32, SpawnError> {
+        let child = command(spawn)?.spawn().map_err(SpawnError::Start)?;
+        // PID 1 reaps with waitpid(-1); the std handle is dropped without waiting.
+        Ok(child.id() as i32)
+    }
+
+    fn exec(&self, spawn: &Spawn) -> SpawnError {
+        match command(spawn) {
+            Ok(mut cmd) => SpawnError::Start(cmd.exec()),
+            Err(err) => err,
+        }
+    }
+}
+
+impl Machine for Linux {
+    fn reboot(&self, command: Power) -> io::Result<()> {
+        let command = match command {
+            Power::CtrlAltDelOff => rustix::system::RebootCommand::CadOff,
+            Power::PowerOff => rustix::system::RebootCommand::PowerOff,
+        };
+        rustix::system::reboot(command)?;
+        Ok(())
+    }
+
+    fn open_input(&self, device: &Path) -> io::Result<Box<dyn Read + Send>> {
+        Ok(Box::new(File::open(device)?))
+    }
+
+    fn interface_flags(&self, name: &str) -> io::Result<i16> {
+        let mut req = ifreq(name)?;
+        with_inet_socket(|fd| {
+            // SAFETY: req is a valid ifreq naming the interface.
+            check(unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req) })
+        })?;
+        // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+        Ok(unsafe { req.ifr_ifru.ifru_flags })
+    }
+
+    fn set_interface_flags(&self, name: &str, flags: i16) -> io::Result<()> {
+        let mut req = ifreq(name)?;
+        req.ifr_ifru.ifru_flags = flags;
+        with_inet_socket(|fd| {
+            // SAFETY: req is a valid ifreq with the flags member set.
+            check(unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &req) })
+        })?;
+        Ok(())
+    }
+}
+
+fn ifreq(name: &str) -> io::Result<libc::ifreq> {
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() || name.contains('\0') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("interface name {name:?}"),
+        ));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    Ok(req)
+}
+
+/// Interface ioctls need some socket; the fd is closed on every path.
+fn with_inet_socket(ioctl: impl FnOnce(libc::c_int) -> io::Result<libc::c_int>) -> io::Result<()> {
+    // SAFETY: plain syscall.
+    let fd =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    let result = ioctl(fd);
+    // SAFETY: fd is ours and closed once.
+    unsafe { libc::close(fd) };
+    result.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_status_decoding() {
+        // Encodings from wait(2): exit code in bits 8..16, signal in the low 7 bits.
+        assert_eq!(decode_status(0), Some(AppExit::Exited(0)));
+        assert_eq!(decode_status(3 << 8), Some(AppExit::Exited(3)));
+        assert_eq!(decode_status(15), Some(AppExit::Signaled(15)));
+        assert_eq!(decode_status(15).unwrap().code(), 143);
+        assert_eq!(decode_status(9 | 0x80).unwrap().code(), 137); // core dumped
+    }
+
+    #[test]
+    fn ifreq_names_are_bounded() {
+        assert!(ifreq("lo").is_ok());
+        assert!(ifreq("a-name-far-too-long").is_err());
+    }
+}
