@@ -141,3 +141,286 @@ pub fn supervise(sys: &dyn Process, app: i32, grace: Duration) -> AppExit {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::syscalls::Clock;
+    use crate::syscalls::fake::{Call, ChildState, FIRST_CHILD_PID, Op, Recorder};
+    use crate::syscalls::{Received, WaitMode};
+
+    const APP: i32 = FIRST_CHILD_PID;
+
+    fn launch() -> Launch {
+        Launch {
+            program: PathBuf::from("/usr/bin/app"),
+            argv: vec!["app".into(), "--serve".into()],
+            env: BTreeMap::from([("PATH".into(), command::DEFAULT_PATH.into())]),
+            workdir: PathBuf::from("/srv"),
+            credentials: Credentials {
+                uid: 1000,
+                gid: 1001,
+                groups: vec![1001, 29],
+                home: "/home/app".into(),
+            },
+        }
+    }
+
+    fn in_child(sys: &Recorder) -> Vec<ChildStep> {
+        sys.calls()
+            .into_iter()
+            .filter_map(|call| match call {
+                Call::InChild(step) => Some(step),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn kills(sys: &Recorder) -> Vec<(i32, i32)> {
+        sys.calls()
+            .into_iter()
+            .filter_map(|call| match call {
+                Call::Kill { pid, signal } => Some((pid, signal)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn signal(signal: i32) -> Received {
+        Received {
+            signal,
+            from_kernel: false,
+        }
+    }
+
+    #[test]
+    fn child_gets_session_console_then_groups_gid_uid_in_that_order() {
+        let sys = Recorder::default();
+        assert_eq!(spawn(&sys, &launch()).unwrap(), APP);
+        assert_eq!(
+            in_child(&sys),
+            [
+                ChildStep::UnblockSignals,
+                ChildStep::NewSession,
+                ChildStep::ControllingTerminal,
+                ChildStep::SetGroups(vec![1001, 29]),
+                ChildStep::SetGid(1001),
+                ChildStep::SetUid(1000),
+            ]
+        );
+        let calls = sys.calls();
+        let Call::Spawn { spawn, in_place } = &calls[0] else {
+            panic!("{calls:?}")
+        };
+        assert!(!in_place);
+        assert_eq!(spawn.argv, ["app", "--serve"]);
+        assert_eq!(spawn.workdir.as_deref(), Some(Path::new("/srv")));
+        assert!(spawn.console);
+        assert_eq!(spawn.env.as_ref().unwrap().len(), 1);
+        assert_eq!(
+            calls.last(),
+            Some(&Call::Exec(PathBuf::from("/usr/bin/app")))
+        );
+    }
+
+    #[test]
+    fn every_spawn_failure_is_the_spawn_class_and_stops_the_sequence() {
+        for (op, stops_before) in [
+            (Op::Fork, Some(ChildStep::UnblockSignals)),
+            (Op::NewSession, Some(ChildStep::ControllingTerminal)),
+            (Op::SetGroups, Some(ChildStep::SetGid(1001))),
+            (Op::SetGid, Some(ChildStep::SetUid(1000))),
+            (Op::SetUid, None),
+            (Op::Exec, None),
+        ] {
+            let sys = Recorder::default();
+            sys.fail(op.clone(), libc::EPERM);
+            let fatal = spawn(&sys, &launch()).unwrap_err();
+            assert_eq!(fatal.class, ExitReason::Spawn, "{op:?}");
+            assert_eq!(fatal.phase, "exec");
+            assert!(
+                fatal
+                    .source
+                    .to_string()
+                    .starts_with("starting /usr/bin/app as uid 1000: Operation not permitted"),
+                "{op:?}: {fatal}"
+            );
+            if let Some(step) = stops_before {
+                assert!(!in_child(&sys).contains(&step), "{op:?} ran {step:?}");
+            }
+            assert!(sys.children().is_empty(), "{op:?} left a child");
+        }
+    }
+
+    #[test]
+    fn console_failure_is_named_and_a_tty_failure_is_tolerated() {
+        let sys = Recorder::default();
+        sys.fail(Op::OpenConsole, libc::ENOENT);
+        let fatal = spawn(&sys, &launch()).unwrap_err();
+        assert_eq!(fatal.class, ExitReason::Spawn);
+        assert!(
+            fatal
+                .source
+                .to_string()
+                .starts_with("opening /dev/console: No such file"),
+            "{fatal}"
+        );
+
+        let sys = Recorder::default();
+        sys.fail(Op::ControllingTerminal, libc::EPERM);
+        assert_eq!(spawn(&sys, &launch()).unwrap(), APP);
+        assert_eq!(in_child(&sys).last(), Some(&ChildStep::SetUid(1000)));
+    }
+
+    #[test]
+    fn prepare_failure_classes() {
+        let sys = Recorder::default();
+        let fatal = prepare(&sys, &Config::default()).unwrap_err();
+        assert_eq!(fatal.class, ExitReason::Entrypoint);
+
+        let sys = Recorder::default();
+        sys.add_file("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n");
+        let config = Config::exec(["/bin/sh"]).with_user("nobody");
+        let fatal = prepare(&sys, &config).unwrap_err();
+        assert_eq!(fatal.class, ExitReason::User);
+        assert!(fatal.source.to_string().contains("\"nobody\""), "{fatal}");
+
+        let sys = Recorder::default();
+        sys.fail(
+            Op::MkdirAll {
+                path: "/srv".into(),
+            },
+            libc::EROFS,
+        );
+        let fatal = prepare(&sys, &Config::exec(["/bin/sh"]).with_workdir("/srv")).unwrap_err();
+        assert_eq!(fatal.class, ExitReason::Spawn);
+        assert!(
+            fatal
+                .source
+                .to_string()
+                .starts_with("creating workdir /srv: "),
+            "{fatal}"
+        );
+    }
+
+    #[test]
+    fn prepare_resolves_user_env_and_workdir_in_the_image() {
+        let sys = Recorder::default();
+        sys.add_file(
+            "/etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        );
+        sys.add_file("/etc/group", "app:x:1000:\naudio:x:29:app\n");
+        // The program is looked up in the real root: /bin/sh exists on every test machine.
+        let config = Config::exec(["/bin/sh", "-c"])
+            .with_user("app")
+            .with_workdir("/work")
+            .with_env("LANG", "C");
+        let launch = prepare(&sys, &config).unwrap();
+        assert_eq!(launch.program, PathBuf::from("/bin/sh"));
+        assert_eq!(launch.argv, ["/bin/sh", "-c"]);
+        assert_eq!(
+            (launch.credentials.uid, launch.credentials.gid),
+            (1000, 1000)
+        );
+        assert_eq!(launch.credentials.groups, [1000, 29]);
+        assert_eq!(launch.env["HOME"], "/home/app");
+        assert_eq!(launch.env["LANG"], "C");
+        assert!(
+            sys.calls()
+                .contains(&Call::MkdirAll(PathBuf::from("/work")))
+        );
+    }
+
+    #[test]
+    fn exit_status_is_returned_and_every_other_zombie_reaped() {
+        let sys = Recorder::default();
+        let app = spawn(&sys, &launch()).unwrap();
+        sys.add_child(200, ChildState::Exited(AppExit::Exited(0)));
+        sys.add_child(201, ChildState::Exited(AppExit::Signaled(9)));
+        sys.exit_child(app, AppExit::Exited(3));
+        let exit = supervise(&sys, app, Duration::from_secs(10));
+        assert_eq!(exit, AppExit::Exited(3));
+        assert_eq!(exit.code(), 3);
+        assert!(sys.children().is_empty());
+        assert!(kills(&sys).is_empty());
+    }
+
+    #[test]
+    fn supervision_ends_when_the_app_exits_even_with_children_left() {
+        let sys = Recorder::default();
+        let app = spawn(&sys, &launch()).unwrap();
+        sys.add_child(300, ChildState::running());
+        sys.exit_child(app, AppExit::Exited(0));
+        assert_eq!(supervise(&sys, app, Duration::from_secs(10)).code(), 0);
+        assert_eq!(sys.children(), [(300, ChildState::running())]);
+        // Only non-blocking waits: a live grandchild never holds PID 1 up.
+        assert!(!sys.calls().contains(&Call::WaitChild(WaitMode::Block)));
+    }
+
+    #[test]
+    fn signals_are_forwarded_to_the_app_and_a_kill_maps_to_128_plus_signal() {
+        let sys = Recorder::default();
+        sys.spawn_as(ChildState::Running {
+            ignoring: vec![libc::SIGUSR1, libc::SIGHUP],
+        });
+        let app = spawn(&sys, &launch()).unwrap();
+        for forwarded in [libc::SIGUSR1, libc::SIGHUP, libc::SIGWINCH, libc::SIGTERM] {
+            sys.deliver(signal(forwarded));
+        }
+        let exit = supervise(&sys, app, Duration::from_secs(10));
+        assert_eq!(exit, AppExit::Signaled(libc::SIGTERM));
+        assert_eq!(exit.code(), 143);
+        assert_eq!(
+            kills(&sys),
+            [
+                (app, libc::SIGUSR1),
+                (app, libc::SIGHUP),
+                (app, libc::SIGTERM)
+            ]
+        );
+    }
+
+    #[test]
+    fn shutdown_request_sends_sigterm_then_sigkill_after_the_grace_period() {
+        let sys = Recorder::default();
+        sys.spawn_as(ChildState::Running {
+            ignoring: vec![libc::SIGTERM],
+        });
+        let app = spawn(&sys, &launch()).unwrap();
+        sys.deliver(signal(libc::SIGPWR));
+        // A second request does not restart the grace period.
+        sys.deliver(signal(libc::SIGPWR));
+        let exit = supervise(&sys, app, Duration::from_millis(2500));
+        assert_eq!(exit.code(), 137);
+        assert_eq!(kills(&sys), [(app, libc::SIGTERM), (app, libc::SIGKILL)]);
+        assert_eq!(sys.now(), Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn kernel_sigint_is_ctrl_alt_del_a_user_sigint_is_forwarded() {
+        let sys = Recorder::default();
+        let app = spawn(&sys, &launch()).unwrap();
+        sys.deliver(Received {
+            signal: libc::SIGINT,
+            from_kernel: true,
+        });
+        assert_eq!(supervise(&sys, app, Duration::from_secs(1)).code(), 143);
+        assert_eq!(kills(&sys), [(app, libc::SIGTERM)]);
+
+        let sys = Recorder::default();
+        let app = spawn(&sys, &launch()).unwrap();
+        sys.deliver(signal(libc::SIGINT));
+        assert_eq!(supervise(&sys, app, Duration::from_secs(1)).code(), 130);
+        assert_eq!(kills(&sys), [(app, libc::SIGINT)]);
+    }
+
+    #[test]
+    fn interrupted_waits_are_retried() {
+        let sys = Recorder::default();
+        let app = spawn(&sys, &launch()).unwrap();
+        sys.fail_once(Op::WaitSignal, libc::EINTR);
+        sys.deliver(signal(libc::SIGTERM));
+        assert_eq!(supervise(&sys, app, Duration::from_secs(1)).code(), 143);
+    }
+}

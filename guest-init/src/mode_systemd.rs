@@ -42,3 +42,35 @@ pub fn hand_over(sys: &dyn Process, config: &Config) -> Fatal {
         format!("exec {}: {err}", program.display()),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::syscalls::fake::{Call, Op, Recorder};
+
+    #[test]
+    fn execs_in_place_with_an_empty_signal_mask_and_reports_failure_as_spawn() {
+        let sys = Recorder::default();
+        sys.fail(Op::Exec, libc::ENOEXEC);
+        // /bin/sh stands in for the image's init: it exists on every test machine.
+        let fatal = hand_over(&sys, &Config::systemd().with_cmd(["/bin/sh"]));
+        assert_eq!(fatal.class, ExitReason::Spawn);
+        assert!(
+            fatal.source.to_string().starts_with("exec /bin/sh: "),
+            "{fatal}"
+        );
+        let calls = sys.calls();
+        let Call::Spawn { spawn, in_place } = &calls[0] else {
+            panic!("{calls:?}")
+        };
+        assert!(*in_place);
+        assert_eq!(spawn.in_child, [ChildStep::UnblockSignals]);
+        assert!(!spawn.console);
+        assert_eq!(spawn.env.as_ref().unwrap()["HOME"], "/root");
+        assert!(
+            !calls
+                .iter()
+                .any(|call| matches!(call, Call::InChild(ChildStep::NewSession)))
+        );
+    }
+}

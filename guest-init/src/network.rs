@@ -58,4 +58,32 @@ mod tests {
         ));
         assert!(check_supported(&Config::default()).is_ok());
     }
+
+    #[test]
+    fn loopback_up_keeps_its_flags_and_adds_up_and_running() {
+        let sys = crate::syscalls::fake::Recorder::default();
+        let loopback = libc::IFF_LOOPBACK as i16;
+        sys.add_interface("lo", loopback);
+        loopback_up(&sys).unwrap();
+        let up = (libc::IFF_UP | libc::IFF_RUNNING) as i16;
+        assert_eq!(sys.interface("lo"), Some(loopback | up));
+    }
+
+    #[test]
+    fn loopback_failure_is_reported_not_fatal_here() {
+        use crate::syscalls::fake::{Call, Op, Recorder};
+        let sys = Recorder::default();
+        sys.add_interface("lo", 0);
+        sys.fail(Op::InterfaceFlags, libc::EPERM);
+        let err = loopback_up(&sys).unwrap_err();
+        assert!(
+            err.to_string().starts_with("bringing up loopback: "),
+            "{err}"
+        );
+        assert!(
+            !sys.calls()
+                .iter()
+                .any(|call| matches!(call, Call::SetInterfaceFlags(..)))
+        );
+    }
 }

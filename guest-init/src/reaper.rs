@@ -149,4 +149,96 @@ mod tests {
         assert_eq!(action(cad), Action::Shutdown);
         assert_eq!(action(user(libc::SIGWINCH)), Action::Ignore);
     }
+
+    use crate::syscalls::Clock;
+    use crate::syscalls::fake::{Call, ChildState, Op, Recorder};
+
+    fn zombie(status: i32) -> ChildState {
+        ChildState::Exited(AppExit::Exited(status))
+    }
+
+    #[test]
+    fn blocks_every_handled_signal() {
+        let sys = Recorder::default();
+        block_signals(&sys).unwrap();
+        let Call::BlockSignals(blocked) = &sys.calls()[0] else {
+            panic!("{:?}", sys.calls())
+        };
+        for signal in FORWARDED.iter().chain(&[libc::SIGCHLD, SHUTDOWN_SIGNAL]) {
+            assert!(blocked.contains(signal), "{signal} not blocked");
+        }
+        assert_eq!(blocked.len(), FORWARDED.len() + 2);
+    }
+
+    #[test]
+    fn reap_all_collects_every_zombie_and_reports_the_app() {
+        let sys = Recorder::default();
+        sys.add_child(10, ChildState::running());
+        for pid in [20, 21, 22] {
+            sys.add_child(pid, zombie(0));
+        }
+        assert_eq!(reap_all(&sys, 10), None);
+        assert_eq!(sys.children(), [(10, ChildState::running())]);
+        sys.exit_child(10, AppExit::Exited(7));
+        sys.add_child(23, zombie(1));
+        assert_eq!(reap_all(&sys, 10), Some(AppExit::Exited(7)));
+        assert!(sys.children().is_empty());
+        // No child left: ECHILD ends the loop too.
+        assert_eq!(reap_all(&sys, 10), None);
+    }
+
+    #[test]
+    fn reap_remaining_returns_at_once_when_nothing_is_left() {
+        let sys = Recorder::default();
+        sys.add_child(20, zombie(0));
+        reap_remaining(&sys, Duration::from_secs(2));
+        assert!(sys.children().is_empty());
+        assert_eq!(sys.now(), Duration::ZERO);
+    }
+
+    #[test]
+    fn reap_remaining_is_bounded_by_the_timeout() {
+        let sys = Recorder::default();
+        sys.add_child(20, ChildState::Stuck);
+        reap_remaining(&sys, Duration::from_secs(2));
+        assert_eq!(sys.now(), Duration::from_secs(2));
+        assert_eq!(sys.children(), [(20, ChildState::Stuck)]);
+    }
+
+    #[test]
+    fn wait_for_reaps_the_others_on_the_way_and_retries_eintr() {
+        let sys = Recorder::default();
+        sys.add_child(20, zombie(0));
+        sys.add_child(30, zombie(5));
+        sys.fail_once(Op::WaitChild, libc::EINTR);
+        assert_eq!(wait_for(&sys, 30), Some(AppExit::Exited(5)));
+        assert!(sys.children().is_empty());
+        // Another error (ECHILD: the shell is gone already) ends the wait.
+        assert_eq!(wait_for(&sys, 30), None);
+    }
+
+    #[test]
+    fn wait_signal_retries_eintr_and_reports_a_timeout() {
+        let sys = Recorder::default();
+        sys.fail_once(Op::WaitSignal, libc::EINTR);
+        assert_eq!(wait_signal(&sys, Some(Duration::from_secs(1))), None);
+        assert_eq!(sys.now(), Duration::from_secs(1));
+        let waits = sys.calls_where(|call| matches!(call, Call::WaitSignal(_)));
+        assert_eq!(waits.len(), 2);
+        sys.deliver(user(libc::SIGCHLD));
+        assert_eq!(wait_signal(&sys, None), Some(user(libc::SIGCHLD)));
+    }
+
+    #[test]
+    fn send_ignores_a_vanished_process() {
+        let sys = Recorder::default();
+        send(&sys, 4242, libc::SIGTERM);
+        assert_eq!(
+            sys.calls(),
+            [Call::Kill {
+                pid: 4242,
+                signal: libc::SIGTERM
+            }]
+        );
+    }
 }

@@ -292,4 +292,162 @@ mod tests {
                       /dev/vdd /data\\040dir ext4 rw 0 0\n";
         assert_eq!(mount_targets(mounts), ["/", "/proc", "/data dir"]);
     }
+
+    use crate::mode_exec;
+    use crate::syscalls::fake::{Call, ChildState, FIRST_CHILD_PID, Op, Recorder};
+    use crate::syscalls::{AppExit, Clock};
+
+    const MOUNTS: &str = "none / rootfs rw 0 0\n\
+                          proc /proc proc rw 0 0\n\
+                          /dev/vdd /data ext4 rw 0 0\n";
+
+    /// What the power off does, without the reaping polls.
+    fn power_calls(sys: &Recorder) -> Vec<Call> {
+        sys.calls_where(|call| {
+            matches!(
+                call,
+                Call::Kill { .. }
+                    | Call::Sync
+                    | Call::Unmount(_)
+                    | Call::Remount { .. }
+                    | Call::Reboot(_)
+            )
+        })
+    }
+
+    #[test]
+    fn kill_reap_sync_unmount_in_reverse_then_power_off() {
+        let sys = Recorder::default();
+        sys.add_file("/proc/self/mounts", MOUNTS);
+        sys.add_child(100, ChildState::running());
+        sys.add_child(101, ChildState::Exited(AppExit::Exited(0)));
+        shut_down(&sys).unwrap();
+        assert_eq!(
+            power_calls(&sys),
+            [
+                Call::Kill {
+                    pid: -1,
+                    signal: libc::SIGKILL
+                },
+                Call::Sync,
+                Call::Unmount(PathBuf::from("/data")),
+                Call::Unmount(PathBuf::from("/proc")),
+                Call::Remount {
+                    target: PathBuf::from("/"),
+                    flags: MountFlags::RDONLY
+                },
+                Call::Sync,
+                Call::Reboot(Power::PowerOff),
+            ]
+        );
+        assert!(sys.children().is_empty());
+    }
+
+    #[test]
+    fn a_stuck_process_delays_the_power_off_by_the_bound_only() {
+        let sys = Recorder::default();
+        sys.add_child(100, ChildState::Stuck);
+        shut_down(&sys).unwrap();
+        assert_eq!(sys.now(), REAP_AT_SHUTDOWN);
+        assert_eq!(
+            power_calls(&sys).last(),
+            Some(&Call::Reboot(Power::PowerOff))
+        );
+    }
+
+    #[test]
+    fn failures_on_the_way_are_survived_and_a_failed_power_off_is_returned() {
+        let sys = Recorder::default();
+        sys.add_file("/proc/self/mounts", MOUNTS);
+        sys.fail(Op::Kill { pid: -1 }, libc::ESRCH);
+        sys.fail(
+            Op::Unmount {
+                target: "/data".into(),
+            },
+            libc::EBUSY,
+        );
+        sys.fail(Op::Remount { target: "/".into() }, libc::EBUSY);
+        sys.fail(Op::Reboot(Power::PowerOff), libc::EPERM);
+        let err = shut_down(&sys).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        let calls = power_calls(&sys);
+        assert!(calls.contains(&Call::Unmount(PathBuf::from("/proc"))));
+        assert_eq!(calls.last(), Some(&Call::Reboot(Power::PowerOff)));
+
+        // Without /proc/self/mounts: nothing to unmount, still read-only root and power off.
+        let sys = Recorder::default();
+        shut_down(&sys).unwrap();
+        let calls = power_calls(&sys);
+        assert!(!calls.iter().any(|call| matches!(call, Call::Unmount(_))));
+        assert!(calls.contains(&Call::Reboot(Power::PowerOff)));
+    }
+
+    #[test]
+    fn ctrl_alt_del_is_turned_off_and_a_failure_ignored() {
+        let sys = Recorder::default();
+        sys.fail(Op::Reboot(Power::CtrlAltDelOff), libc::EPERM);
+        disable_ctrl_alt_del(&sys);
+        assert_eq!(sys.calls(), [Call::Reboot(Power::CtrlAltDelOff)]);
+    }
+
+    #[test]
+    fn watcher_signals_pid_1_once_per_press_and_ends_with_the_device() {
+        let sys = Recorder::default();
+        let mut events = event_bytes(EV_KEY, KEY_POWER, 1);
+        events.extend(event_bytes(EV_KEY, KEY_POWER, 0)); // release
+        events.extend(event_bytes(EV_KEY, 115, 1)); // another key
+        sys.add_input("/dev/input/event0", events);
+        watch(&sys, Path::new("/dev/input/event0"));
+        let shutdown = Call::Kill {
+            pid: reaper::INIT_PID,
+            signal: reaper::SHUTDOWN_SIGNAL,
+        };
+        assert_eq!(
+            sys.calls_where(|call| matches!(call, Call::Kill { .. })),
+            [shutdown]
+        );
+
+        let sys = Recorder::default();
+        sys.fail(
+            Op::OpenInput {
+                device: "/dev/input/event1".into(),
+            },
+            libc::EACCES,
+        );
+        watch(&sys, Path::new("/dev/input/event1"));
+        assert_eq!(sys.calls().len(), 1);
+    }
+
+    #[test]
+    fn power_button_press_sends_sigterm_to_the_application() {
+        let fixture = tempfile::tempdir().unwrap();
+        let input = fixture.path().join("input0");
+        std::fs::create_dir_all(input.join("capabilities")).unwrap();
+        std::fs::create_dir_all(input.join("event0")).unwrap();
+        std::fs::write(input.join("name"), "Power Button\n").unwrap();
+        std::fs::write(input.join("capabilities/key"), "10000000000000 0\n").unwrap();
+        // Watcher threads need a seam that outlives them, as in PID 1.
+        let sys: &'static Recorder = Box::leak(Box::new(Recorder::default()));
+        sys.add_input("/dev/input/event0", event_bytes(EV_KEY, KEY_POWER, 1));
+        sys.add_child(FIRST_CHILD_PID, ChildState::running());
+
+        let watchers = watch_power_button(sys, fixture.path());
+        assert_eq!(watchers.devices, [PathBuf::from("/dev/input/event0")]);
+        watchers.join();
+        let exit = mode_exec::supervise(sys, FIRST_CHILD_PID, Duration::from_secs(10));
+        assert_eq!(exit.code(), 143);
+        assert_eq!(
+            sys.calls_where(|call| matches!(call, Call::Kill { .. })),
+            [
+                Call::Kill {
+                    pid: reaper::INIT_PID,
+                    signal: libc::SIGPWR
+                },
+                Call::Kill {
+                    pid: FIRST_CHILD_PID,
+                    signal: libc::SIGTERM
+                },
+            ]
+        );
+    }
 }
