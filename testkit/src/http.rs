@@ -1,6 +1,7 @@
-//! A scripted HTTP/1.1 server on 127.0.0.1 for the download tests and benchmark: it answers
-//! each request with what a handler says (a body, a status, a redirect, a dropped connection, a
-//! stall) and records every request, so tests can count them and inspect `Range` headers.
+//! The one test HTTP server: scripted HTTP/1.1 on 127.0.0.1 for the download tests, the fake
+//! registry ([`crate::oci::FakeRegistry`]) and the download benchmark. It answers each request
+//! with what a handler says (a body, a status, a redirect, a dropped connection, a stall) and
+//! records every request, so tests can count them and inspect `Range` headers.
 //!
 //! One request per connection (`Connection: close`), one thread per connection, so a stalled
 //! reply never blocks the next request.
@@ -49,6 +50,12 @@ pub enum Reply {
     Status {
         code: u16,
         headers: Vec<(String, String)>,
+    },
+    /// Any status with headers and a body (left out for `HEAD`), e.g. a registry's answers.
+    Full {
+        code: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
     },
     /// `302 Found` to this URL.
     Redirect(String),
@@ -202,6 +209,25 @@ fn serve(
                 .map(|(n, v)| (n.as_str(), v.as_str()))
                 .collect();
             head(&mut out, &format!("{code} Status"), 0, &extra)?;
+        }
+        Reply::Full {
+            code,
+            headers,
+            body,
+        } => {
+            let extra: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            head(
+                &mut out,
+                &format!("{code} Status"),
+                body.len() as u64,
+                &extra,
+            )?;
+            if request.method != "HEAD" {
+                out.write_all(&body)?;
+            }
         }
         Reply::Redirect(to) => head(&mut out, "302 Found", 0, &[("Location", &to)])?,
         Reply::Stall => {

@@ -2,18 +2,19 @@
 //! process, and a small in-process registry for faults (token auth, corrupt bytes, 503s).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use system::Arch;
 use system::hash::sha256_bytes;
 use system::lock::{Base, Digest, UniqueMap};
+
+use crate::http::{Reply, Request, Server};
 
 /// The annotation an OCI layout's index names its images by.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -472,133 +473,72 @@ pub struct Faults {
     pub unavailable: AtomicUsize,
 }
 
-/// A tiny registry serving one OCI layout over plain HTTP on 127.0.0.1, recording requests.
+/// A tiny registry serving one OCI layout over plain HTTP on 127.0.0.1 (on [`Server`]), with
+/// the faults [`Faults`] asks for.
 pub struct FakeRegistry {
-    pub port: u16,
-    pub requests: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
+    server: Server,
+    /// Requests already handed out by [`FakeRegistry::take_requests`].
+    taken: AtomicUsize,
 }
 
 const TOKEN: &str = "secret-token";
 
 impl FakeRegistry {
     pub fn start(layout: &Path, faults: Faults) -> FakeRegistry {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let state = Arc::new((layout.to_owned(), faults, requests.clone(), port));
-        let stop2 = stop.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if stop2.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(stream) = stream else { continue };
-                let state = state.clone();
-                std::thread::spawn(move || {
-                    let (layout, faults, requests, port) = &*state;
-                    let _ = serve(stream, layout, faults, requests, *port);
-                });
+        let layout = layout.to_owned();
+        let server = Server::start(move |_, request| {
+            let (status, headers, body) = respond(request, &layout, &faults);
+            Reply::Full {
+                code: status,
+                headers: headers
+                    .into_iter()
+                    .map(|(name, value)| (name.to_owned(), value))
+                    .collect(),
+                body,
             }
-        });
+        })
+        .expect("starting the fake registry");
         FakeRegistry {
-            port,
-            requests,
-            stop,
+            server,
+            taken: AtomicUsize::new(0),
         }
     }
 
     pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.server.url("").trim_start_matches("http://").to_owned()
     }
 
+    /// The requests since the last call, as `METHOD TARGET`, with ` (auth)` when authorized.
     pub fn take_requests(&self) -> Vec<String> {
-        std::mem::take(&mut *self.requests.lock().unwrap())
+        let all = self.server.requests();
+        let from = self.taken.swap(all.len(), Ordering::SeqCst);
+        all[from.min(all.len())..]
+            .iter()
+            .map(|r| {
+                let auth = if r.header("authorization").is_some() {
+                    " (auth)"
+                } else {
+                    ""
+                };
+                format!("{} {}{auth}", r.method, r.path)
+            })
+            .collect()
     }
 }
 
-impl Drop for FakeRegistry {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag.
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-    }
-}
+type Answer = (u16, Vec<(&'static str, String)>, Vec<u8>);
 
-fn serve(
-    stream: TcpStream,
-    layout: &Path,
-    faults: &Faults,
-    requests: &Mutex<Vec<String>>,
-    port: u16,
-) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut writer = stream;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let mut authorization = None;
-        loop {
-            let mut header = String::new();
-            reader.read_line(&mut header)?;
-            let header = header.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':')
-                && name.eq_ignore_ascii_case("authorization")
-            {
-                authorization = Some(value.trim().to_owned());
-            }
-        }
-        let mut parts = line.split_whitespace();
-        let method = parts.next().unwrap_or_default().to_owned();
-        let target = parts.next().unwrap_or_default().to_owned();
-        let auth_note = if authorization.is_some() {
-            " (auth)"
-        } else {
-            ""
-        };
-        requests
-            .lock()
-            .unwrap()
-            .push(format!("{method} {target}{auth_note}"));
-        let (status, headers, body) =
-            respond(&method, &target, authorization, layout, faults, port);
-        let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n", body.len());
-        for (k, v) in headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        head.push_str("\r\n");
-        writer.write_all(head.as_bytes())?;
-        if method != "HEAD" {
-            writer.write_all(&body)?;
-        }
-        writer.flush()?;
-    }
-}
-
-type Reply = (&'static str, Vec<(&'static str, String)>, Vec<u8>);
-
-fn respond(
-    method: &str,
-    target: &str,
-    authorization: Option<String>,
-    layout: &Path,
-    faults: &Faults,
-    port: u16,
-) -> Reply {
-    let not_found = ("404 Not Found", vec![], b"{}".to_vec());
+fn respond(request: &Request, layout: &Path, faults: &Faults) -> Answer {
+    let target = request.path.as_str();
+    let authorization = request.header("authorization");
+    let host = request.header("host").unwrap_or_default();
+    let not_found = (404, vec![], b"{}".to_vec());
     if faults
         .unavailable
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()
     {
-        return ("503 Service Unavailable", vec![], Vec::new());
+        return (503, vec![], Vec::new());
     }
     if let Some(query) = target.strip_prefix("/token?") {
         assert!(query.contains("service=fake"), "token query {query}");
@@ -607,21 +547,13 @@ fn respond(
             "token query {query}"
         );
         let body = format!(r#"{{"token":"{TOKEN}"}}"#).into_bytes();
-        return (
-            "200 OK",
-            vec![("Content-Type", "application/json".into())],
-            body,
-        );
+        return (200, vec![("Content-Type", "application/json".into())], body);
     }
-    if faults.bearer && authorization.as_deref() != Some(&format!("Bearer {TOKEN}")) {
+    if faults.bearer && authorization != Some(&format!("Bearer {TOKEN}")) {
         let challenge = format!(
-            r#"Bearer realm="http://127.0.0.1:{port}/token",service="fake",scope="repository:fixture:pull""#
+            r#"Bearer realm="http://{host}/token",service="fake",scope="repository:fixture:pull""#
         );
-        return (
-            "401 Unauthorized",
-            vec![("WWW-Authenticate", challenge)],
-            Vec::new(),
-        );
+        return (401, vec![("WWW-Authenticate", challenge)], Vec::new());
     }
     let Some(rest) = target.strip_prefix("/v2/fixture/") else {
         return not_found;
@@ -653,7 +585,7 @@ fn respond(
         };
         let media_type = media_type_of(&bytes).unwrap_or_default();
         return (
-            "200 OK",
+            200,
             vec![
                 ("Content-Type", media_type),
                 ("Docker-Content-Digest", d.to_string()),
@@ -670,9 +602,8 @@ fn respond(
         {
             *b ^= 0xff;
         }
-        let _ = method;
         return (
-            "200 OK",
+            200,
             vec![("Content-Type", "application/octet-stream".into())],
             bytes,
         );
