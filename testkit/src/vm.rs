@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use std::{fs, thread};
 
 use anyhow::{Context, bail};
+use guest_protocol::{EXIT_LINE_PREFIX, ExitLine, ExitReason, find_exit_line};
 use system::Arch;
 
 /// Debian cloud kernel modules a test initrd carries: block devices, the overlay root, and the
@@ -245,10 +246,8 @@ pub struct Vm {
 #[derive(Debug)]
 pub struct Boot {
     pub console: String,
-    /// The `code=` of the `GUEST-INIT-EXIT` line.
-    pub exit_code: Option<i32>,
-    /// The `reason=` of that line.
-    pub reason: Option<String>,
+    /// The `GUEST-INIT-EXIT` line, parsed by the contract hosts use.
+    pub exit: Option<ExitLine>,
 }
 
 impl Boot {
@@ -263,18 +262,30 @@ impl Boot {
 }
 
 impl Boot {
-    /// Asserts the log has exactly one exit line, no kernel panic, and the given code.
-    pub fn expect_exit(&self, code: i32) -> &Boot {
-        let lines = self.console.matches("GUEST-INIT-EXIT ").count();
+    /// Asserts the application exited with `code` (`reason=app`): see [`Boot::expect_line`].
+    pub fn expect_exit(&self, code: u8) -> &Boot {
+        self.expect_line(ExitLine::app(code))
+    }
+
+    /// Asserts guest-init failed for `reason`, with that reason's code.
+    pub fn expect_failure(&self, reason: ExitReason) -> &Boot {
+        let line = ExitLine::failure(reason).expect("a failure reason, not `app`");
+        self.expect_line(line)
+    }
+
+    /// Asserts the log has exactly one exit line, it is `expected`, and the kernel did not
+    /// panic.
+    pub fn expect_line(&self, expected: ExitLine) -> &Boot {
+        let lines = self.console.matches(EXIT_LINE_PREFIX).count();
         assert_eq!(
             lines, 1,
             "expected exactly one exit line:\n{}",
             self.console
         );
         assert_eq!(
-            self.exit_code,
-            Some(code),
-            "wrong exit code:\n{}",
+            self.exit,
+            Some(expected),
+            "wrong exit line (expected `{expected}`):\n{}",
             self.console
         );
         assert!(
@@ -440,18 +451,8 @@ impl Vm {
         // The reader threads finish with the pipes; give them a moment to drain.
         thread::sleep(Duration::from_millis(100));
         let console = self.console.0.lock().unwrap().clone();
-        let exit = console
-            .lines()
-            .find_map(|l| l.split_once("GUEST-INIT-EXIT ").map(|(_, rest)| rest));
-        let field = |name: &str| {
-            exit.and_then(|rest| {
-                rest.split_whitespace()
-                    .find_map(|w| w.strip_prefix(name).map(str::to_owned))
-            })
-        };
         Ok(Boot {
-            exit_code: field("code=").and_then(|c| c.parse().ok()),
-            reason: field("reason="),
+            exit: find_exit_line(&console),
             console,
         })
     }

@@ -58,11 +58,10 @@ fn run(sh: &Shell) -> anyhow::Result<()> {
         let start = Instant::now();
         let boot = Vm::start_with(&kernel.image, &initrd, &spec)?.finish(BOOT_TIMEOUT)?;
         walls.push(start.elapsed().as_millis() as u64);
-        if boot.exit_code != Some(0) {
+        if boot.exit != Some(guest_protocol::ExitLine::app(0)) {
             anyhow::bail!(
-                "boot {i} ended with code {:?} ({:?}), not 0:\n{}",
-                boot.exit_code,
-                boot.reason,
+                "boot {i} ended with {:?}, not code 0 of the app:\n{}",
+                boot.exit,
                 boot.console
             );
         }
