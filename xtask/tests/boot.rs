@@ -5,7 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use guest_protocol::ExitReason;
+use guest_protocol::{Config, ExitReason};
 use serde_json::{Value, json};
 use system::Arch;
 use system::hash::sha256_reader;
@@ -144,14 +144,16 @@ fn a_signal_death_is_128_plus_the_signal() {
 
 #[test]
 fn env_workdir_and_user_are_honoured() {
-    let config = json!({
-        "entrypoint": ["/bin/sh", "-c"],
-        "cmd": ["echo ID=$(id); echo PWD=$(pwd); env | sort | sed 's/^/ENV /'"],
-        "workdir": "/work/dir",
-        "env": { "GREETING": "hello world", "PATH": "/usr/bin:/bin" },
-        "user": "app",
-    });
-    let boot = Guest::new(config).boot();
+    // Written the way a Rust host writes it: through guest-protocol's builder.
+    let config = Config::exec(["/bin/sh", "-c"])
+        .with_cmd(["echo ID=$(id); echo PWD=$(pwd); env | sort | sed 's/^/ENV /'"])
+        .with_workdir("/work/dir")
+        .with_env("GREETING", "hello world")
+        .with_env("PATH", "/usr/bin:/bin")
+        .with_user("app")
+        .to_json()
+        .unwrap();
+    let boot = Guest::new(Value::String(config)).boot();
     boot.expect_exit(0)
         .expect_output("ID=uid=1000(app) gid=1000(app) groups=1000(app),2000(extra)")
         .expect_output("PWD=/work/dir")
