@@ -12,6 +12,7 @@
 //! parses arguments and calls into here. See ARCHITECTURE.md for the map.
 
 pub mod artifacts;
+pub mod compression;
 pub mod fetch;
 pub mod initrd;
 pub mod lock;

@@ -336,9 +336,8 @@ mod tests {
         // magic, CM=deflate, FLG=0 (no name, no comment), MTIME=0, XFL, OS=Unix.
         assert_eq!(&a[..8], &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0]);
         assert_eq!(a[9], 3);
-        let mut plain = Vec::new();
-        flate2::read::GzDecoder::new(&a[..])
-            .read_to_end(&mut plain)
+        let plain = crate::compression::Compression::Gzip
+            .decode_all(&a)
             .unwrap();
         assert_eq!(plain, write_newc(&sample(), 0, Vec::new()).unwrap());
         assert_ne!(
@@ -414,9 +413,8 @@ mod tests {
         let tree = rich();
         let mtime = 1_700_000_000;
         let gz = write_initrd(&tree, mtime).unwrap();
-        let mut archive = Vec::new();
-        flate2::read::GzDecoder::new(&gz[..])
-            .read_to_end(&mut archive)
+        let archive = crate::compression::Compression::Gzip
+            .decode_all(&gz)
             .unwrap();
         let root = dir.path().join("root");
         std::fs::create_dir(&root).unwrap();

@@ -137,90 +137,101 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-const EM_X86_64: u16 = 62;
-const EM_AARCH64: u16 = 183;
-const PT_DYNAMIC: u32 = 2;
-const PT_INTERP: u32 = 3;
-const DT_NULL: u64 = 0;
-const DT_NEEDED: u64 = 1;
-
 /// Refuses anything but a 64-bit little-endian ELF executable for `arch` that needs no dynamic
 /// loader and no shared library (no `PT_INTERP`, no `DT_NEEDED`): the initrd has no libc.
 /// Static-PIE binaries (musl's default) have a `PT_DYNAMIC` for self-relocation; that is fine.
+/// Parsing is `object`'s, which bounds-checks every read: any input gives an answer, not a panic.
 pub fn check_static_elf(bytes: &[u8], arch: Arch) -> anyhow::Result<()> {
-    let u16_at = |at: usize| -> anyhow::Result<u16> {
-        let b = bytes.get(at..at + 2).context("truncated ELF")?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
+    use object::elf;
+    use object::read::elf::{Dyn as _, FileHeader as _, ProgramHeader as _};
+
+    let header = match elf::FileHeader64::<object::LittleEndian>::parse(bytes) {
+        Ok(header) => header,
+        Err(e) => return Err(explain_unparsable_elf(bytes, e)),
     };
-    let u32_at = |at: usize| -> anyhow::Result<u32> {
-        let b = bytes.get(at..at + 4).context("truncated ELF")?;
-        Ok(u32::from_le_bytes(b.try_into().unwrap()))
-    };
-    let u64_at = |at: usize| -> anyhow::Result<u64> {
-        let b = bytes.get(at..at + 8).context("truncated ELF")?;
-        Ok(u64::from_le_bytes(b.try_into().unwrap()))
-    };
-    if bytes.get(..4) != Some(b"\x7fELF") {
-        bail!("not an ELF file");
-    }
-    if bytes[4] != 2 || bytes[5] != 1 {
+    let ident = header.e_ident();
+    if ident.data != elf::ELFDATA2LSB {
         bail!(
             "not a 64-bit little-endian ELF (class {}, data {})",
-            bytes[4],
-            bytes[5]
+            ident.class.0,
+            ident.data.0
         );
     }
-    let e_type = u16_at(16)?;
-    if e_type != 2 && e_type != 3 {
-        bail!("ELF type {e_type} is not an executable (2) or position-independent executable (3)");
+    let endian = object::LittleEndian;
+    let file_type = header.e_type(endian);
+    if file_type != elf::ET_EXEC && file_type != elf::ET_DYN {
+        bail!(
+            "ELF type {} is not an executable (2) or position-independent executable (3)",
+            file_type.0
+        );
     }
-    let machine = u16_at(18)?;
+    let machine = header.e_machine(endian);
     let expected = match arch {
-        Arch::X86_64 => EM_X86_64,
-        Arch::Aarch64 => EM_AARCH64,
+        Arch::X86_64 => elf::EM_X86_64,
+        Arch::Aarch64 => elf::EM_AARCH64,
     };
     if machine != expected {
-        bail!("ELF machine is {machine}, expected {expected} ({arch})");
+        bail!(
+            "ELF machine is {}, expected {} ({arch})",
+            machine.0,
+            expected.0
+        );
     }
-    let phoff = usize::try_from(u64_at(32)?)?;
-    let phentsize = usize::from(u16_at(54)?);
-    let phnum = usize::from(u16_at(56)?);
-    if phentsize < 56 {
-        bail!("ELF program header entries are {phentsize} bytes, expected 56");
-    }
-    for i in 0..phnum {
-        let ph = phoff + i * phentsize;
-        match u32_at(ph)? {
-            PT_INTERP => {
-                let offset = usize::try_from(u64_at(ph + 8)?)?;
-                let size = usize::try_from(u64_at(ph + 32)?)?;
-                let interp = bytes
-                    .get(offset..offset + size)
-                    .map(|b| String::from_utf8_lossy(b).trim_end_matches('\0').to_owned())
-                    .unwrap_or_default();
-                bail!(
-                    "dynamically linked: it asks for the loader {interp:?} (PT_INTERP); build \
-                     for a musl target with static linking"
-                );
+    let segments = header
+        .program_headers(endian, bytes)
+        .map_err(|e| anyhow::anyhow!("truncated or malformed ELF program headers: {e}"))?;
+    for segment in segments {
+        if segment.p_type(endian) == elf::PT_INTERP {
+            // The loader's name makes the message actionable; a broken one is still a loader.
+            let loader = match segment.interpreter(endian, bytes) {
+                Ok(Some(name)) => String::from_utf8_lossy(name).into_owned(),
+                _ => String::new(),
+            };
+            bail!(
+                "dynamically linked: it asks for the loader {loader:?} (PT_INTERP); build for a \
+                 musl target with static linking"
+            );
+        }
+        let Some(dynamic) = segment
+            .dynamic(endian, bytes)
+            .map_err(|e| anyhow::anyhow!("truncated or malformed ELF dynamic segment: {e}"))?
+        else {
+            continue;
+        };
+        for entry in dynamic {
+            match entry.d_tag(endian) {
+                elf::DT_NULL => break,
+                elf::DT_NEEDED => bail!(
+                    "dynamically linked: it needs shared libraries (DT_NEEDED); build for a musl \
+                     target with static linking"
+                ),
+                _ => {}
             }
-            PT_DYNAMIC => {
-                let offset = usize::try_from(u64_at(ph + 8)?)?;
-                let size = usize::try_from(u64_at(ph + 32)?)?;
-                for entry in (offset..offset + size).step_by(16) {
-                    match u64_at(entry)? {
-                        DT_NULL => break,
-                        DT_NEEDED => bail!(
-                            "dynamically linked: it needs shared libraries (DT_NEEDED); build \
-                             for a musl target with static linking"
-                        ),
-                        _ => {}
-                    }
-                }
-            }
-            _ => {}
         }
     }
     Ok(())
+}
+
+/// Why `object` could not read an ELF file header, in the terms of the checks above.
+fn explain_unparsable_elf(bytes: &[u8], parse_error: object::read::Error) -> anyhow::Error {
+    use object::elf;
+    if !bytes.starts_with(&elf::ELFMAG) {
+        return anyhow::anyhow!("not an ELF file");
+    }
+    let class = bytes.get(std::mem::offset_of!(elf::Ident, class));
+    let data = bytes.get(std::mem::offset_of!(elf::Ident, data));
+    match (class, data) {
+        (Some(&class), Some(&data))
+            if elf::FileClass(class) != elf::ELFCLASS64
+                || elf::DataEncoding(data) != elf::ELFDATA2LSB =>
+        {
+            anyhow::anyhow!("not a 64-bit little-endian ELF (class {class}, data {data})")
+        }
+        _ => anyhow::anyhow!(
+            "truncated or malformed ELF header ({} bytes): {parse_error}",
+            bytes.len()
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -265,6 +276,181 @@ mod tests {
         assert!(err.to_string().contains("ELF machine"), "{err}");
         assert!(check_static_elf(b"#!/bin/sh\n", Arch::X86_64).is_err());
         assert!(check_static_elf(b"\x7fELF\x02\x01", Arch::X86_64).is_err());
+    }
+
+    const PT_LOAD: u32 = 1;
+    const PT_DYNAMIC: u32 = 2;
+    const PT_INTERP: u32 = 3;
+    const DT_NULL: u64 = 0;
+    const DT_NEEDED: u64 = 1;
+    const DT_DEBUG: u64 = 21;
+
+    /// A minimal 64-bit little-endian ELF: the header, then one program header per segment,
+    /// then each segment's content in order (so the last segment ends the file).
+    fn elf(e_type: u16, machine: u16, segments: &[(u32, Vec<u8>)]) -> Vec<u8> {
+        let headers_end = 64 + 56 * segments.len();
+        let mut out = Vec::new();
+        out.extend_from_slice(b"\x7fELF\x02\x01\x01");
+        out.resize(16, 0);
+        out.extend_from_slice(&e_type.to_le_bytes());
+        out.extend_from_slice(&machine.to_le_bytes());
+        out.extend_from_slice(&1u32.to_le_bytes()); // e_version
+        out.extend_from_slice(&0u64.to_le_bytes()); // e_entry
+        out.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+        out.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+        out.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+        for half in [64u16, 56, segments.len() as u16, 64, 0, 0] {
+            // e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
+            out.extend_from_slice(&half.to_le_bytes());
+        }
+        let mut offset = headers_end as u64;
+        for (p_type, content) in segments {
+            let size = content.len() as u64;
+            out.extend_from_slice(&p_type.to_le_bytes());
+            out.extend_from_slice(&4u32.to_le_bytes()); // p_flags
+            for field in [offset, 0, 0, size, size, 8] {
+                // p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
+                out.extend_from_slice(&field.to_le_bytes());
+            }
+            offset += size;
+        }
+        for (_, content) in segments {
+            out.extend_from_slice(content);
+        }
+        out
+    }
+
+    fn dynamic(entries: &[(u64, u64)]) -> Vec<u8> {
+        entries
+            .iter()
+            .flat_map(|(tag, value)| [tag.to_le_bytes(), value.to_le_bytes()])
+            .flatten()
+            .collect()
+    }
+
+    fn machine_of(arch: Arch) -> u16 {
+        match arch {
+            Arch::X86_64 => 62,
+            Arch::Aarch64 => 183,
+        }
+    }
+
+    /// What a static-PIE looks like to the check: a PT_DYNAMIC for self-relocation, no needs.
+    fn static_pie(arch: Arch) -> Vec<u8> {
+        elf(
+            3,
+            machine_of(arch),
+            &[
+                (PT_LOAD, Vec::new()),
+                (PT_DYNAMIC, dynamic(&[(DT_DEBUG, 0), (DT_NULL, 0)])),
+            ],
+        )
+    }
+
+    #[test]
+    fn static_executables_pass_and_every_rule_refuses_its_case() {
+        for arch in [Arch::X86_64, Arch::Aarch64] {
+            check_static_elf(&static_pie(arch), arch).unwrap();
+            let exec = elf(2, machine_of(arch), &[(PT_LOAD, Vec::new())]);
+            check_static_elf(&exec, arch).unwrap();
+        }
+        let arch = Arch::X86_64;
+        let refused = |bytes: Vec<u8>, expect: &str| {
+            let err = check_static_elf(&bytes, arch).unwrap_err();
+            assert!(err.to_string().contains(expect), "{expect}: {err}");
+        };
+        let needed = dynamic(&[(DT_NEEDED, 1), (DT_NULL, 0)]);
+        refused(elf(3, 62, &[(PT_DYNAMIC, needed)]), "DT_NEEDED");
+        // Entries after DT_NULL are padding, not needs.
+        let padded = dynamic(&[(DT_NULL, 0), (DT_NEEDED, 1)]);
+        check_static_elf(&elf(3, 62, &[(PT_DYNAMIC, padded)]), arch).unwrap();
+        let loader = b"/lib/ld-musl-x86_64.so.1\0".to_vec();
+        refused(
+            elf(3, 62, &[(PT_INTERP, loader)]),
+            "\"/lib/ld-musl-x86_64.so.1\"",
+        );
+        refused(elf(1, 62, &[]), "ELF type 1 is not an executable");
+        refused(elf(2, 183, &[]), "ELF machine is 183, expected 62");
+        let mut big_endian = static_pie(arch);
+        big_endian[5] = 2;
+        refused(
+            big_endian,
+            "not a 64-bit little-endian ELF (class 2, data 2)",
+        );
+        let mut class32 = static_pie(arch);
+        class32[4] = 1;
+        refused(class32, "not a 64-bit little-endian ELF (class 1, data 1)");
+        refused(b"#!/bin/sh\n".to_vec(), "not an ELF file");
+    }
+
+    /// Whatever the bytes, the check answers with an error instead of panicking: every
+    /// truncation of a real ELF and of a hand-made static one, and headers that point anywhere.
+    #[test]
+    fn no_input_makes_the_check_panic() {
+        let refuses_without_panicking = |what: &str, bytes: &[u8]| {
+            let outcome = std::panic::catch_unwind(|| check_static_elf(bytes, Arch::X86_64));
+            match outcome {
+                Ok(result) => assert!(result.is_err(), "{what}: accepted"),
+                Err(_) => panic!("{what}: the check panicked"),
+            }
+        };
+        let real = std::fs::read("/bin/true").expect("reading /bin/true");
+        let hand_made = static_pie(Arch::X86_64);
+        check_static_elf(&hand_made, Arch::X86_64).unwrap();
+        for (name, whole) in [("/bin/true", &real), ("static-pie", &hand_made)] {
+            for len in 0..whole.len() {
+                refuses_without_panicking(&format!("{name} cut to {len} bytes"), &whole[..len]);
+            }
+        }
+
+        let mut garbage: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", Vec::new()),
+            ("half a magic", b"\x7fE".to_vec()),
+            ("magic only", b"\x7fELF".to_vec()),
+            ("magic and class", b"\x7fELF\x02".to_vec()),
+            ("magic, class, data", b"\x7fELF\x02\x01".to_vec()),
+            ("magic then 0xff", [&b"\x7fELF"[..], &[0xff; 60]].concat()),
+        ];
+        let patched = |at: usize, value: &[u8]| {
+            let mut bytes = static_pie(Arch::X86_64);
+            bytes[at..at + value.len()].copy_from_slice(value);
+            bytes
+        };
+        let max = u64::MAX.to_le_bytes();
+        let first_segment = 64;
+        let dynamic_segment = 64 + 56;
+        garbage.extend([
+            ("program headers far away", patched(32, &max)),
+            (
+                "65535 program headers",
+                patched(56, &u16::MAX.to_le_bytes()),
+            ),
+            (
+                "huge program header entries",
+                patched(54, &u16::MAX.to_le_bytes()),
+            ),
+            (
+                "tiny program header entries",
+                patched(54, &8u16.to_le_bytes()),
+            ),
+            (
+                "dynamic at the end of memory",
+                patched(dynamic_segment + 8, &max),
+            ),
+            ("dynamic of any size", patched(dynamic_segment + 32, &max)),
+            ("interp at the end of memory", {
+                let mut bytes = patched(first_segment, &PT_INTERP.to_le_bytes());
+                bytes[first_segment + 8..first_segment + 16].copy_from_slice(&max);
+                bytes[first_segment + 32..first_segment + 40].copy_from_slice(&16u64.to_le_bytes());
+                bytes
+            }),
+            ("interp without its NUL", {
+                elf(3, 62, &[(PT_INTERP, b"/lib/ld.so".to_vec())])
+            }),
+        ]);
+        for (what, bytes) in &garbage {
+            refuses_without_panicking(what, bytes);
+        }
     }
 
     #[test]

@@ -9,12 +9,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use system::Digest;
 
+use crate::compression::Compression;
 use crate::rootfs::{Node, Tree, TreePath};
 
 /// Where guest-init looks for the load order, relative to `/`.
@@ -252,31 +252,23 @@ fn visit(
     Ok(())
 }
 
+/// What follows the last `.ko` of a module path: `""`, `.xz`, `.zst`, `.gz`, or anything else.
+fn suffix_after_ko(path: &str) -> Option<&str> {
+    path.rfind(".ko").map(|at| &path[at + ".ko".len()..])
+}
+
 /// Decompresses a module file by its suffix: `.ko` as is, `.ko.xz`, `.ko.zst`, `.ko.gz`.
 pub fn decompress(path: &str, raw: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    if path.ends_with(".ko") {
-        out.extend_from_slice(raw);
-    } else if path.ends_with(".ko.xz") {
-        lzma_rs::xz_decompress(&mut &raw[..], &mut out).map_err(|e| anyhow::anyhow!("xz: {e}"))?;
-    } else if path.ends_with(".ko.zst") {
-        let mut decoder = ruzstd::decoding::StreamingDecoder::new(raw)
-            .map_err(|e| anyhow::anyhow!("zstd: {e}"))?;
-        decoder.read_to_end(&mut out).context("zstd")?;
-    } else if path.ends_with(".ko.gz") {
-        flate2::read::GzDecoder::new(raw)
-            .read_to_end(&mut out)
-            .context("gzip")?;
-    } else {
+    let Some(compression) = suffix_after_ko(path).and_then(Compression::from_suffix) else {
         bail!("{path}: unknown module file type; expected .ko, .ko.xz, .ko.zst or .ko.gz");
-    }
-    Ok(out)
+    };
+    compression
+        .decode_all(raw)
+        .with_context(|| format!("{path}: decoding {compression}"))
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::io::Write;
-
     use super::*;
 
     const DEP: &str = "\
@@ -360,23 +352,8 @@ kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drive
         for line in DEP.lines() {
             let path = line.split(':').next().unwrap();
             let plain = content(&module_name(path));
-            let bytes = if path.ends_with(".xz") {
-                let mut out = Vec::new();
-                lzma_rs::xz_compress(&mut &plain[..], &mut out).unwrap();
-                out
-            } else if path.ends_with(".zst") {
-                ruzstd::encoding::compress_to_vec(
-                    &plain[..],
-                    ruzstd::encoding::CompressionLevel::Fastest,
-                )
-            } else if path.ends_with(".gz") {
-                let mut gz =
-                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-                gz.write_all(&plain).unwrap();
-                gz.finish().unwrap()
-            } else {
-                plain
-            };
+            let suffix = suffix_after_ko(path).unwrap();
+            let bytes = Compression::from_suffix(suffix).unwrap().encode(&plain);
             write(path, bytes);
         }
         write("modules.dep", DEP.as_bytes().to_vec());
@@ -417,5 +394,24 @@ kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drive
         let dir = tempfile::tempdir().unwrap();
         let err = ModulesDir::locate(dir.path()).unwrap_err();
         assert!(err.to_string().contains("no modules.dep"), "{err}");
+    }
+
+    #[test]
+    fn unknown_or_broken_module_files_are_named() {
+        let err = decompress("kernel/a.ko.bz2", b"BZh").unwrap_err();
+        assert!(
+            err.to_string().contains("unknown module file type"),
+            "{err}"
+        );
+        let err = decompress("kernel/a.ko.xz", b"\x7fELF not xz").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("kernel/a.ko.xz: decoding xz"),
+            "{err:#}"
+        );
+        let plain = b"\x7fELF module".to_vec();
+        let mut two_members = Compression::Gzip.encode(&plain[..4]);
+        two_members.extend(Compression::Gzip.encode(&plain[4..]));
+        assert_eq!(decompress("a.ko.gz", &two_members).unwrap(), plain);
+        assert_eq!(decompress("a.ko", &plain).unwrap(), plain);
     }
 }

@@ -1,10 +1,9 @@
 //! The layer model against hand-made layers, including a corpus of malicious ones.
 
-use std::io::Write;
-
 use system::hash::sha256_bytes;
 
 use super::*;
+use crate::rootfs::{Node, NodeKind};
 
 fn p(s: &str) -> TreePath {
     TreePath::new(s).unwrap()
@@ -95,9 +94,7 @@ fn tar_of(entries: &[E]) -> Vec<u8> {
 }
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(bytes).unwrap();
-    gz.finish().unwrap()
+    Compression::Gzip.encode(bytes)
 }
 
 const GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
@@ -446,15 +443,11 @@ fn reads_plain_gzip_and_multi_frame_zstd_layers() {
 
     // Two zstd frames with a skippable frame between them.
     let (first, second) = tar.split_at(3000);
-    let mut zst =
-        ruzstd::encoding::compress_to_vec(first, ruzstd::encoding::CompressionLevel::Fastest);
+    let mut zst = Compression::Zstd.encode(first);
     zst.extend_from_slice(&0x184D2A50u32.to_le_bytes());
     zst.extend_from_slice(&4u32.to_le_bytes());
     zst.extend_from_slice(b"skip");
-    zst.extend(ruzstd::encoding::compress_to_vec(
-        second,
-        ruzstd::encoding::CompressionLevel::Fastest,
-    ));
+    zst.extend(Compression::Zstd.encode(second));
     let mut z = Applier::new(LayerLimits::default());
     apply_to(&mut z, ZSTD, &zst).unwrap();
     assert_eq!(z.into_tree(), expected);
@@ -503,4 +496,15 @@ fn digests_and_diff_ids_are_checked() {
         apply(&mut applier, &right, Some(&wrong)).unwrap_err()
     );
     assert!(msg.contains("diff_id"), "{msg}");
+}
+
+#[test]
+fn xz_layers_are_refused_before_decoding() {
+    let xz = Compression::Xz.encode(&tar_of(&[file("a", b"hello")]));
+    for media_type in ["", TAR] {
+        let mut applier = Applier::new(LayerLimits::default());
+        let msg = format!("{:#}", apply_to(&mut applier, media_type, &xz).unwrap_err());
+        assert!(msg.contains("xz-compressed"), "{media_type:?}: {msg}");
+        assert!(applier.into_tree().is_empty());
+    }
 }
