@@ -3,7 +3,6 @@ use std::path::PathBuf;
 use system::Arch;
 use system::lock::Version;
 use xtask::artifacts::{Options, Stage};
-use xtask::fetch::{Mirror, Mirrors};
 
 use super::{TransferArgs, from_workspace};
 
@@ -32,15 +31,6 @@ pub struct Artifacts {
     /// Never write the lock: fail on anything unpinned or any output that would change it.
     #[arg(long)]
     pub locked: bool,
-    /// Fetch URLs starting with FROM from TO instead (FROM=TO, repeatable; the longest FROM
-    /// wins). The lock keeps the original URLs and digests.
-    #[arg(
-        long,
-        value_name = "FROM=TO",
-        env = "XTASK_MIRROR",
-        value_delimiter = ','
-    )]
-    pub mirror: Vec<Mirror>,
     #[command(flatten)]
     pub transfer: TransferArgs,
     /// Run only these stages (repeatable or comma-separated). Default: all, in data-flow order.
@@ -73,7 +63,7 @@ impl Artifacts {
             offline: self.offline,
             locked: self.locked,
             transfer: self.transfer.options(),
-            mirrors: Mirrors(self.mirror),
+            mirrors: self.transfer.mirrors(),
             stages: self.only,
             modules_dir: self.modules_dir,
             modules: self.modules,

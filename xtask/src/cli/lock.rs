@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use system::lock::Version;
-use xtask::fetch::{Fetcher, Mirror, Mirrors};
+use xtask::fetch::Fetcher;
 use xtask::lock::add_kernel::{ArchUrl, add_kernel};
 use xtask::store::StoreWriter;
 
@@ -38,15 +38,6 @@ pub struct AddKernel {
     /// The host data dir the downloaded files are stored in.
     #[arg(long, env = "SYSTEM_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
-    /// Fetch URLs starting with FROM from TO instead (FROM=TO, repeatable). The lock records
-    /// the URL as given.
-    #[arg(
-        long,
-        value_name = "FROM=TO",
-        env = "XTASK_MIRROR",
-        value_delimiter = ','
-    )]
-    pub mirror: Vec<Mirror>,
     #[command(flatten)]
     pub transfer: TransferArgs,
 }
@@ -64,7 +55,7 @@ impl AddKernel {
         let lock_path = from_workspace(&self.lock);
         let old = xtask::lock::read(&lock_path)?;
         let store = StoreWriter::open(&from_workspace(&self.data_dir))?;
-        let fetcher = Fetcher::new(self.transfer.options(), Mirrors(self.mirror))?;
+        let fetcher = Fetcher::new(self.transfer.options(), self.transfer.mirrors())?;
         let new = add_kernel(
             &old,
             &store,

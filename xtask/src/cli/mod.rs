@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use xtask::fetch::{Mirror, Mirrors};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about, version)]
@@ -52,6 +53,15 @@ pub struct TransferArgs {
     /// Attempts in a row without progress before a transfer gives up.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub attempts: u32,
+    /// Fetch URLs starting with FROM from TO instead (FROM=TO, repeatable; the longest FROM
+    /// wins). The lock keeps the original URLs and digests.
+    #[arg(
+        long,
+        value_name = "FROM=TO",
+        env = "XTASK_MIRROR",
+        value_delimiter = ','
+    )]
+    pub mirror: Vec<Mirror>,
 }
 
 impl TransferArgs {
@@ -62,6 +72,10 @@ impl TransferArgs {
             attempts: self.attempts,
             ..xtask::fetch::Options::default()
         }
+    }
+
+    pub fn mirrors(&self) -> Mirrors {
+        Mirrors(self.mirror.clone())
     }
 }
 
