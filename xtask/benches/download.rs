@@ -10,8 +10,8 @@ use testkit::bench::median;
 use xshell::{Shell, cmd};
 
 use testkit::http::{Reply, Server};
-use xtask::fetch::{Fetcher, Mirrors, Options, Progress};
-use xtask::store::StoreWriter;
+use xtask::fetch::{Expected, Fetcher, Mirrors, Options, Progress};
+use xtask::store::{BlobDir, StoreWriter};
 
 const SIZE: usize = 256 << 20;
 const ROUNDS: usize = 5;
@@ -40,19 +40,26 @@ fn run(sh: &Shell) -> anyhow::Result<()> {
     for _ in 0..ROUNDS {
         let dir = tempfile::tempdir()?;
         let store = StoreWriter::open(dir.path())?;
+        let expected = Expected {
+            sha256: Some(digest),
+            size: Some(SIZE as u64),
+        };
         let start = Instant::now();
+        let mut writer = store.blob_writer()?;
         let fetched = fetcher
-            .fetch_blob(&store, &url, "bench", Some(&digest), Some(SIZE as u64))
+            .fetch(&url, "bench", expected, &mut writer)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        store.commit(writer, Some(&digest), Some(SIZE as u64), "bench")?;
         ours.push(start.elapsed());
         anyhow::ensure!(fetched.requests == 1, "the benchmark retried");
         drop(dir);
 
-        // The same transfer and hash into a file, without the store's fsync and rename.
-        let mut sink = tempfile::tempfile()?;
+        // The same transfer and hash into a blob writer, without the commit's fsync and rename.
+        let unsynced_dir = tempfile::tempdir()?;
+        let mut writer = BlobDir::create(unsynced_dir.path())?.writer()?;
         let start = Instant::now();
         fetcher
-            .download(&url, "bench", Some(SIZE as u64), &mut sink)
+            .fetch(&url, "bench", expected, &mut writer)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         unsynced.push(start.elapsed());
 

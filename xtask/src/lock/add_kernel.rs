@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use system::lock::{KernelFile, UniqueMap, Version};
 use system::{Arch, Lock};
 
-use crate::fetch::Fetcher;
+use crate::fetch::{Download, Expected, FetchError, Fetcher};
 use crate::store::StoreWriter;
 
 /// `ARCH=URL`: the file one architecture of a kernel version is fetched from.
@@ -58,14 +58,12 @@ pub fn add_kernel(
     let mut files = new.kernels.get(version).cloned().unwrap_or_default();
     for u in urls {
         let label = format!("kernel {version} {}", u.arch);
-        let fetched = fetcher
-            .fetch_blob(store, &u.url, &label, None, None)
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "{label}: {e}\nnext step: check the URL; behind a firewall use --mirror \
-                     FROM=TO (or XTASK_MIRROR); nothing was written to the lock"
-                )
-            })?;
+        let fetched = fetch_unpinned(store, fetcher, &u.url, &label).map_err(|e| {
+            anyhow::anyhow!(
+                "{label}: {e}\nnext step: check the URL; behind a firewall use --mirror \
+                 FROM=TO (or XTASK_MIRROR); nothing was written to the lock"
+            )
+        })?;
         let file = KernelFile {
             url: u.url.clone(),
             sha256: fetched.sha256,
@@ -91,6 +89,22 @@ pub fn add_kernel(
     }
     // The lock's own validation is the last word on what may be written.
     Lock::parse(&new.to_json()).context("the updated lock does not validate")
+}
+
+/// Downloads `url` into the store under whatever digest its content has: this is where a
+/// digest enters the lock, so nothing is expected yet.
+fn fetch_unpinned(
+    store: &StoreWriter,
+    fetcher: &Fetcher,
+    url: &str,
+    label: &str,
+) -> Result<Download, FetchError> {
+    let mut writer = store.blob_writer().map_err(FetchError::Local)?;
+    let download = fetcher.fetch(url, label, Expected::default(), &mut writer)?;
+    store
+        .commit(writer, None, None, label)
+        .map_err(FetchError::Local)?;
+    Ok(download)
 }
 
 #[cfg(test)]

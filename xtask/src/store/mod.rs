@@ -1,24 +1,31 @@
 //! Writing into a store: nothing becomes visible unverified, and writers take turns.
 //!
-//! Every blob is written to a temp file in the blobs directory (same filesystem), fsynced,
-//! checked against its expected digest and size, made read-only, renamed into place, and the
-//! directory fsynced. A crash at any point leaves either no blob or a whole one. Named links are
+//! Every blob goes through a [`BlobDir`] (the same one the OCI cache uses): written to a temp
+//! file in the blobs directory (same filesystem) while it is hashed, fsynced, checked against
+//! its expected digest and size, made read-only, renamed into place, and the directory fsynced. A crash at any point leaves either no blob or a whole one. Named links are
 //! replaced by renaming a fresh symlink over them. An advisory lock on `.lock` serializes
 //! concurrent `cargo xtask artifacts` runs on one data dir.
 
+mod atomic;
+mod blob_dir;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use system::hash::sha256_reader;
 use system::stamp::FileStamp;
 use system::{Layout, Sha256};
 
+pub use atomic::{atomic_write, sync_dir};
+pub use blob_dir::{Blob, BlobDir, BlobWriter};
+
 /// Exclusive write access to one store, for as long as it lives.
 pub struct StoreWriter {
     layout: Layout,
+    blobs: BlobDir,
     _lock: File,
 }
 
@@ -27,7 +34,7 @@ impl StoreWriter {
     /// another writer to finish if there is one.
     pub fn open(data_dir: &Path) -> anyhow::Result<StoreWriter> {
         let layout = Layout::new(data_dir);
-        fs::create_dir_all(layout.blobs())
+        let blobs = BlobDir::create(&layout.blobs())
             .with_context(|| format!("creating the store at {}", layout.root().display()))?;
         let lock_path = layout.writer_lock();
         let lock = OpenOptions::new()
@@ -46,6 +53,7 @@ impl StoreWriter {
         }
         Ok(StoreWriter {
             layout,
+            blobs,
             _lock: lock,
         })
     }
@@ -84,82 +92,48 @@ impl StoreWriter {
         Ok(false)
     }
 
-    /// A temp file beside the blobs, to fill and then hand to [`StoreWriter::commit_blob`].
-    pub fn temp_blob(&self) -> anyhow::Result<tempfile::NamedTempFile> {
-        tempfile::Builder::new()
-            .prefix(".partial-")
-            .tempfile_in(self.layout.blobs())
-            .with_context(|| format!("creating a temp file in {}", self.layout.blobs().display()))
+    /// The blob directory (`blobs/sha256/`).
+    pub fn blobs(&self) -> &BlobDir {
+        &self.blobs
     }
 
-    /// Makes a filled temp file the blob `expected`, after checking that it is exactly that
-    /// content. Returns the blob's path. On any mismatch the temp file is deleted and nothing
-    /// becomes visible. This reads the file back; a writer that hashed while writing uses
-    /// [`StoreWriter::commit_verified_blob`] instead.
-    #[allow(dead_code)] // For writers that cannot hash as they write; downloads do.
-    pub fn commit_blob(
-        &self,
-        temp: tempfile::NamedTempFile,
-        expected: &Sha256,
-        expected_size: Option<u64>,
-        what: &str,
-    ) -> anyhow::Result<PathBuf> {
-        let (actual, size) = sha256_reader(File::open(temp.path())?)
-            .with_context(|| format!("hashing {}", temp.path().display()))?;
-        self.commit_verified_blob(temp, expected, expected_size, &actual, size, what)
+    /// A temp file beside the blobs to stream one into; hand it back to
+    /// [`StoreWriter::commit`].
+    pub fn blob_writer(&self) -> anyhow::Result<BlobWriter> {
+        self.blobs.writer()
     }
 
-    /// Like [`StoreWriter::commit_blob`], for content the caller hashed while writing it (a
-    /// download hashes as it streams): `actual` and `size` describe what was written, so the
-    /// temp file is not read a second time. Syncs, checks against `expected` and
-    /// `expected_size`, and only then renames into place.
-    pub fn commit_verified_blob(
+    /// Makes what `writer` received a visible blob, if it is `expected` (and `expected_size`
+    /// long, when given); `None` adopts the digest of whatever was written (pinning a new
+    /// input). The content was hashed while it was written, so it is not read again. `what`
+    /// names the blob in errors.
+    pub fn commit(
         &self,
-        temp: tempfile::NamedTempFile,
-        expected: &Sha256,
+        writer: BlobWriter,
+        expected: Option<&Sha256>,
         expected_size: Option<u64>,
-        actual: &Sha256,
-        size: u64,
         what: &str,
-    ) -> anyhow::Result<PathBuf> {
-        temp.as_file()
-            .sync_all()
-            .context("syncing a downloaded blob")?;
-        if let Some(expected_size) = expected_size
-            && size != expected_size
-        {
-            bail!("{what}: expected {expected_size} bytes, got {size}; nothing was stored");
-        }
-        if actual != expected {
-            bail!("{what}: expected sha256 {expected}, got {actual}; nothing was stored");
-        }
-        self.publish(temp, expected)
+    ) -> anyhow::Result<Blob> {
+        let blob = writer
+            .commit(expected, expected_size)
+            .map_err(|e| anyhow::anyhow!("{what}: {e:#} (in {})", self.blobs.dir().display()))?;
+        // Its content was just checked: record that, so the next run need not hash it again.
+        self.record_stamp(&blob.sha256, &FileStamp::of(&fs::metadata(&blob.path)?))?;
+        Ok(blob)
     }
 
     /// Stores bytes whose digest the caller has not pinned (a freshly built initrd). Returns
     /// its digest, size and path.
     pub fn put_bytes(&self, bytes: &[u8]) -> anyhow::Result<(Sha256, u64, PathBuf)> {
         let digest = system::hash::sha256_bytes(bytes);
-        let path = self.layout.blob(&digest);
+        let path = self.blobs.path(&digest);
         if path.exists() && self.has_verified_blob(&digest, Some(bytes.len() as u64))? {
             return Ok((digest, bytes.len() as u64, path));
         }
-        let mut temp = self.temp_blob()?;
-        temp.write_all(bytes).context("writing a blob")?;
-        temp.as_file().sync_all().context("syncing a blob")?;
-        let path = self.publish(temp, &digest)?;
-        Ok((digest, bytes.len() as u64, path))
-    }
-
-    fn publish(&self, temp: tempfile::NamedTempFile, digest: &Sha256) -> anyhow::Result<PathBuf> {
-        let path = self.layout.blob(digest);
-        fs::set_permissions(temp.path(), fs::Permissions::from_mode(0o444))?;
-        temp.persist(&path)
-            .with_context(|| format!("moving a verified blob to {}", path.display()))?;
-        sync_dir(&self.layout.blobs())?;
-        // Its content was just checked: record that, so the next run need not hash it again.
-        self.record_stamp(digest, &FileStamp::of(&fs::metadata(&path)?))?;
-        Ok(path)
+        let mut writer = self.blob_writer()?;
+        writer.write_all(bytes).context("writing a blob")?;
+        let blob = self.commit(writer, Some(&digest), Some(bytes.len() as u64), "a blob")?;
+        Ok((blob.sha256, blob.size, blob.path))
     }
 
     fn recorded_stamp(&self, digest: &Sha256) -> Option<FileStamp> {
@@ -172,11 +146,8 @@ impl StoreWriter {
         let path = self.layout.verified_stamp(digest);
         let dir = path.parent().context("a stamp has a parent directory")?;
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut temp = tempfile::NamedTempFile::new_in(dir)?;
-        temp.write_all(stamp.to_line().as_bytes())?;
-        temp.persist(&path)
-            .with_context(|| format!("recording {}", path.display()))?;
-        Ok(())
+        atomic_write(&path, stamp.to_line().as_bytes())
+            .with_context(|| format!("recording {}", path.display()))
     }
 
     /// Points the named link `link` (e.g. `kernel/<v>/<arch>/vmlinux`) at the blob `digest`,
@@ -206,43 +177,21 @@ pub fn temp_store() -> (tempfile::TempDir, StoreWriter) {
     (dir, store)
 }
 
-/// Replaces `path` with `bytes` atomically (temp file in the same directory, fsync, rename,
-/// fsync the directory): a reader or a crash sees the old content or the new, never half.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut temp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
-    temp.write_all(bytes)
-        .and_then(|()| temp.as_file().sync_all())
-        .with_context(|| format!("writing {}", temp.path().display()))?;
-    temp.persist(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    sync_dir(dir)
-}
-
-/// Makes a rename or a new entry in `dir` durable.
-pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing directory {}", dir.display()))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]
     fn a_wrong_blob_never_becomes_visible() {
         let dir = tempfile::tempdir().unwrap();
         let store = StoreWriter::open(dir.path()).unwrap();
-        let mut temp = store.temp_blob().unwrap();
-        temp.write_all(b"not what was promised").unwrap();
+        let mut writer = store.blob_writer().unwrap();
+        writer.write_all(b"not what was promised").unwrap();
         let promised = system::hash::sha256_bytes(b"what was promised");
         let err = store
-            .commit_blob(temp, &promised, None, "kernel x")
+            .commit(writer, Some(&promised), None, "kernel x")
             .unwrap_err();
         assert!(err.to_string().contains(&promised.hex()), "{err}");
         let left: Vec<_> = fs::read_dir(store.layout().blobs()).unwrap().collect();
