@@ -45,6 +45,8 @@ pub struct Plan {
     pub mtime: u32,
     /// Sources that replace a base's lock reference (`--base-source`), by base name.
     pub base_sources: BTreeMap<Version, String>,
+    /// Timeouts, attempts and progress of registry pulls (the same as for kernel downloads).
+    pub transfer: crate::fetch::Options,
 }
 
 /// Makes the store hold every initrd `plan` selects, building those whose inputs changed (or
@@ -265,6 +267,7 @@ fn pull_base(
     let mut options = crate::oci::PullOptions::from_env()?;
     options.offline = plan.offline;
     options.locked = plan.locked;
+    options.transfer = plan.transfer.clone();
     if let Some(source) = plan.base_sources.get(base) {
         options.source = Some(source.clone());
     }

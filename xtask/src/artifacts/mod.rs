@@ -191,6 +191,7 @@ fn sync_initrds(
         modules: options.modules.clone(),
         mtime: cpio::mtime_from_env()?,
         base_sources: options.base_sources.clone(),
+        transfer: options.transfer.clone(),
     };
     let build_options = guest_init::BuildOptions {
         locked: options.locked,

@@ -7,12 +7,21 @@
 //!    `~/.docker/config.json`; Docker Hub's key may be `https://index.docker.io/v1/`.
 //!
 //! Without credentials, pulls are anonymous: a bearer token is requested from the realm the
-//! registry names, which is how public images on Docker Hub are pulled.
+//! registry names, which is how public images on Docker Hub are pulled. [`RegistryAuth`] is
+//! the transport's [`Authorizer`] for one repository: it answers `401` challenges that way.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, STANDARD_PAD_INDIFFERENT};
+use reqwest::Url;
+use reqwest::header::AUTHORIZATION;
+
+use super::plain_http::{allows_plain_http, url_host_port};
+use crate::fetch::{Authorizer, Request, Transport};
 
 pub const USER_ENV: &str = "XTASK_REGISTRY_USER";
 pub const PASSWORD_ENV: &str = "XTASK_REGISTRY_PASSWORD";
@@ -22,6 +31,14 @@ pub const PASSWORD_ENV: &str = "XTASK_REGISTRY_PASSWORD";
 pub struct Credentials {
     pub user: String,
     pub password: String,
+}
+
+impl Credentials {
+    /// The `Authorization` value for HTTP basic auth.
+    pub fn basic_header(&self) -> String {
+        let pair = format!("{}:{}", self.user, self.password);
+        format!("Basic {}", STANDARD.encode(pair))
+    }
 }
 
 impl std::fmt::Debug for Credentials {
@@ -93,7 +110,8 @@ pub fn from_docker_config(
             continue;
         }
         let Some(auth) = &entry.auth else { continue };
-        let decoded = base64_decode(auth.trim())
+        let decoded = STANDARD_PAD_INDIFFERENT
+            .decode(auth.trim())
             .with_context(|| format!("auths.{key:?}.auth is not base64"))?;
         let decoded = String::from_utf8(decoded)
             .with_context(|| format!("auths.{key:?}.auth is not UTF-8"))?;
@@ -106,30 +124,6 @@ pub fn from_docker_config(
         }));
     }
     Ok(None)
-}
-
-/// Standard base64 (with or without padding).
-fn base64_decode(text: &str) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in text.bytes().filter(|&c| c != b'=') {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => bail!("unexpected character {:?}", c as char),
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Ok(out)
 }
 
 /// A parsed `WWW-Authenticate` header.
@@ -201,6 +195,135 @@ impl Challenge {
     }
 }
 
+/// Credentials for one repository, and the `Authorization` header once a challenge has been
+/// answered (basic, or a bearer token from the realm the challenge names).
+pub struct RegistryAuth {
+    /// The registry's `host[:port]`, for messages.
+    pub host: String,
+    pub repository: String,
+    pub credentials: Option<Credentials>,
+    /// Hosts besides loopback a token realm may be reached at over plain HTTP.
+    pub plain_http_hosts: Vec<String>,
+    authorization: Option<String>,
+}
+
+impl RegistryAuth {
+    pub fn new(
+        host: String,
+        repository: String,
+        credentials: Option<Credentials>,
+        plain_http_hosts: Vec<String>,
+    ) -> RegistryAuth {
+        RegistryAuth {
+            host,
+            repository,
+            credentials,
+            plain_http_hosts,
+            authorization: None,
+        }
+    }
+
+    fn fetch_token(
+        &self,
+        transport: &Transport,
+        challenge: &Challenge,
+        url: &str,
+    ) -> anyhow::Result<String> {
+        let realm = challenge
+            .params
+            .get("realm")
+            .ok_or_else(|| anyhow!("the bearer challenge of {url} names no realm"))?;
+        let mut token_url =
+            Url::parse(realm).with_context(|| format!("token realm `{realm}` is not a URL"))?;
+        match token_url.scheme() {
+            "https" => {}
+            "http" if allows_plain_http(&url_host_port(&token_url), &self.plain_http_hosts) => {}
+            _ => bail!(
+                "token realm {realm} (from {url}) is not HTTPS; allow its host with --plain-http \
+                 if that is intended"
+            ),
+        }
+        {
+            let mut query = token_url.query_pairs_mut();
+            if let Some(service) = challenge.params.get("service") {
+                query.append_pair("service", service);
+            }
+            let scope = challenge
+                .params
+                .get("scope")
+                .cloned()
+                .unwrap_or_else(|| format!("repository:{}:pull", self.repository));
+            query.append_pair("scope", &scope);
+        }
+        let mut request = Request::get(token_url.as_str());
+        if let Some(c) = &self.credentials {
+            request = request.header(AUTHORIZATION, &c.basic_header());
+        }
+        let response = transport
+            .send(&request, None)
+            .with_context(|| format!("requesting a token from {token_url}"))?;
+        if !response.status().is_success() {
+            bail!(
+                "the token service {token_url} answered HTTP {}; for a private image set {} and \
+                 {} (or `docker login {}`)",
+                response.status(),
+                USER_ENV,
+                PASSWORD_ENV,
+                self.host
+            );
+        }
+        #[derive(serde::Deserialize)]
+        struct TokenResponse {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let mut body = Vec::new();
+        response
+            .take(1 << 20)
+            .read_to_end(&mut body)
+            .with_context(|| format!("reading the token from {token_url}"))?;
+        let parsed: TokenResponse = serde_json::from_slice(&body)
+            .with_context(|| format!("the token service {token_url} answered no JSON token"))?;
+        parsed
+            .token
+            .or(parsed.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| anyhow!("the token service {token_url} answered no token"))
+    }
+}
+
+impl Authorizer for RegistryAuth {
+    fn authorization(&self) -> Option<String> {
+        self.authorization.clone()
+    }
+
+    fn answer(
+        &mut self,
+        transport: &Transport,
+        url: &str,
+        challenge: Option<&str>,
+    ) -> anyhow::Result<bool> {
+        let Some(challenge) = challenge else {
+            return Ok(false);
+        };
+        let challenge = Challenge::parse(challenge)
+            .with_context(|| format!("answering the challenge of {url}"))?;
+        self.authorization = Some(match challenge.scheme.as_str() {
+            "basic" => match &self.credentials {
+                Some(c) => c.basic_header(),
+                None => bail!(
+                    "{url} requires credentials (HTTP basic); set {USER_ENV} and {PASSWORD_ENV}, \
+                     or log in with `docker login {}`",
+                    self.host
+                ),
+            },
+            "bearer" => format!("Bearer {}", self.fetch_token(transport, &challenge, url)?),
+            other => bail!("{url} asks for unsupported authentication scheme `{other}`"),
+        });
+        Ok(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,5 +366,16 @@ mod tests {
                 .is_none()
         );
         assert!(from_docker_config(r#"{"auths":{"h":{"auth":"!!"}}}"#, "h", "h").is_err());
+    }
+
+    #[test]
+    fn basic_headers_encode_user_and_password() {
+        let c = |user: &str, password: &str| Credentials {
+            user: user.into(),
+            password: password.into(),
+        };
+        assert_eq!(c("user", "p:ss").basic_header(), "Basic dXNlcjpwOnNz");
+        assert_eq!(c("other", "x").basic_header(), "Basic b3RoZXI6eA==");
+        assert_eq!(c("a", "").basic_header(), "Basic YTo=");
     }
 }

@@ -1,19 +1,22 @@
 //! An OCI image layout on disk (`oci-layout`, `index.json`, `blobs/sha256/<hex>`): the store's
 //! `oci-cache/`, and local layouts used as a source.
 //!
-//! Blobs become visible only verified: written to a temp file in the blob directory, fsynced,
-//! re-read and hashed, renamed into place, and the directory fsynced. A crash leaves at most a
-//! `.tmp-*` file behind, never a wrong blob. `index.json` is replaced the same way, under an
-//! advisory lock on the layout directory, and entries other tools wrote are kept.
+//! Blobs go through the store's [`BlobDir`], as the system store's do: hashed while written to a
+//! temp file in the blob directory, fsynced, checked, made read-only, renamed into place, and
+//! the directory fsynced. A crash leaves at most a `.partial-*` file behind, never a wrong
+//! blob. `index.json` is replaced with [`atomic_write`], under an advisory lock on the layout
+//! directory, and entries other tools wrote are kept.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::{self, File};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
-use system::hash::{sha256_bytes, sha256_reader};
+use system::hash::sha256_bytes;
 use system::lock::Digest;
+
+use crate::store::{BlobDir, BlobWriter, atomic_write};
 
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 const LAYOUT_VERSION: &str = r#"{"imageLayoutVersion":"1.0.0"}"#;
@@ -22,6 +25,7 @@ const LAYOUT_VERSION: &str = r#"{"imageLayoutVersion":"1.0.0"}"#;
 #[derive(Debug, Clone)]
 pub struct OciLayout {
     root: PathBuf,
+    blobs: BlobDir,
 }
 
 /// An `index.json` entry: what a ref name points to.
@@ -40,16 +44,14 @@ impl OciLayout {
     pub fn create(root: &Path) -> anyhow::Result<OciLayout> {
         let layout = OciLayout {
             root: root.to_owned(),
+            blobs: BlobDir::create(&root.join("blobs/sha256")).context("creating the OCI cache")?,
         };
-        let blobs = layout.root.join("blobs/sha256");
-        fs::create_dir_all(&blobs)
-            .with_context(|| format!("creating the OCI cache {}", blobs.display()))?;
         if !layout.root.join("oci-layout").exists() {
-            write_atomically(&layout.root, "oci-layout", LAYOUT_VERSION.as_bytes())?;
+            atomic_write(&layout.root.join("oci-layout"), LAYOUT_VERSION.as_bytes())?;
         }
         if !layout.root.join("index.json").exists() {
             let empty = json!({"schemaVersion": 2, "manifests": []});
-            write_atomically(&layout.root, "index.json", &to_json_bytes(&empty))?;
+            atomic_write(&layout.root.join("index.json"), &to_json_bytes(&empty))?;
         }
         Ok(layout)
     }
@@ -68,6 +70,8 @@ impl OciLayout {
         }
         Ok(OciLayout {
             root: root.to_owned(),
+            // A source is read, never written: nothing is created in it.
+            blobs: BlobDir::new(&root.join("blobs/sha256")),
         })
     }
 
@@ -76,11 +80,11 @@ impl OciLayout {
     }
 
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
-        self.root.join("blobs/sha256").join(digest.0.hex())
+        self.blobs.path(&digest.0)
     }
 
     pub fn has_blob(&self, digest: &Digest) -> bool {
-        self.blob_path(digest).is_file()
+        self.blobs.contains(&digest.0)
     }
 
     /// Reads a small blob (a manifest, index or config) and checks it against its digest.
@@ -113,50 +117,30 @@ impl OciLayout {
         if self.has_blob(digest) {
             return Ok(());
         }
-        self.put_with(digest, Some(bytes.len() as u64), |file| {
-            file.write_all(bytes)?;
+        self.put_with(digest, Some(bytes.len() as u64), |writer| {
+            std::io::Write::write_all(writer, bytes)?;
             Ok(())
         })
     }
 
-    /// Stores the blob `digest` with the bytes `fill` writes into a temp file; it becomes
+    /// Stores the blob `digest` with the bytes `fill` writes into a blob writer; it becomes
     /// visible only if they have the expected size and digest. A failed `fill` or a mismatch
     /// leaves nothing behind.
     pub fn put_with(
         &self,
         digest: &Digest,
         size: Option<u64>,
-        fill: impl FnOnce(&mut File) -> anyhow::Result<()>,
+        fill: impl FnOnce(&mut BlobWriter) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
-        let dir = self.root.join("blobs/sha256");
-        let mut temp = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempfile_in(&dir)
-            .with_context(|| format!("creating a temp file in {}", dir.display()))?;
-        fill(temp.as_file_mut())?;
-        temp.as_file().sync_all()?;
-        let reread = File::open(temp.path())?;
-        let (actual, actual_size) = sha256_reader(reread)?;
-        if let Some(size) = size
-            && size != actual_size
-        {
-            bail!(
-                "blob {digest}: expected {size} bytes, received {actual_size}; nothing was cached"
-            );
-        }
-        if actual != digest.0 {
-            bail!(
-                "blob {digest}: the bytes received hash to sha256:{actual}; nothing was cached \
-                 (the source served corrupt or tampered content)"
-            );
-        }
-        let final_path = self.blob_path(digest);
-        let mut perms = temp.as_file().metadata()?.permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o444);
-        temp.as_file().set_permissions(perms)?;
-        temp.persist(&final_path)
-            .with_context(|| format!("moving the verified blob to {}", final_path.display()))?;
-        sync_dir(&dir)
+        let mut writer = self.blobs.writer()?;
+        fill(&mut writer)?;
+        writer.commit(Some(&digest.0), size).with_context(|| {
+            format!(
+                "blob {digest}: nothing was cached (the source served corrupt or tampered \
+                 content)"
+            )
+        })?;
+        Ok(())
     }
 
     #[cfg(test)]
@@ -252,7 +236,7 @@ impl OciLayout {
         if index.get("schemaVersion").is_none() {
             index["schemaVersion"] = json!(2);
         }
-        write_atomically(&self.root, "index.json", &to_json_bytes(&index))
+        atomic_write(&self.root.join("index.json"), &to_json_bytes(&index))
     }
 
     fn read_index(&self) -> anyhow::Result<Value> {
@@ -290,30 +274,6 @@ fn to_json_bytes(value: &Value) -> Vec<u8> {
     bytes
 }
 
-/// Replaces `dir/name` with `bytes`: temp file, fsync, rename, fsync the directory.
-fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
-    let mut temp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
-    temp.write_all(bytes)?;
-    temp.as_file().sync_all()?;
-    let mut perms = temp.as_file().metadata()?.permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
-    temp.as_file().set_permissions(perms)?;
-    temp.persist(dir.join(name))
-        .with_context(|| format!("writing {}", dir.join(name).display()))?;
-    sync_dir(dir)
-}
-
-fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    OpenOptions::new()
-        .read(true)
-        .open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing {}", dir.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,7 +284,9 @@ mod tests {
         let layout = OciLayout::create(dir.path()).unwrap();
         let good = Digest(sha256_bytes(b"hello"));
         let err = layout
-            .put_with(&good, Some(5), |f| Ok(f.write_all(b"hellO")?))
+            .put_with(&good, Some(5), |f| {
+                Ok(std::io::Write::write_all(f, b"hellO")?)
+            })
             .unwrap_err();
         assert!(err.to_string().contains("nothing was cached"), "{err:#}");
         assert!(!layout.has_blob(&good));

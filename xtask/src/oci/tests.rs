@@ -15,7 +15,7 @@ use testkit::oci::{DockerRegistry, FakeRegistry, Faults, build_layout, require_t
 
 fn options() -> PullOptions {
     let mut options = PullOptions::default();
-    options.network.first_backoff = std::time::Duration::from_millis(10);
+    options.transfer.backoff = std::time::Duration::from_millis(10);
     options
 }
 
@@ -445,7 +445,7 @@ fn a_corrupt_blob_is_an_error_and_is_not_cached() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert!(!blobs.contains(&bad.0.hex()), "{blobs:?}");
-    assert!(blobs.iter().all(|b| !b.starts_with(".tmp")), "{blobs:?}");
+    assert!(blobs.iter().all(|b| !b.starts_with('.')), "{blobs:?}");
 }
 
 #[test]
@@ -466,7 +466,7 @@ fn transient_failures_are_retried() {
     // Plain HTTP is for loopback (or allowed hosts) only: another host gets HTTPS, and a
     // refused connection is retried a bounded number of times, then named.
     let mut quick = options();
-    quick.network.attempts = 2;
+    quick.transfer.attempts = 2;
     let base = fixture.base("127.0.0.1:9/fixture:v1");
     let err = format!(
         "{:#}",

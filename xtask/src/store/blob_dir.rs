@@ -34,6 +34,13 @@ pub struct Blob {
 }
 
 impl BlobDir {
+    /// The blob directory `dir`, as it is (nothing is created: for reading a source).
+    pub fn new(dir: &Path) -> BlobDir {
+        BlobDir {
+            dir: dir.to_owned(),
+        }
+    }
+
     /// The blob directory `dir`, created when missing.
     pub fn create(dir: &Path) -> anyhow::Result<BlobDir> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

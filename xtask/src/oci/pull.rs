@@ -1,0 +1,437 @@
+//! One pull, step by step: resolve the reference, check the pins, pick the architecture's
+//! manifest, bring config and layers into the cache (verified), name them in the cache's
+//! `index.json`, apply the layers.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+
+use anyhow::{Context, bail};
+use oci_spec::image::{ImageIndex, ImageManifest};
+use system::Arch;
+use system::lock::{Base, Digest, UniqueMap};
+
+use super::cache::{LayoutEntry, OciLayout};
+use super::layers::{Applier, LayerInfo, LayerLimits};
+use super::reference::Source;
+use super::registry::{MAX_MANIFEST_BYTES, Registry};
+use super::{
+    DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, PullOptions, PulledBase, media_type_of,
+    platform,
+};
+use crate::rootfs::Tree;
+
+/// Where blobs the cache lacks come from.
+pub(super) enum Remote {
+    Registry(Box<Registry>),
+    Layout(OciLayout),
+    Offline,
+}
+
+pub(super) struct Puller {
+    pub cache: OciLayout,
+    pub remote: Remote,
+    /// The source as the user wrote it, for messages.
+    pub source: String,
+    /// Offline: blobs the cache lacks, described.
+    pub missing: Vec<String>,
+}
+
+/// The architecture's image manifest, and the index it was chosen from (if any).
+struct ArchManifest {
+    index: Option<ImageIndex>,
+    digest: Digest,
+    bytes: Vec<u8>,
+}
+
+impl Puller {
+    pub fn pull(
+        &mut self,
+        options: &PullOptions,
+        base: &Base,
+        arch: Arch,
+        source: &Source,
+    ) -> anyhow::Result<PulledBase> {
+        let (top, top_bytes) = self.resolve(base, arch, source)?;
+        let mut changed = self.check_index_pin(options, base, &top)?;
+        let chosen = self.arch_manifest(base, arch, &top, &top_bytes)?;
+        changed |= check_manifest_pin(options, base, arch, &top, &chosen.digest)?;
+        let manifest = ImageManifest::from_reader(chosen.bytes.as_slice())
+            .with_context(|| format!("manifest {} is not a valid image manifest", chosen.digest))?;
+        let (layers, diff_ids) = self.fetch_blobs(base, arch, &manifest)?;
+        self.name_in_cache(base, arch, (&top, &top_bytes), &chosen)?;
+        let tree = self.apply_layers(options.limits, &layers, &diff_ids)?;
+        let updated_pins = if changed {
+            Some(updated_pins(base, arch, &top, &chosen)?)
+        } else {
+            None
+        };
+        Ok(PulledBase {
+            tree,
+            index_digest: top,
+            manifest_digest: chosen.digest,
+            updated_pins,
+        })
+    }
+
+    /// Whether the reference still points to the pinned index; a moved tag is an error under
+    /// `--locked`, a change to record otherwise.
+    fn check_index_pin(
+        &self,
+        options: &PullOptions,
+        base: &Base,
+        top: &Digest,
+    ) -> anyhow::Result<bool> {
+        if *top == base.index {
+            return Ok(false);
+        }
+        if options.locked {
+            bail!(
+                "`{}` now resolves to {top}, but artifacts.lock pins index {}; --locked forbids \
+                 changing the lock. Run without --locked to record the new digest, or pin the \
+                 reference by digest (`…@{}`) to keep the old image",
+                self.source,
+                base.index,
+                base.index
+            );
+        }
+        eprintln!(
+            "base `{}`: resolves to {top} instead of the pinned {}; the lock will be updated",
+            self.source, base.index
+        );
+        Ok(true)
+    }
+
+    /// The architecture's manifest: chosen from the index, or the top itself for a
+    /// single-platform image.
+    fn arch_manifest(
+        &mut self,
+        base: &Base,
+        arch: Arch,
+        top: &Digest,
+        top_bytes: &[u8],
+    ) -> anyhow::Result<ArchManifest> {
+        let top_type = media_type_of(top_bytes).unwrap_or_default();
+        match top_type.as_str() {
+            OCI_INDEX | DOCKER_LIST => {
+                let index = ImageIndex::from_reader(top_bytes)
+                    .with_context(|| format!("index {top} is not a valid image index"))?;
+                let chosen =
+                    platform::select(&index, arch).with_context(|| format!("in index {top}"))?;
+                let digest = descriptor_digest(chosen.digest())?;
+                let what = format!("linux/{} manifest", arch.oci_arch());
+                match self.manifest(&digest, &what)? {
+                    Some(bytes) => Ok(ArchManifest {
+                        index: Some(index),
+                        digest,
+                        bytes,
+                    }),
+                    None => Err(self.missing_error(base, arch)),
+                }
+            }
+            OCI_MANIFEST | DOCKER_MANIFEST => Ok(ArchManifest {
+                index: None,
+                digest: *top,
+                bytes: top_bytes.to_vec(),
+            }),
+            other => bail!(
+                "{top} has media type `{other}`, which is neither an image index nor an image \
+                 manifest"
+            ),
+        }
+    }
+
+    /// Config and layers into the cache; returns the layers (digest, media type) and the
+    /// config's diff_ids, checked against the architecture.
+    #[allow(clippy::type_complexity)]
+    fn fetch_blobs(
+        &mut self,
+        base: &Base,
+        arch: Arch,
+        manifest: &ImageManifest,
+    ) -> anyhow::Result<(Vec<(Digest, String)>, Vec<Digest>)> {
+        let config = manifest.config();
+        let config_digest = descriptor_digest(config.digest())?;
+        self.blob(&config_digest, config.size(), "config")?;
+        let mut layers = Vec::new();
+        for (i, layer) in manifest.layers().iter().enumerate() {
+            let digest = descriptor_digest(layer.digest())?;
+            let what = format!("layer {}/{}", i + 1, manifest.layers().len());
+            self.blob(&digest, layer.size(), &what)?;
+            layers.push((digest, layer.media_type().to_string()));
+        }
+        if !self.missing.is_empty() {
+            return Err(self.missing_error(base, arch));
+        }
+        let config_bytes = self.cache.read_blob(&config_digest, MAX_MANIFEST_BYTES)?;
+        let diff_ids = check_config(&config_bytes, &config_digest, arch, layers.len())?;
+        Ok((layers, diff_ids))
+    }
+
+    /// Names in the cache's index.json, so other OCI tools find the image.
+    fn name_in_cache(
+        &self,
+        base: &Base,
+        arch: Arch,
+        (top, top_bytes): (&Digest, &[u8]),
+        chosen: &ArchManifest,
+    ) -> anyhow::Result<()> {
+        let name = cache_ref_name(base);
+        self.cache.tag(&[
+            LayoutEntry {
+                ref_name: name.clone(),
+                media_type: media_type_of(top_bytes).unwrap_or_default(),
+                digest: *top,
+                size: top_bytes.len() as u64,
+                platform: None,
+            },
+            LayoutEntry {
+                ref_name: format!("{name}-{}", arch.oci_arch()),
+                media_type: media_type_of(&chosen.bytes).unwrap_or(OCI_MANIFEST.into()),
+                digest: chosen.digest,
+                size: chosen.bytes.len() as u64,
+                platform: Some(("linux".into(), arch.oci_arch().into())),
+            },
+        ])
+    }
+
+    /// The layer model, over the cached layers in order.
+    fn apply_layers(
+        &self,
+        limits: LayerLimits,
+        layers: &[(Digest, String)],
+        diff_ids: &[Digest],
+    ) -> anyhow::Result<Tree> {
+        let mut applier = Applier::new(limits);
+        for (i, (digest, media_type)) in layers.iter().enumerate() {
+            eprintln!("applying layer {}/{} {digest}", i + 1, layers.len());
+            let path = self.cache.blob_path(digest);
+            let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            applier.apply(
+                LayerInfo {
+                    digest,
+                    media_type,
+                    diff_id: diff_ids.get(i),
+                },
+                std::io::BufReader::with_capacity(1 << 20, file),
+            )?;
+        }
+        Ok(applier.into_tree())
+    }
+
+    /// The digest and bytes the reference points to now.
+    fn resolve(
+        &mut self,
+        base: &Base,
+        arch: Arch,
+        source: &Source,
+    ) -> anyhow::Result<(Digest, Vec<u8>)> {
+        let top = match (&mut self.remote, source) {
+            (Remote::Offline, Source::Registry(image)) => image.digest.unwrap_or(base.index),
+            (Remote::Offline, Source::Layout(_)) => base.index,
+            (Remote::Layout(layout), Source::Layout(layout_ref)) => {
+                layout.resolve(layout_ref.ref_name.as_deref())?.digest
+            }
+            (Remote::Registry(_), Source::Registry(image)) if image.digest.is_some() => {
+                image.digest.expect("checked")
+            }
+            (Remote::Registry(registry), Source::Registry(image)) => {
+                let tag = image.manifest_reference();
+                eprintln!("resolving {image} at {}", registry.host());
+                // HEAD first: a tag that did not move costs no download (and no Docker Hub
+                // pull).
+                match registry.head_manifest(&tag)? {
+                    Some(digest) if self.cache.has_blob(&digest) => digest,
+                    _ => {
+                        let fetched = registry.get_manifest(&tag)?;
+                        self.cache.put_bytes(&fetched.digest, &fetched.bytes)?;
+                        return Ok((fetched.digest, fetched.bytes));
+                    }
+                }
+            }
+            _ => unreachable!("the remote is made from the source"),
+        };
+        match self.manifest(&top, "index")? {
+            Some(bytes) => Ok((top, bytes)),
+            None => Err(self.missing_error(base, arch)),
+        }
+    }
+
+    /// A manifest or index by digest: from the cache, else the source (then cached). `None`
+    /// offline when the cache lacks it (recorded in `missing`).
+    fn manifest(&mut self, digest: &Digest, what: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        if self.cache.has_blob(digest) {
+            return self.cache.read_blob(digest, MAX_MANIFEST_BYTES).map(Some);
+        }
+        let bytes = match &mut self.remote {
+            Remote::Offline => {
+                self.missing.push(format!("{what} {digest}"));
+                return Ok(None);
+            }
+            Remote::Layout(layout) => layout.read_blob(digest, MAX_MANIFEST_BYTES)?,
+            Remote::Registry(registry) => registry.get_manifest(&digest.to_string())?.bytes,
+        };
+        self.cache.put_bytes(digest, &bytes)?;
+        Ok(Some(bytes))
+    }
+
+    /// Makes sure the cache has blob `digest` of `size` bytes.
+    fn blob(&mut self, digest: &Digest, size: u64, what: &str) -> anyhow::Result<()> {
+        if self.cache.has_blob(digest) {
+            return Ok(());
+        }
+        match &mut self.remote {
+            Remote::Offline => {
+                self.missing.push(format!("{what} {digest} ({size} bytes)"));
+                Ok(())
+            }
+            Remote::Layout(layout) => {
+                let from = layout.blob_path(digest);
+                self.cache.put_with(digest, Some(size), |writer| {
+                    let mut src = File::open(&from).with_context(|| {
+                        format!("opening {} in the source layout", from.display())
+                    })?;
+                    std::io::copy(&mut src, writer)?;
+                    Ok(())
+                })
+            }
+            Remote::Registry(registry) => {
+                let label = format!("{what} sha256:{}", &digest.0.hex()[..12]);
+                self.cache.put_with(digest, Some(size), |writer| {
+                    registry.get_blob(digest, size, writer, &label)?;
+                    Ok(())
+                })
+            }
+        }
+    }
+
+    fn missing_error(&self, base: &Base, arch: Arch) -> anyhow::Error {
+        anyhow::anyhow!(
+            "--offline: the OCI cache {} lacks what base `{}` needs for {arch}:\n  {}\n\
+             run once without --offline on a connected host, or copy the image in from a local \
+             layout (source `oci:/path/to/layout:TAG`, made with `skopeo copy --all \
+             docker://{} oci:/path/to/layout:TAG`)",
+            self.cache.root().display(),
+            base.reference,
+            self.missing.join("\n  "),
+            base.reference
+        )
+    }
+}
+
+/// Whether the lock pins this manifest for `arch`; a difference is an error under `--locked`,
+/// a change to record otherwise.
+fn check_manifest_pin(
+    options: &PullOptions,
+    base: &Base,
+    arch: Arch,
+    top: &Digest,
+    manifest: &Digest,
+) -> anyhow::Result<bool> {
+    match base.manifests.get(&arch) {
+        Some(pinned) if pinned == manifest => Ok(false),
+        pinned => {
+            let pinned = pinned.map_or("nothing".to_owned(), |d| d.to_string());
+            if options.locked {
+                bail!(
+                    "index {top} lists {manifest} for linux/{}, but artifacts.lock pins {pinned} \
+                     (bases.*.manifests.{arch}); --locked forbids changing the lock. Run without \
+                     --locked to record it",
+                    arch.oci_arch()
+                );
+            }
+            Ok(true)
+        }
+    }
+}
+
+/// New pins for the lock: the new index and, for every architecture the lock pinned (and this
+/// one), the manifest the index offers now.
+fn updated_pins(
+    base: &Base,
+    arch: Arch,
+    top: &Digest,
+    chosen: &ArchManifest,
+) -> anyhow::Result<Base> {
+    let mut manifests = UniqueMap::default();
+    let wanted: Vec<Arch> = base.manifests.keys().copied().chain([arch]).collect();
+    let offered: BTreeMap<Arch, Digest> = match &chosen.index {
+        Some(index) => platform::manifests_by_arch(index)?,
+        None => [(arch, chosen.digest)].into(),
+    };
+    for a in wanted {
+        match offered.get(&a) {
+            Some(d) => {
+                manifests.insert(a, *d);
+            }
+            None => eprintln!(
+                "base `{}`: {top} has no linux/{} image any more; dropping its pin",
+                base.reference,
+                a.oci_arch()
+            ),
+        }
+    }
+    Ok(Base {
+        reference: base.reference.clone(),
+        index: *top,
+        manifests,
+    })
+}
+
+/// The name the cache's `index.json` gives this base (`docker.io/library/alpine:3.22`); the
+/// per-architecture manifest gets `<name>-<oci arch>`.
+fn cache_ref_name(base: &Base) -> String {
+    match Source::parse(&base.reference) {
+        Ok(Source::Registry(image)) => image.ref_name(),
+        Ok(Source::Layout(layout)) => layout.ref_name.unwrap_or_else(|| "base".into()),
+        Err(_) => "base".into(),
+    }
+}
+
+fn descriptor_digest(d: &oci_spec::image::Digest) -> anyhow::Result<Digest> {
+    let text = d.to_string();
+    text.parse::<Digest>()
+        .map_err(|e| anyhow::anyhow!("{e} (only sha256 digests are supported)"))
+}
+
+/// Checks the image config against the arch and layer count; returns its `rootfs.diff_ids`.
+fn check_config(
+    bytes: &[u8],
+    digest: &Digest,
+    arch: Arch,
+    layers: usize,
+) -> anyhow::Result<Vec<Digest>> {
+    let config: serde_json::Value =
+        serde_json::from_slice(bytes).with_context(|| format!("config {digest} is not JSON"))?;
+    if let Some(a) = config["architecture"].as_str()
+        && a != arch.oci_arch()
+    {
+        bail!(
+            "config {digest} is for architecture `{a}`, not {} ({arch})",
+            arch.oci_arch()
+        );
+    }
+    if let Some(os) = config["os"].as_str()
+        && os != "linux"
+    {
+        bail!("config {digest} is for os `{os}`, not linux");
+    }
+    let diff_ids: Vec<Digest> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            d.as_str()
+                .unwrap_or_default()
+                .parse::<Digest>()
+                .map_err(anyhow::Error::msg)
+        })
+        .collect::<anyhow::Result<_>>()
+        .with_context(|| format!("config {digest}: rootfs.diff_ids"))?;
+    if diff_ids.len() != layers {
+        bail!(
+            "config {digest} lists {} diff_ids for {layers} layers; the image is inconsistent",
+            diff_ids.len()
+        );
+    }
+    Ok(diff_ids)
+}
