@@ -8,8 +8,8 @@
 //! Fetcher    a Transport plus Mirrors, for files pinned by URL (kernels)
 //! ```
 //!
-//! Modules: [`transport`] (client, requests, auth hook), [`retry`] (the policy), [`download`]
-//! (streaming and resume), [`progress`] (bar or lines), [`mirror`], [`error`].
+//! Modules: `transport` (client, requests, auth hook), `retry` (the policy), `download`
+//! (streaming and resume), `progress` (bar or lines), `mirror`, `error`.
 
 mod download;
 mod error;
