@@ -479,8 +479,10 @@ mod tests {
             "rust-toolchain.toml",
             ".cargo",
             "system",
+            "guest-protocol",
             "guest-init",
             "xtask",
+            "testkit",
         ] {
             let status = std::process::Command::new("cp")
                 .arg("-r")
