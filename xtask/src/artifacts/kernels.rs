@@ -255,12 +255,11 @@ fn explain(entry: &Entry, fetcher: &Fetcher, error: FetchError) -> anyhow::Error
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::Duration;
 
     use system::lock::{Defaults, Initrd, SCHEMA, UniqueMap};
 
     use super::*;
-    use crate::fetch::{Mirror, Mirrors, Options, Progress};
+    use crate::fetch::{Mirror, Mirrors};
     use crate::store::temp_store;
     use testkit::http::{Reply, Server};
 
@@ -305,19 +304,8 @@ mod tests {
         }
     }
 
-    fn options() -> Options {
-        Options {
-            connect_timeout: Duration::from_secs(2),
-            read_timeout: Duration::from_millis(500),
-            attempts: 3,
-            backoff: Duration::from_millis(10),
-            backoff_cap: Duration::from_millis(200),
-            progress: Progress::Lines,
-        }
-    }
-
     fn fetcher() -> anyhow::Result<Fetcher> {
-        Fetcher::new(options(), Mirrors::default())
+        Fetcher::new(crate::fetch::tests::options(), Mirrors::default())
     }
 
     fn sync(lock: &mut Lock, store: &StoreWriter, plan: &Plan) -> anyhow::Result<Report> {
@@ -448,7 +436,7 @@ mod tests {
             &mut lock,
             &store,
             &Plan::default(),
-            || Fetcher::new(options(), Mirrors(vec![mirror])),
+            || Fetcher::new(crate::fetch::tests::options(), Mirrors(vec![mirror])),
             &mut report,
         )
         .unwrap();

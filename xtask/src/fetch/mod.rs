@@ -17,7 +17,7 @@ mod mirror;
 mod progress;
 mod retry;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod transport;
 
 use std::time::Duration;

@@ -17,7 +17,8 @@ fn content(len: usize) -> Arc<Vec<u8>> {
     Arc::new(testkit::noise::Noise::new(0x2545_f491_4f6c_dd1d).bytes(len))
 }
 
-fn options() -> Options {
+/// Fast retries and short timeouts: fault tests finish in milliseconds.
+pub(crate) fn options() -> Options {
     Options {
         connect_timeout: Duration::from_secs(2),
         read_timeout: Duration::from_millis(500),
