@@ -199,6 +199,16 @@ fn sync_initrds(
         target_dir: None,
     };
     let sh = xshell::Shell::new().context("starting a shell for cargo")?;
-    let mut build = |arch| guest_init::build(&sh, &options.workspace, arch, &build_options);
+    // The first arch asked for builds every arch of the plan: one cargo run for all targets.
+    let mut built = BTreeMap::new();
+    let mut build = |arch| {
+        if built.is_empty() {
+            built = guest_init::build_all(&sh, &options.workspace, &plan.arches, &build_options)?;
+        }
+        built
+            .get(&arch)
+            .cloned()
+            .with_context(|| format!("guest-init for {arch} was not built"))
+    };
     initrds::sync_initrds(lock, store, &plan, &mut build, report)
 }

@@ -7,11 +7,14 @@
 //! own target dir (`guest/` in `$CARGO_TARGET_DIR` or `<workspace>/target`) so their flags never
 //! invalidate the host build.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use system::{Arch, Sha256};
 use xshell::{Shell, cmd};
+
+use super::fingerprint::{self, Fingerprint};
 
 /// The name guest-init's package and binary have.
 pub const PACKAGE: &str = "guest-init";
@@ -77,20 +80,61 @@ pub fn build(
     arch: Arch,
     options: &BuildOptions,
 ) -> anyhow::Result<GuestInit> {
+    let mut built = build_all(sh, workspace, &[arch], options)?;
+    Ok(built
+        .remove(&arch)
+        .expect("build_all returns every arch asked for"))
+}
+
+/// Builds guest-init for every arch in `arches` (release) and returns them, checked. A binary
+/// whose recorded [`Fingerprint`] still matches its inputs is taken as is, without running
+/// cargo; the others are built by one cargo invocation for all their targets.
+pub fn build_all(
+    sh: &Shell,
+    workspace: &Path,
+    arches: &[Arch],
+    options: &BuildOptions,
+) -> anyhow::Result<BTreeMap<Arch, GuestInit>> {
     let target_dir = options
         .target_dir
         .clone()
         .unwrap_or_else(|| target_dir(workspace));
-    let triple = arch.musl_target();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let flags = encoded_rustflags(workspace, &target_dir, cargo_home().as_deref());
-    let mut extra = Vec::new();
+    let binary = |arch: Arch| {
+        target_dir
+            .join(arch.musl_target())
+            .join("release")
+            .join(PACKAGE)
+    };
+    let mut built = BTreeMap::new();
+    let mut stale = Vec::new();
+    for &arch in arches {
+        let fingerprint = Fingerprint::of_build(workspace, PACKAGE, arch.musl_target(), &flags)?;
+        match fingerprint
+            .as_ref()
+            .and_then(|f| fingerprint::current(&binary(arch), f))
+        {
+            Some((bytes, sha256)) => {
+                built.insert(arch, GuestInit { bytes, sha256 });
+            }
+            None => stale.push((arch, fingerprint)),
+        }
+    }
+    if stale.is_empty() {
+        return Ok(built);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut args = vec![];
+    for (arch, _) in &stale {
+        args.extend(["--target", arch.musl_target()]);
+    }
     if options.locked {
-        extra.push("--locked");
+        args.push("--locked");
     }
     if options.offline {
-        extra.push("--offline");
+        args.push("--offline");
     }
+    let triples: Vec<&str> = stale.iter().map(|(arch, _)| arch.musl_target()).collect();
     let _dir = sh.push_dir(workspace);
     let _flags = sh.push_env("CARGO_ENCODED_RUSTFLAGS", &flags);
     // CARGO_ENCODED_RUSTFLAGS wins over RUSTFLAGS and config rustflags: flags from the builder's
@@ -98,25 +142,46 @@ pub fn build(
     let _target = sh.push_env("CARGO_TARGET_DIR", &target_dir);
     cmd!(
         sh,
-        "{cargo} build --package {PACKAGE} --bin {PACKAGE} --release --target {triple} {extra...}"
+        "{cargo} build --package {PACKAGE} --bin {PACKAGE} --release {args...}"
     )
     .run()
     .with_context(|| {
         format!(
-            "building {PACKAGE} for {triple}; if the target is missing, run \
-             `rustup target add {triple}`"
+            "building {PACKAGE} for {}; if a target is missing, run `rustup target add {}`",
+            triples.join(" and "),
+            triples.join(" ")
         )
     })?;
-    let path = target_dir.join(triple).join("release").join(PACKAGE);
-    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    for (arch, fingerprint) in stale {
+        let path = binary(arch);
+        let guest_init = read_checked(&path, arch, workspace, &target_dir, &flags)?;
+        if let Some(fingerprint) = fingerprint {
+            fingerprint::record(&path, &fingerprint, &guest_init.sha256)?;
+        }
+        built.insert(arch, guest_init);
+    }
+    Ok(built)
+}
+
+/// Reads a freshly built binary and refuses it unless it is a static ELF for `arch` with no
+/// trace of the paths it was built in.
+fn read_checked(
+    path: &Path,
+    arch: Arch,
+    workspace: &Path,
+    target_dir: &Path,
+    flags: &str,
+) -> anyhow::Result<GuestInit> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     check_static_elf(&bytes, arch).with_context(|| {
         format!(
             "refusing to pack {} into an initrd for {arch}",
             path.display()
         )
     })?;
-    for build_path in [workspace, &target_dir] {
-        if let Some(at) = find(&bytes, build_path.as_os_str().as_encoded_bytes()) {
+    for build_path in [workspace, target_dir] {
+        let needle = build_path.as_os_str().as_encoded_bytes();
+        if let Some(at) = memchr::memmem::find(&bytes, needle) {
             bail!(
                 "{} contains the build path {} at offset {at}: it would not be reproducible \
                  elsewhere. Check the --remap-path-prefix flags ({})",
@@ -128,13 +193,6 @@ pub fn build(
     }
     let sha256 = system::hash::sha256_bytes(&bytes);
     Ok(GuestInit { bytes, sha256 })
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() {
-        return None;
-    }
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Refuses anything but a 64-bit little-endian ELF executable for `arch` that needs no dynamic
