@@ -21,6 +21,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "GNU cpio reads initrds back in the reproducibility tests",
     ),
     ("curl", "the download benchmark's baseline"),
+    ("openssl", "the hashing benchmark's baseline (openssl dgst)"),
     (
         "docker-registry",
         "the OCI pull tests run a real registry on 127.0.0.1",
