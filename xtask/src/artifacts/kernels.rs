@@ -4,7 +4,9 @@
 //! A blob already present is re-hashed and reused without any request. A missing one is
 //! downloaded ([`crate::fetch`]) into a store blob writer, and becomes visible only once its
 //! sha256 (and size, when recorded) match the lock. A lock entry without a size gets the verified size recorded,
-//! except under `--locked`, which refuses such an entry before touching the network.
+//! except under `--locked`, which refuses such an entry before touching the network. A failed
+//! download does not stop the others: every selected file is tried, and the stage fails at the
+//! end listing every failure with its next step (as `--offline` lists every missing file).
 
 use std::fmt::Write as _;
 use std::fs;
@@ -77,6 +79,7 @@ pub fn sync_kernels(
     }
 
     let mut missing = Vec::new();
+    let mut failed = Vec::new();
     let mut fetcher_slot = Some(fetcher);
     let mut client: Option<Fetcher> = None;
     for entry in &entries {
@@ -99,7 +102,14 @@ pub fn sync_kernels(
                 client = Some(make()?);
             }
             let fetcher = client.as_ref().expect("just built");
-            let fetched = fetch(store, fetcher, entry).map_err(|e| explain(entry, fetcher, e))?;
+            // One failure does not stop the others: every file is tried, every failure listed.
+            let fetched = match fetch(store, fetcher, entry) {
+                Ok(fetched) => fetched,
+                Err(e) => {
+                    failed.push(explain(entry, fetcher, e));
+                    continue;
+                }
+            };
             report.fetched.push(format!(
                 "{} sha256:{} ({} bytes, {} request(s))",
                 entry.name(),
@@ -120,6 +130,20 @@ pub fn sync_kernels(
         }
     }
 
+    if failed.len() == 1 {
+        return Err(failed.remove(0));
+    }
+    if !failed.is_empty() {
+        let mut msg = format!(
+            "{} of {} kernel file(s) could not be fetched (any others were stored and linked):",
+            failed.len(),
+            entries.len()
+        );
+        for error in &failed {
+            let _ = write!(msg, "\n- {}", format!("{error:#}").replace('\n', "\n  "));
+        }
+        bail!(msg);
+    }
     if !missing.is_empty() {
         let mut msg = format!(
             "--offline: {} kernel file(s) are not in the store at {}:\n",
@@ -238,7 +262,7 @@ fn explain(entry: &Entry, fetcher: &Fetcher, error: FetchError) -> anyhow::Error
             .to_owned(),
         FetchError::Digest { .. } | FetchError::Size { .. } => format!(
             "next step: the server's file is not the pinned one. If the publisher replaced it on \
-             purpose, re-pin with `cargo xtask lock add-kernel {} --url {}={url}` and review the \
+             purpose, re-pin with `cargo xtask lock add-kernel {} --refresh --url {}={url}` and review the \
              diff; otherwise fetch from a trusted copy with --mirror FROM=TO",
             entry.version, entry.arch
         ),
@@ -397,6 +421,59 @@ mod tests {
             assert!(err.contains(needle), "missing {needle:?} in: {err}");
         }
         assert_store_empty(&store);
+    }
+
+    #[test]
+    fn every_kernel_is_tried_and_every_failure_reported() {
+        let good = content(5_000);
+        let served = Server::serving(&good, true);
+        let gone = Server::start(|_, _| Reply::Status {
+            code: 404,
+            headers: vec![],
+        })
+        .unwrap();
+        let (_dir, store) = temp_store();
+        let (gone_url, wrong_url) = (gone.url("/x86"), served.url("/arm"));
+        // V: x86_64 is gone, aarch64 serves other bytes than pinned; V2 x86_64 is fine.
+        let mut lock = lock_for(&[
+            (Arch::X86_64, &gone_url, b"k", None),
+            (Arch::Aarch64, &wrong_url, b"pinned arm", None),
+        ]);
+        let mut files = UniqueMap::default();
+        files.insert(
+            Arch::X86_64,
+            KernelFile {
+                url: served.url("/ok"),
+                sha256: system::hash::sha256_bytes(&good),
+                size: None,
+            },
+        );
+        lock.kernels.insert(Version::new("ch-test-2").unwrap(), files);
+
+        let err = format!(
+            "{:#}",
+            sync(&mut lock, &store, &Plan::default()).unwrap_err()
+        );
+        for needle in [
+            "2 of 3 kernel file(s)",
+            &format!("kernel {V} x86_64"),
+            &format!("kernel {V} aarch64"),
+            "404",
+            &gone_url,
+            &wrong_url,
+            &system::hash::sha256_bytes(b"pinned arm").hex(),
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in: {err}");
+        }
+        assert!(!err.contains("ch-test-2"), "{err}");
+        // The one that could be fetched was, and is linked and recorded.
+        let link = store.layout().kernel_link("ch-test-2", Arch::X86_64);
+        assert_eq!(fs::read(link).unwrap(), *good);
+        assert_eq!(
+            lock.kernels["ch-test-2"][&Arch::X86_64].size,
+            Some(good.len() as u64)
+        );
+        assert_eq!(lock.kernels[V][&Arch::Aarch64].size, None);
     }
 
     #[test]
