@@ -448,7 +448,8 @@ mod tests {
                 size: None,
             },
         );
-        lock.kernels.insert(Version::new("ch-test-2").unwrap(), files);
+        lock.kernels
+            .insert(Version::new("ch-test-2").unwrap(), files);
 
         let err = format!(
             "{:#}",

@@ -202,6 +202,14 @@ fn sync_initrds(
         target_dir: None,
     };
     let sh = xshell::Shell::new().context("starting a shell for cargo")?;
-    let mut build = |arch| guest_init::build(&sh, &options.workspace, arch, &build_options);
+    let mut targets_ready = false;
+    let mut build = |arch| {
+        // A fresh machine has the pinned toolchain but not its musl targets.
+        if !targets_ready {
+            crate::toolchain::ensure_targets(&sh, &options.workspace, options.offline)?;
+            targets_ready = true;
+        }
+        guest_init::build(&sh, &options.workspace, arch, &build_options)
+    };
     initrds::sync_initrds(lock, store, &plan, &mut build, report)
 }

@@ -148,10 +148,21 @@ mod tests {
         let ok = Server::serving(&body, true);
         let url = format!("x86_64={}", ok.url("/vmlinux"));
         let cmd = add_kernel_cmd(&[
-            "ch-test-1", "--url", &url, "--lock", lock_arg, "--data-dir", data_arg, "--refresh",
+            "ch-test-1",
+            "--url",
+            &url,
+            "--lock",
+            lock_arg,
+            "--data-dir",
+            data_arg,
+            "--refresh",
         ]);
         assert!(cmd.refresh);
         cmd.run().unwrap();
-        assert!(std::fs::read_to_string(&lock).unwrap().contains("ch-test-1"));
+        assert!(
+            std::fs::read_to_string(&lock)
+                .unwrap()
+                .contains("ch-test-1")
+        );
     }
 }

@@ -325,8 +325,13 @@ mod tests {
         ];
         let err = format!(
             "{:#}",
-            add_kernel(&f.lock, &f.store, &test_fetcher(), &request("ch-test-9", &urls))
-                .unwrap_err()
+            add_kernel(
+                &f.lock,
+                &f.store,
+                &test_fetcher(),
+                &request("ch-test-9", &urls)
+            )
+            .unwrap_err()
         );
         assert!(err.contains("404") && err.contains("no link"), "{err}");
         assert_eq!(fs::read(&f.lock).unwrap(), before, "the lock is unchanged");
@@ -338,7 +343,13 @@ mod tests {
         // The retry, with the second URL fixed, does not download the first file again.
         let fixed = Server::serving(&arm, true);
         let urls = [urls[0].clone(), format!("aarch64={}", fixed.url("/Image"))];
-        add_kernel(&f.lock, &f.store, &test_fetcher(), &request("ch-test-9", &urls)).unwrap();
+        add_kernel(
+            &f.lock,
+            &f.store,
+            &test_fetcher(),
+            &request("ch-test-9", &urls),
+        )
+        .unwrap();
         assert_eq!(good.count(), 1, "the stored x86_64 file was reused");
         assert_eq!(fixed.count(), 1);
         let new = crate::lock::read(&f.lock).unwrap();
@@ -358,15 +369,25 @@ mod tests {
         let server = Server::serving(&body, true);
         let f = fixture();
         let url = format!("x86_64={}", server.url("/vmlinux"));
-        add_kernel(&f.lock, &f.store, &test_fetcher(), &request("ch-a", &[url.clone()])).unwrap();
+        add_kernel(
+            &f.lock,
+            &f.store,
+            &test_fetcher(),
+            &request("ch-a", &[url.clone()]),
+        )
+        .unwrap();
         assert_eq!(server.count(), 1);
         // Not the add's own record: the lock's pin is enough.
         fs::remove_dir_all(f.store.layout().root().join(".downloads")).unwrap();
 
         // The same URL under another version: the lock pins it and the store holds the blob.
-        let updated =
-            add_kernel(&f.lock, &f.store, &test_fetcher(), &request("ch-b", &[url.clone()]))
-                .unwrap();
+        let updated = add_kernel(
+            &f.lock,
+            &f.store,
+            &test_fetcher(),
+            &request("ch-b", &[url.clone()]),
+        )
+        .unwrap();
         assert_eq!(server.count(), 1, "no request for a file the store holds");
         assert_eq!(
             updated.after.kernels["ch-b"][&Arch::X86_64],
@@ -385,10 +406,12 @@ mod tests {
         let _ = fs::remove_file(f.store.layout().verified_stamp(&digest));
         fs::remove_file(&blob).unwrap();
         fs::write(&blob, b"rotten").unwrap();
-        add_kernel(&f.lock, &f.store, &test_fetcher(), &request("ch-c", &[format!(
-            "x86_64={}",
-            server.url("/vmlinux")
-        )]))
+        add_kernel(
+            &f.lock,
+            &f.store,
+            &test_fetcher(),
+            &request("ch-c", &[format!("x86_64={}", server.url("/vmlinux"))]),
+        )
         .unwrap();
         assert_eq!(server.count(), 3);
         assert_eq!(fs::read(&blob).unwrap(), *body);

@@ -92,7 +92,8 @@ mod tests {
     fn disjoint_edits_both_land() {
         let base = json!({"kernels": {"a": {"x86_64": {"sha256": "1"}}}, "defaults": "a"});
         // Ours records a size; theirs adds a version and makes it the default.
-        let ours = json!({"kernels": {"a": {"x86_64": {"sha256": "1", "size": 5}}}, "defaults": "a"});
+        let ours =
+            json!({"kernels": {"a": {"x86_64": {"sha256": "1", "size": 5}}}, "defaults": "a"});
         let theirs = json!({
             "kernels": {"a": {"x86_64": {"sha256": "1"}}, "b": {"aarch64": {"sha256": "2"}}},
             "defaults": "b"
@@ -144,7 +145,10 @@ mod tests {
 
         let theirs = json!({"i": {"modules": ["c"]}, "gone": {"x": 1}});
         let conflict = merge(&base, &ours, &theirs).unwrap_err();
-        assert_eq!(conflict.path, "i.modules", "arrays are not merged element-wise");
+        assert_eq!(
+            conflict.path, "i.modules",
+            "arrays are not merged element-wise"
+        );
 
         // A removal nobody else touched goes through.
         let ours = json!({"i": {"modules": ["a"]}});

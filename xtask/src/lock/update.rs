@@ -221,7 +221,9 @@ mod tests {
         let on_disk = crate::lock::read(&path).unwrap();
         for n in 0..8 {
             assert!(
-                on_disk.kernels.contains_key(format!("ch-race-{n}").as_str()),
+                on_disk
+                    .kernels
+                    .contains_key(format!("ch-race-{n}").as_str()),
                 "ch-race-{n} was lost"
             );
         }
