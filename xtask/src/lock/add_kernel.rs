@@ -373,19 +373,19 @@ mod tests {
             &f.lock,
             &f.store,
             &test_fetcher(),
-            &request("ch-a", &[url.clone()]),
+            &request("ch-a", std::slice::from_ref(&url)),
         )
         .unwrap();
         assert_eq!(server.count(), 1);
         // Not the add's own record: the lock's pin is enough.
-        fs::remove_dir_all(f.store.layout().root().join(".downloads")).unwrap();
+        fs::remove_file(f.store.layout().download_record(&server.url("/vmlinux"))).unwrap();
 
         // The same URL under another version: the lock pins it and the store holds the blob.
         let updated = add_kernel(
             &f.lock,
             &f.store,
             &test_fetcher(),
-            &request("ch-b", &[url.clone()]),
+            &request("ch-b", std::slice::from_ref(&url)),
         )
         .unwrap();
         assert_eq!(server.count(), 1, "no request for a file the store holds");
