@@ -469,7 +469,11 @@ mod tests {
                 initrds: vec![],
                 offline: false,
                 locked: false,
-                transfer: crate::fetch::tests::options(),
+                // Long enough that the held download is not retried before add-kernel is done.
+                transfer: crate::fetch::Options {
+                    read_timeout: std::time::Duration::from_secs(60),
+                    ..crate::fetch::tests::options()
+                },
                 mirrors: Mirrors::default(),
                 stages: vec![crate::artifacts::Stage::Kernels],
                 modules_dir: None,
@@ -490,6 +494,7 @@ mod tests {
         .unwrap();
         go_tx.send(()).unwrap();
         artifacts.join().unwrap().unwrap();
+        assert_eq!(slow.count(), 1, "the held download was not retried around the race");
 
         let on_disk = crate::lock::read(&f.lock).unwrap();
         assert!(
