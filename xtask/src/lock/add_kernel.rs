@@ -494,7 +494,11 @@ mod tests {
         .unwrap();
         go_tx.send(()).unwrap();
         artifacts.join().unwrap().unwrap();
-        assert_eq!(slow.count(), 1, "the held download was not retried around the race");
+        assert_eq!(
+            slow.count(),
+            1,
+            "the held download was not retried around the race"
+        );
 
         let on_disk = crate::lock::read(&f.lock).unwrap();
         assert!(
