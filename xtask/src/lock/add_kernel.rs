@@ -19,6 +19,7 @@ use system::{Arch, Lock, Sha256};
 use crate::fetch::{Expected, FetchError, Fetcher};
 use crate::lock::Updated;
 use crate::store::{StoreWriter, atomic_write};
+
 /// `ARCH=URL`: the file one architecture of a kernel version is fetched from.
 #[derive(Debug, Clone)]
 pub struct ArchUrl {
