@@ -9,6 +9,7 @@
 //!   artifacts.lock                          the lock this store satisfies
 //!   .lock                                   advisory lock serializing writers
 //!   .verified/<hex>                         the stamp of a blob when the generator last hashed it
+//!   .downloads/<hex of the URL's sha256>    the blob a URL served when `lock add-kernel` fetched it
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -75,6 +76,13 @@ impl Layout {
     /// The advisory lock file concurrent writers serialize on.
     pub fn writer_lock(&self) -> PathBuf {
         self.root.join(".lock")
+    }
+
+    /// Where `lock add-kernel` records which blob (`<hex> <size>`) `url` served when it last
+    /// downloaded it, so adding it again (after a failure, or with another arch) reuses the blob.
+    pub fn download_record(&self, url: &str) -> PathBuf {
+        let key = crate::hash::sha256_bytes(url.as_bytes());
+        self.root.join(".downloads").join(key.hex())
     }
 
     /// The relative symlink target that a named link (three directories deep: kind, version,

@@ -20,6 +20,7 @@ pub mod oci;
 pub mod rootfs;
 pub mod store;
 pub mod test_suite;
+pub mod toolchain;
 
 use std::path::PathBuf;
 

@@ -2,8 +2,9 @@
 //!
 //! Stages run in data-flow order ([`kernels`], then [`initrds`], which pull the base image and
 //! build guest-init), all under the store's writer lock, each recording what it did in a
-//! [`Report`]. The lock file is written once at the end, and only when something in it changed;
-//! after a successful run the store keeps a copy of it (`<store>/artifacts.lock`).
+//! [`Report`]. The lock file is written once at the end, and only when something in it changed
+//! (merged into the file as it is then: [`crate::lock::update`]); after a successful run the
+//! store keeps a copy of the lock this run satisfied (`<store>/artifacts.lock`).
 
 pub mod initrds;
 pub mod kernels;
@@ -88,20 +89,22 @@ impl fmt::Display for Report {
 
 /// Runs the selected stages and writes the lock when it changed (never under `locked`).
 pub fn run(options: &Options) -> anyhow::Result<()> {
-    let lock = crate::lock::read(&options.lock)?;
-    check_selection(&lock, options)?;
+    check_selection(&crate::lock::read(&options.lock)?, options)?;
     let store = StoreWriter::open(&options.data_dir)?;
-    let original = lock.clone();
-    let mut lock = lock;
+    // Read again once this run has the store: a writer it waited for may have changed the lock.
+    let original = crate::lock::read(&options.lock)?;
+    check_selection(&original, options)?;
+    let mut lock = original.clone();
     let mut report = Report::default();
 
     let outcome = stages(&mut lock, &store, options, &mut report);
     // Record what finished even when a later stage failed: it is verified and in the store.
+    // Merged into the file as it is now, so a concurrent `lock add-kernel` is not undone.
     if lock != original {
         if options.locked {
             bail!("--locked: this run would change {}", options.lock.display());
         }
-        crate::lock::write(&options.lock, &lock)?;
+        crate::lock::update(&options.lock, &original, &lock)?;
     }
     eprint!("{report}");
     outcome?;

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use system::lock::Version;
 use xtask::fetch::Fetcher;
-use xtask::lock::add_kernel::{ArchUrl, add_kernel};
+use xtask::lock::add_kernel::{ArchUrl, Request, add_kernel};
 use xtask::store::StoreWriter;
 
 use super::{TransferArgs, from_workspace};
@@ -21,6 +21,7 @@ enum LockCommand {
 
 /// Download a kernel version's files, record URL + sha256 + size in the lock, print the diff.
 /// Existing architectures of the version not named here are kept; named ones are replaced.
+/// A file the store already holds for its URL is reused without a request (see --refresh).
 #[derive(clap::Args)]
 pub struct AddKernel {
     /// The version name, e.g. `ch-release-v6.16.9-20260508`.
@@ -32,6 +33,10 @@ pub struct AddKernel {
     /// Also make this the default kernel.
     #[arg(long)]
     pub default: bool,
+    /// Download every URL again even when the store holds what it served before (for a file
+    /// the publisher replaced in place).
+    #[arg(long)]
+    pub refresh: bool,
     /// The lock to update (relative paths are taken from the workspace root).
     #[arg(long, default_value = "artifacts.lock")]
     pub lock: PathBuf,
@@ -53,31 +58,111 @@ impl LockCmd {
 impl AddKernel {
     fn run(self) -> anyhow::Result<()> {
         let lock_path = from_workspace(&self.lock);
-        let old = xtask::lock::read(&lock_path)?;
         let store = StoreWriter::open(&from_workspace(&self.data_dir))?;
         let fetcher = Fetcher::new(self.transfer.options(), self.transfer.mirrors())?;
-        let new = add_kernel(
-            &old,
-            &store,
-            &fetcher,
-            &self.version,
-            &self.urls,
-            self.default,
-        )?;
-        if new == old {
+        let request = Request {
+            version: self.version,
+            urls: self.urls,
+            make_default: self.default,
+            refresh: self.refresh,
+        };
+        let updated = add_kernel(&lock_path, &store, &fetcher, &request)?;
+        if !updated.changed() {
             eprintln!(
                 "{}: kernel {} is already pinned exactly so; nothing changed",
                 lock_path.display(),
-                self.version
+                request.version
             );
             return Ok(());
         }
-        xtask::lock::write(&lock_path, &new)?;
-        println!("{}", xtask::lock::diff(&old.to_json(), &new.to_json()));
+        println!("{}", updated.diff());
         eprintln!(
             "updated {}: review the diff above and commit it",
             lock_path.display()
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use clap::Parser as _;
+    use testkit::http::{Reply, Server};
+
+    use crate::cli::{Cli, Command};
+
+    fn add_kernel_cmd(args: &[&str]) -> super::AddKernel {
+        let cli = Cli::try_parse_from(["cargo xtask", "lock", "add-kernel"].iter().chain(args))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Lock(super::LockCmd {
+            command: super::LockCommand::AddKernel(cmd),
+        }) = cli.command
+        else {
+            unreachable!("parsed as lock add-kernel")
+        };
+        cmd
+    }
+
+    #[test]
+    fn add_kernel_takes_the_transfer_flags_and_obeys_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = dir.path().join("artifacts.lock");
+        std::fs::write(&lock, include_str!("../../../artifacts.lock")).unwrap();
+        let data = dir.path().join("data");
+        // A server that accepts and never answers: only the read timeout ends the attempt.
+        let stall = Server::start(|_, _| Reply::Stall).unwrap();
+        let url = format!("x86_64={}", stall.url("/vmlinux"));
+        let (lock_arg, data_arg) = (lock.to_str().unwrap(), data.to_str().unwrap());
+        let cmd = add_kernel_cmd(&[
+            "ch-test-1",
+            "--url",
+            &url,
+            "--lock",
+            lock_arg,
+            "--data-dir",
+            data_arg,
+            "--connect-timeout",
+            "1.5",
+            "--read-timeout",
+            "0.2",
+            "--attempts",
+            "1",
+        ]);
+        let options = cmd.transfer.options();
+        assert_eq!(options.connect_timeout.as_millis(), 1500);
+        assert_eq!(options.read_timeout.as_millis(), 200);
+        assert_eq!(options.attempts, 1);
+
+        let err = format!("{:#}", cmd.run().unwrap_err());
+        assert_eq!(stall.count(), 1, "--attempts 1: one request: {err}");
+        assert!(err.contains("kernel ch-test-1 x86_64"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(&lock).unwrap(),
+            include_str!("../../../artifacts.lock")
+        );
+
+        // And --refresh parses (its effect is tested in the library).
+        let body = Arc::new(b"k".to_vec());
+        let ok = Server::serving(&body, true);
+        let url = format!("x86_64={}", ok.url("/vmlinux"));
+        let cmd = add_kernel_cmd(&[
+            "ch-test-1",
+            "--url",
+            &url,
+            "--lock",
+            lock_arg,
+            "--data-dir",
+            data_arg,
+            "--refresh",
+        ]);
+        assert!(cmd.refresh);
+        cmd.run().unwrap();
+        assert!(
+            std::fs::read_to_string(&lock)
+                .unwrap()
+                .contains("ch-test-1")
+        );
     }
 }

@@ -123,6 +123,9 @@ pub fn build_all(
     if stale.is_empty() {
         return Ok(built);
     }
+    // A fresh machine has the pinned toolchain but not its musl targets. Checked only here,
+    // when cargo must run: a no-op run spawns nothing.
+    crate::toolchain::ensure_targets(sh, workspace, options.offline)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut args = vec![];
     for (arch, _) in &stale {

@@ -1,7 +1,12 @@
-//! The lock file on disk: read and validated, written atomically, changes shown as a diff.
+//! The lock file on disk: read and validated, edited without losing a concurrent edit
+//! ([`update`]), written atomically, changes shown as a diff.
 //! The lock's types and validation are `system::lock`'s: generator and runtime share them.
 
 pub mod add_kernel;
+mod merge;
+mod update;
+
+pub use update::{Updated, update};
 
 use std::path::Path;
 
@@ -15,7 +20,9 @@ pub fn read(path: &Path) -> anyhow::Result<Lock> {
     Lock::parse(&text).with_context(|| format!("in {}", path.display()))
 }
 
-/// Writes the lock atomically: a crash never leaves half a lock.
+/// Replaces the lock file whole, atomically: a crash never leaves half a lock. Only for a file
+/// no other command edits (the store's copy, under the store's lock); an edit of a lock others
+/// may edit too goes through [`update`].
 pub fn write(path: &Path, lock: &Lock) -> anyhow::Result<()> {
     crate::store::atomic_write(path, lock.to_json().as_bytes())
 }

@@ -23,7 +23,7 @@ pub struct Options {
 pub fn run(options: &Options) -> anyhow::Result<()> {
     let sh = Shell::new()?;
     sh.change_dir(crate::workspace_root());
-    prepare::rust_targets(&sh)?;
+    crate::toolchain::ensure_targets(&sh, &crate::workspace_root(), false)?;
     prepare::apt_packages(&sh)?;
     prepare::arm64_guest(&sh)?;
     if options.prepare_only {

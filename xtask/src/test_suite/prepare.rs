@@ -1,5 +1,6 @@
-//! Preparing a fresh machine for the tests: the rustup targets rust-toolchain.toml lists, the
-//! Debian packages the tests use, and Debian's arm64 kernel and busybox for the aarch64 VM tests.
+//! Preparing a fresh machine for the tests: the Debian packages the tests use, and Debian's
+//! arm64 kernel and busybox for the aarch64 VM tests (the rustup targets are
+//! [`crate::toolchain`]'s, shared with `cargo xtask artifacts`).
 
 use std::path::{Path, PathBuf};
 
@@ -59,31 +60,6 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "the VM tests' rootfs has a shell and tools",
     ),
 ];
-
-/// The targets rust-toolchain.toml lists, added with rustup (a no-op when present).
-pub fn rust_targets(sh: &Shell) -> anyhow::Result<()> {
-    let toolchain = sh.read_file("rust-toolchain.toml")?;
-    let targets = toolchain_targets(&toolchain);
-    if targets.is_empty() {
-        return Ok(());
-    }
-    cmd!(sh, "rustup target add {targets...}")
-        .quiet()
-        .run()
-        .context("adding the rustup targets rust-toolchain.toml lists")
-}
-
-/// The `targets = [...]` array of a rust-toolchain.toml.
-fn toolchain_targets(toml: &str) -> Vec<String> {
-    let Some(line) = toml.lines().find(|l| l.trim_start().starts_with("targets")) else {
-        return Vec::new();
-    };
-    line.split('"')
-        .skip(1)
-        .step_by(2)
-        .map(str::to_owned)
-        .collect()
-}
 
 pub fn apt_packages(sh: &Shell) -> anyhow::Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
@@ -249,13 +225,6 @@ fn apt_installed(sh: &Shell, package: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_the_toolchain_targets() {
-        let toml = "[toolchain]\nchannel = \"1.95.0\"\ntargets = [\"a-musl\", \"b-musl\"]\n";
-        assert_eq!(toolchain_targets(toml), ["a-musl", "b-musl"]);
-        assert!(toolchain_targets("[toolchain]\n").is_empty());
-    }
 
     #[test]
     fn finds_the_real_arm64_kernel_package() {
