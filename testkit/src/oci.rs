@@ -471,6 +471,9 @@ pub struct Faults {
     pub corrupt: Vec<Digest>,
     /// Answer this many requests with 503 first.
     pub unavailable: AtomicUsize,
+    /// Require credentials: this exact `Authorization: Basic …` value, on `/token` with
+    /// `bearer`, else on every registry request.
+    pub basic: Option<String>,
 }
 
 /// A tiny registry serving one OCI layout over plain HTTP on 127.0.0.1 (on [`Server`]), with
@@ -540,7 +543,17 @@ fn respond(request: &Request, layout: &Path, faults: &Faults) -> Answer {
     {
         return (503, vec![], Vec::new());
     }
+    let refused = |realm: &str| {
+        let challenge = format!(r#"Basic realm="{realm}""#);
+        let body = br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#;
+        (401, vec![("WWW-Authenticate", challenge)], body.to_vec())
+    };
     if let Some(query) = target.strip_prefix("/token?") {
+        if let Some(basic) = &faults.basic
+            && authorization != Some(basic.as_str())
+        {
+            return refused("token");
+        }
         assert!(query.contains("service=fake"), "token query {query}");
         assert!(
             query.contains("scope=repository%3Afixture%3Apull"),
@@ -554,6 +567,12 @@ fn respond(request: &Request, layout: &Path, faults: &Faults) -> Answer {
             r#"Bearer realm="http://{host}/token",service="fake",scope="repository:fixture:pull""#
         );
         return (401, vec![("WWW-Authenticate", challenge)], Vec::new());
+    }
+    if !faults.bearer
+        && let Some(basic) = &faults.basic
+        && authorization != Some(basic.as_str())
+    {
+        return refused("fake");
     }
     let Some(rest) = target.strip_prefix("/v2/fixture/") else {
         return not_found;

@@ -477,3 +477,53 @@ fn transient_failures_are_retried() {
         "{err}"
     );
 }
+
+#[test]
+fn refused_credentials_are_named_with_host_and_user() {
+    use auth::Credentials;
+    use reference::ImageRef;
+    let work = tempfile::tempdir().unwrap();
+    let fixture = build_layout(&work.path().join("layout"), "v1", 1);
+    let credentials = |password: &str| Credentials {
+        user: "ci-bot".into(),
+        password: password.into(),
+        origin: "XTASK_REGISTRY_USER/XTASK_REGISTRY_PASSWORD".into(),
+    };
+    let right = credentials("right").basic_header();
+    // Basic auth on the registry itself, and basic auth on its token service.
+    for bearer in [false, true] {
+        let server = FakeRegistry::start(
+            &fixture.dir,
+            Faults {
+                bearer,
+                basic: Some(right.clone()),
+                ..Faults::default()
+            },
+        );
+        let image = ImageRef::parse(&format!("{}/fixture:v1", server.host())).unwrap();
+        let connect = |c: Option<Credentials>| {
+            Registry::with_credentials(&image, &options().transfer, &[], c).unwrap()
+        };
+        let err = format!(
+            "{:#}",
+            connect(Some(credentials("wrong")))
+                .get_manifest("v1")
+                .unwrap_err()
+        );
+        for needle in [
+            "refused the credentials",
+            "`ci-bot`",
+            &server.host(),
+            "XTASK_REGISTRY_USER/XTASK_REGISTRY_PASSWORD",
+        ] {
+            assert!(err.contains(needle), "bearer {bearer}: {needle}: {err}");
+        }
+        assert!(!err.contains("set XTASK_REGISTRY_USER"), "{err}");
+        // Anonymous: the advice to set credentials stands.
+        let err = format!("{:#}", connect(None).get_manifest("v1").unwrap_err());
+        assert!(err.contains("set XTASK_REGISTRY_USER"), "{err}");
+        connect(Some(credentials("right")))
+            .get_manifest("v1")
+            .unwrap();
+    }
+}
