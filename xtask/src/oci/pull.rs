@@ -10,7 +10,7 @@ use oci_spec::image::{ImageIndex, ImageManifest};
 use system::Arch;
 use system::lock::{Base, Digest, UniqueMap};
 
-use super::cache::{LayoutEntry, OciLayout};
+use super::cache::{BlobState, LayoutEntry, OciLayout};
 use super::layers::{Applier, LayerInfo, LayerLimits};
 use super::reference::Source;
 use super::registry::{MAX_MANIFEST_BYTES, Registry};
@@ -259,29 +259,48 @@ impl Puller {
     /// A manifest or index by digest: from the cache, else the source (then cached). `None`
     /// offline when the cache lacks it (recorded in `missing`).
     fn manifest(&mut self, digest: &Digest, what: &str) -> anyhow::Result<Option<Vec<u8>>> {
-        if self.cache.has_blob(digest) {
-            return self.cache.read_blob(digest, MAX_MANIFEST_BYTES).map(Some);
-        }
-        let bytes = match &mut self.remote {
-            Remote::Offline => {
-                self.missing.push(format!("{what} {digest}"));
-                return Ok(None);
-            }
-            Remote::Layout(layout) => layout.read_blob(digest, MAX_MANIFEST_BYTES)?,
-            Remote::Registry(registry) => registry.get_manifest(&digest.to_string())?.bytes,
+        let damage = match self.cache.check_blob(digest)? {
+            BlobState::Whole => return self.cache.read_blob(digest, MAX_MANIFEST_BYTES).map(Some),
+            BlobState::Missing => None,
+            BlobState::Corrupt { why } => Some(why),
         };
+        if matches!(self.remote, Remote::Offline) {
+            self.missing
+                .push(format!("{what} {digest}{}", damage_note(damage.as_deref())));
+            return Ok(None);
+        }
+        refetching(damage.as_deref(), what, &self.source);
+        let bytes = self.fetch_manifest(digest)?;
         self.cache.put_bytes(digest, &bytes)?;
         Ok(Some(bytes))
     }
 
-    /// Makes sure the cache has blob `digest` of `size` bytes.
+    /// A manifest by digest from the source (online only).
+    fn fetch_manifest(&mut self, digest: &Digest) -> anyhow::Result<Vec<u8>> {
+        Ok(match &mut self.remote {
+            Remote::Offline => unreachable!("offline pulls read the cache only"),
+            Remote::Layout(layout) => layout.read_blob(digest, MAX_MANIFEST_BYTES)?,
+            Remote::Registry(registry) => registry.get_manifest(&digest.to_string())?.bytes,
+        })
+    }
+
+    /// Makes sure the cache has blob `digest` of `size` bytes, whole: a cached copy is hashed
+    /// before it is used, and a corrupt one fetched again (offline: listed as missing).
     fn blob(&mut self, digest: &Digest, size: u64, what: &str) -> anyhow::Result<()> {
-        if self.cache.has_blob(digest) {
-            return Ok(());
+        let damage = match self.cache.check_blob(digest)? {
+            BlobState::Whole => return Ok(()),
+            BlobState::Missing => None,
+            BlobState::Corrupt { why } => Some(why),
+        };
+        if !matches!(self.remote, Remote::Offline) {
+            refetching(damage.as_deref(), what, &self.source);
         }
         match &mut self.remote {
             Remote::Offline => {
-                self.missing.push(format!("{what} {digest} ({size} bytes)"));
+                self.missing.push(format!(
+                    "{what} {digest} ({size} bytes){}",
+                    damage_note(damage.as_deref())
+                ));
                 Ok(())
             }
             Remote::Layout(layout) => {
@@ -315,6 +334,20 @@ impl Puller {
             self.missing.join("\n  "),
             base.reference
         )
+    }
+}
+
+/// Offline, a corrupt cached copy is listed with what is wrong; fetching replaces it.
+fn damage_note(damage: Option<&str>) -> String {
+    damage.map_or(String::new(), |why| {
+        format!(" ({why}; it is replaced when fetched again)")
+    })
+}
+
+/// Says that a corrupt cached copy is being replaced, and from where.
+fn refetching(damage: Option<&str>, what: &str, source: &str) {
+    if let Some(why) = damage {
+        eprintln!("{why}; fetching {what} again from {source}");
     }
 }
 

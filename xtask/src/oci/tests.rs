@@ -527,3 +527,70 @@ fn refused_credentials_are_named_with_host_and_user() {
             .unwrap();
     }
 }
+
+/// Overwrites a read-only cached blob in place, as a failing disk or a stray tool would.
+fn damage(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut bytes = std::fs::read(path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    bytes.truncate(bytes.len() - 3);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_corrupt_cached_blob_is_fetched_again_or_named_offline() {
+    let work = tempfile::tempdir().unwrap();
+    let fixture = build_layout(&work.path().join("layout"), "v1", 1);
+    let server = FakeRegistry::start(&fixture.dir, Faults::default());
+    let base = fixture.base(&format!("{}/fixture:v1", server.host()));
+    let cache = work.path().join("oci-cache");
+    pull_base(&options(), &base, Arch::X86_64, &cache).unwrap();
+    server.take_requests();
+
+    let layer = fixture.layers[&Arch::X86_64][0];
+    let manifest = fixture.manifests[&Arch::X86_64];
+    let path_of = |d: &Digest| cache.join("blobs/sha256").join(d.0.hex());
+    damage(&path_of(&layer));
+    damage(&path_of(&manifest));
+
+    // Offline: the corrupt files are named, with the way out.
+    let offline = PullOptions {
+        offline: true,
+        ..options()
+    };
+    let err = format!(
+        "{:#}",
+        pull_base(&offline, &base, Arch::X86_64, &cache).unwrap_err()
+    );
+    let shown = path_of(&manifest).display().to_string();
+    assert!(
+        err.contains(&shown) && err.contains("corrupt") && err.contains("without --offline"),
+        "{err}"
+    );
+
+    // Online: fetched again, the build goes on.
+    let pulled = pull_base(&options(), &base, Arch::X86_64, &cache).unwrap();
+    assert_fixture_tree(&pulled.tree, Arch::X86_64);
+    let requests = server.take_requests();
+    for d in [layer, manifest] {
+        assert!(
+            requests.iter().any(|r| r.contains(&d.to_string())),
+            "{d} fetched again: {requests:?}"
+        );
+    }
+    let layout = cache::OciLayout::open(&cache).unwrap();
+    for d in [layer, manifest] {
+        assert_eq!(layout.check_blob(&d).unwrap(), cache::BlobState::Whole);
+    }
+
+    // Offline with only the layer corrupt: named too, instead of a tar or gzip error.
+    damage(&path_of(&layer));
+    let err = format!(
+        "{:#}",
+        pull_base(&offline, &base, Arch::X86_64, &cache).unwrap_err()
+    );
+    let shown = path_of(&layer).display().to_string();
+    assert!(err.contains(&shown) && err.contains("corrupt"), "{err}");
+}
