@@ -331,6 +331,27 @@ pub fn build_layout(dir: &Path, tag: &str, generation: u8) -> Fixture {
     }
 }
 
+/// Drops the attestation entry from a fixture layout's index (Docker's v2s2 format cannot carry
+/// one, so `skopeo copy --all --format v2s2` refuses it); returns the new index digest.
+pub fn strip_attestations(fixture: &mut Fixture) -> Digest {
+    let dir = &fixture.dir;
+    let old = std::fs::read(dir.join("blobs/sha256").join(fixture.index.0.hex())).unwrap();
+    let mut index: serde_json::Value = serde_json::from_slice(&old).unwrap();
+    index["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|m| m["platform"]["os"] == "linux");
+    let bytes = serde_json::to_vec(&index).unwrap();
+    let digest = put_blob(dir, &bytes);
+    let mut layout: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    layout["manifests"][0]["digest"] = json!(digest.to_string());
+    layout["manifests"][0]["size"] = json!(bytes.len());
+    std::fs::write(dir.join("index.json"), layout.to_string()).unwrap();
+    fixture.index = digest;
+    digest
+}
+
 /// A free port on 127.0.0.1 (racy in theory; the registry fails loudly if it is taken).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -402,15 +423,22 @@ impl DockerRegistry {
     /// registry now serves (skopeo re-encodes the index, so its digest differs from the
     /// layout's).
     pub fn push(&self, layout: &Path, tag: &str, repo_tag: &str) -> Base {
+        self.push_with(layout, tag, repo_tag, &["--all"])
+    }
+
+    /// [`DockerRegistry::push`] with other `skopeo copy` arguments instead of `--all`, e.g.
+    /// `["--format", "v2s2", "--override-arch", "arm64"]` for a single-platform Docker v2s2
+    /// image.
+    pub fn push_with(&self, layout: &Path, tag: &str, repo_tag: &str, args: &[&str]) -> Base {
         require_tool("/usr/bin/skopeo", "skopeo");
         let out = Command::new("/usr/bin/skopeo")
             .args([
                 "--insecure-policy",
                 "copy",
-                "--all",
                 "--quiet",
                 "--dest-tls-verify=false",
             ])
+            .args(args)
             .arg(format!("oci:{}:{tag}", layout.display()))
             .arg(format!("docker://{}/{repo_tag}", self.host()))
             .stdin(Stdio::null())
@@ -422,25 +450,26 @@ impl DockerRegistry {
             String::from_utf8_lossy(&out.stderr)
         );
         let reference = format!("{}/{repo_tag}", self.host());
-        let out = Command::new("/usr/bin/skopeo")
-            .args([
-                "--insecure-policy",
-                "inspect",
-                "--raw",
-                "--tls-verify=false",
-            ])
-            .arg(format!("docker://{reference}"))
-            .output()
-            .expect("running skopeo");
-        assert!(
-            out.status.success(),
-            "skopeo inspect: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let raw = skopeo_inspect(&reference, true);
+        let index = Digest(sha256_bytes(&raw));
+        let top: serde_json::Value = serde_json::from_slice(&raw).expect("a manifest is JSON");
+        let manifests = if top["manifests"].is_array() {
+            manifests_by_arch(&raw)
+        } else {
+            // A single-platform image: the top is the architecture's manifest.
+            let config: serde_json::Value =
+                serde_json::from_slice(&skopeo_inspect(&reference, false)).unwrap();
+            let arch = match config["Architecture"].as_str() {
+                Some("amd64") => Arch::X86_64,
+                Some("arm64") => Arch::Aarch64,
+                other => panic!("{reference} is for {other:?}"),
+            };
+            [(arch, index)].into()
+        };
         Base {
             reference,
-            index: Digest(sha256_bytes(&out.stdout)),
-            manifests: UniqueMap(manifests_by_arch(&out.stdout)),
+            index,
+            manifests: UniqueMap(manifests),
         }
     }
 
@@ -460,6 +489,22 @@ impl Drop for DockerRegistry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `skopeo inspect [--raw] docker://REFERENCE` (plain HTTP) output.
+fn skopeo_inspect(reference: &str, raw: bool) -> Vec<u8> {
+    let out = Command::new("/usr/bin/skopeo")
+        .args(["--insecure-policy", "inspect", "--tls-verify=false"])
+        .args(raw.then_some("--raw"))
+        .arg(format!("docker://{reference}"))
+        .output()
+        .expect("running skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo inspect: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 /// Knobs for the in-process registry.

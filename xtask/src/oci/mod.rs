@@ -15,6 +15,7 @@
 
 pub mod auth;
 pub mod cache;
+mod convert;
 pub mod layers;
 pub mod plain_http;
 pub mod platform;

@@ -15,7 +15,7 @@ use super::layers::{Applier, LayerInfo, LayerLimits};
 use super::reference::Source;
 use super::registry::{MAX_MANIFEST_BYTES, Registry};
 use super::{
-    DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, PullOptions, PulledBase, media_type_of,
+    DOCKER_LIST, convert, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, PullOptions, PulledBase, media_type_of,
     platform,
 };
 use crate::rootfs::Tree;
@@ -167,7 +167,8 @@ impl Puller {
         Ok((layers, diff_ids))
     }
 
-    /// Names in the cache's index.json, so other OCI tools find the image.
+    /// Names in the cache's index.json, so other OCI tools find the image. Docker documents
+    /// are named through their OCI rewrites ([`convert`]); OCI ones as pulled.
     fn name_in_cache(
         &self,
         base: &Base,
@@ -176,22 +177,76 @@ impl Puller {
         chosen: &ArchManifest,
     ) -> anyhow::Result<()> {
         let name = cache_ref_name(base);
+        let manifest = self.oci_manifest(&chosen.digest, &chosen.bytes)?;
+        let index = if *top == chosen.digest {
+            manifest.clone()
+        } else {
+            self.oci_index(top, top_bytes)?
+        };
         self.cache.tag(&[
             LayoutEntry {
                 ref_name: name.clone(),
-                media_type: media_type_of(top_bytes).unwrap_or_default(),
-                digest: *top,
-                size: top_bytes.len() as u64,
                 platform: None,
+                ..index
             },
             LayoutEntry {
                 ref_name: format!("{name}-{}", arch.oci_arch()),
-                media_type: media_type_of(&chosen.bytes).unwrap_or(OCI_MANIFEST.into()),
-                digest: chosen.digest,
-                size: chosen.bytes.len() as u64,
                 platform: Some(("linux".into(), arch.oci_arch().into())),
+                ..manifest
             },
         ])
+    }
+
+    /// The descriptor to name for an image manifest: its OCI rewrite (cached here) when it is
+    /// Docker's, else itself.
+    fn oci_manifest(&self, digest: &Digest, bytes: &[u8]) -> anyhow::Result<LayoutEntry> {
+        let (digest, bytes) = match convert::manifest(bytes)
+            .with_context(|| format!("rewriting manifest {digest} with OCI media types"))?
+        {
+            Some(oci) => (self.put_rewrite(&oci)?, oci),
+            None => (*digest, bytes.to_vec()),
+        };
+        Ok(LayoutEntry {
+            ref_name: String::new(),
+            media_type: media_type_of(&bytes).unwrap_or(OCI_MANIFEST.into()),
+            digest,
+            size: bytes.len() as u64,
+            platform: None,
+        })
+    }
+
+    /// The descriptor to name for an index: an OCI index over the OCI rewrites of the Docker
+    /// manifests the cache holds (cached here) when it lists Docker manifests, else itself.
+    fn oci_index(&self, digest: &Digest, bytes: &[u8]) -> anyhow::Result<LayoutEntry> {
+        let rewritten = convert::index(bytes, |entry| {
+            let Ok(entry) = entry.parse::<Digest>() else {
+                return Ok(None);
+            };
+            if self.cache.check_blob(&entry)? != BlobState::Whole {
+                return Ok(None);
+            }
+            let original = self.cache.read_blob(&entry, MAX_MANIFEST_BYTES)?;
+            let oci = self.oci_manifest(&entry, &original)?;
+            Ok(Some((oci.digest.to_string(), oci.size)))
+        })
+        .with_context(|| format!("rewriting index {digest} with OCI media types"))?;
+        let (digest, bytes) = match rewritten {
+            Some(oci) => (self.put_rewrite(&oci)?, oci),
+            None => (*digest, bytes.to_vec()),
+        };
+        Ok(LayoutEntry {
+            ref_name: String::new(),
+            media_type: media_type_of(&bytes).unwrap_or(OCI_INDEX.into()),
+            digest,
+            size: bytes.len() as u64,
+            platform: None,
+        })
+    }
+
+    fn put_rewrite(&self, bytes: &[u8]) -> anyhow::Result<Digest> {
+        let digest = Digest(system::hash::sha256_bytes(bytes));
+        self.cache.put_bytes(&digest, bytes)?;
+        Ok(digest)
     }
 
     /// The layer model, over the cached layers in order.

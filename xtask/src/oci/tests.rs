@@ -594,3 +594,91 @@ fn a_corrupt_cached_blob_is_fetched_again_or_named_offline() {
     let shown = path_of(&layer).display().to_string();
     assert!(err.contains(&shown) && err.contains("corrupt"), "{err}");
 }
+
+/// Reads a cached image back with skopeo (config) and umoci (unpack), as the README promises.
+fn read_back_with_skopeo_and_umoci(cache: &Path, name: &str, arch: Arch, work: &Path) {
+    require_tool("/usr/bin/skopeo", "skopeo");
+    require_tool("/usr/bin/umoci", "umoci");
+    let out = Command::new("/usr/bin/skopeo")
+        .args(["--insecure-policy", "inspect"])
+        .arg(format!("oci:{}:{name}", cache.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo inspect oci:…:{name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inspected: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(inspected["Architecture"], arch.oci_arch());
+    let rootfs = work.join(format!("unpacked-{}", arch.oci_arch()));
+    let out = Command::new("/usr/bin/umoci")
+        .args(["raw", "unpack", "--rootless", "--image"])
+        .arg(format!("{}:{name}", cache.display()))
+        .arg(&rootfs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "umoci raw unpack {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/arch")).unwrap(),
+        arch.oci_arch()
+    );
+}
+
+#[test]
+fn docker_v2s2_images_are_cached_so_skopeo_and_umoci_read_them() {
+    let registry = DockerRegistry::start();
+    let work = tempfile::tempdir().unwrap();
+    let mut fixture = build_layout(&work.path().join("layout"), "v1", 1);
+    testkit::oci::strip_attestations(&mut fixture);
+    // A single-platform v2s2 image, and a v2s2 manifest list.
+    let single = registry.push_with(
+        &fixture.dir,
+        "v1",
+        "fixture:single",
+        &["--format", "v2s2", "--override-arch", "arm64"],
+    );
+    let list = registry.push_with(
+        &fixture.dir,
+        "v1",
+        "fixture:list",
+        &["--format", "v2s2", "--all"],
+    );
+    let cache = work.path().join("oci-cache");
+    for (base, arch) in [
+        (&single, Arch::Aarch64),
+        (&list, Arch::X86_64),
+        (&list, Arch::Aarch64),
+    ] {
+        let pulled = pull_base(&options(), base, arch, &cache).unwrap();
+        assert!(pulled.updated_pins.is_none(), "{base:?}");
+        assert_fixture_tree(&pulled.tree, arch);
+        let name = format!("{}-{}", base.reference, arch.oci_arch());
+        read_back_with_skopeo_and_umoci(&cache, &name, arch, work.path());
+        // The image as a whole too (skopeo picks the platform from the index).
+        let out = Command::new("/usr/bin/skopeo")
+            .args(["--insecure-policy", "--override-arch", arch.oci_arch()])
+            .args(["inspect"])
+            .arg(format!("oci:{}:{}", cache.display(), base.reference))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "skopeo inspect {}: {}",
+            base.reference,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The pulled Docker documents stay in the cache under the pinned digests: offline works.
+    let offline = PullOptions {
+        offline: true,
+        ..options()
+    };
+    drop(registry);
+    let pulled = pull_base(&offline, &list, Arch::X86_64, &cache).unwrap();
+    assert_fixture_tree(&pulled.tree, Arch::X86_64);
+}
