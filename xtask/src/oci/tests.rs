@@ -286,7 +286,7 @@ fn describe_tree(tree: &Tree, with_owners: bool) -> BTreeMap<String, String> {
 }
 
 #[test]
-fn a_moved_tag_is_an_error_when_locked_and_an_update_otherwise() {
+fn a_moved_tag_changes_nothing_until_update_base_records_it() {
     let registry = DockerRegistry::start();
     let work = tempfile::tempdir().unwrap();
     let v1 = build_layout(&work.path().join("v1"), "v1", 1);
@@ -294,45 +294,51 @@ fn a_moved_tag_is_an_error_when_locked_and_an_update_otherwise() {
     assert_ne!(v1.index, v2.index);
     assert_ne!(v1.manifests, v2.manifests);
     let pinned = registry.push(&v1.dir, "v1", "fixture:stable");
-    let reference = pinned.reference.clone();
     let cache = work.path().join("oci-cache");
-    let mut base = pinned.clone();
-    base.manifests.remove(&Arch::Aarch64);
-    // Locked: a lock without this arch's pin is drift too.
     let locked = PullOptions {
         locked: true,
         ..options()
     };
+    // Locked: a lock without this arch's pin is drift.
+    let mut partial = pinned.clone();
+    partial.manifests.remove(&Arch::Aarch64);
     let err = format!(
         "{:#}",
-        pull_base(&locked, &base, Arch::Aarch64, &cache).unwrap_err()
+        pull_base(&locked, &partial, Arch::Aarch64, &cache).unwrap_err()
     );
     assert!(err.contains("aarch64") && err.contains("--locked"), "{err}");
-    let base = pinned;
-    pull_base(&locked, &base, Arch::X86_64, &cache).unwrap();
+    // Unlocked, it is recorded from the pinned index (the tag is not looked up).
+    let pulled = pull_base(&options(), &partial, Arch::Aarch64, &cache).unwrap();
+    assert_eq!(pulled.updated_pins.as_ref(), Some(&pinned));
+    pull_base(&locked, &pinned, Arch::X86_64, &cache).unwrap();
 
     let moved = registry.push(&v2.dir, "v1", "fixture:stable");
-    let err = format!(
-        "{:#}",
-        pull_base(&locked, &base, Arch::X86_64, &cache).unwrap_err()
-    );
-    for needle in [
-        reference.as_str(),
-        &base.index.to_string(),
-        &moved.index.to_string(),
-        "--locked",
-    ] {
-        assert!(err.contains(needle), "missing {needle}: {err}");
+    assert_ne!(moved.index, pinned.index);
+    // The lock wins, with or without --locked: the pinned image, no new pins.
+    for opts in [&locked, &options()] {
+        let pulled = pull_base(opts, &pinned, Arch::X86_64, &cache).unwrap();
+        assert!(pulled.updated_pins.is_none());
+        assert_eq!(pulled.index_digest, pinned.index);
+        assert_eq!(
+            pulled.tree.get(&p("etc/motd")).unwrap().kind,
+            NodeKind::File(b"release 1\n".to_vec())
+        );
     }
 
-    let pulled = pull_base(&options(), &base, Arch::X86_64, &cache).unwrap();
-    let pins = pulled.updated_pins.expect("the tag moved");
-    assert_eq!(pins.reference, reference);
-    assert_eq!(pins, moved);
+    // `lock update-base`: the tag is resolved, every architecture pinned anew.
+    let resolved = resolve_base(&options(), &partial, &cache).unwrap();
+    assert_eq!(resolved, moved);
+    let pulled = pull_base(&locked, &resolved, Arch::X86_64, &cache).unwrap();
     assert_eq!(
         pulled.tree.get(&p("etc/motd")).unwrap().kind,
         NodeKind::File(b"release 2\n".to_vec())
     );
+    let offline = PullOptions {
+        offline: true,
+        ..options()
+    };
+    let err = format!("{:#}", resolve_base(&offline, &pinned, &cache).unwrap_err());
+    assert!(err.contains("--offline"), "{err}");
 }
 
 #[test]
@@ -377,6 +383,18 @@ fn offline_reads_the_cache_alone_and_lists_what_is_missing() {
         ..options()
     };
     pull_base(&from_layout, &base, Arch::X86_64, &cache).unwrap();
+    assert_eq!(resolve_base(&from_layout, &base, &cache).unwrap(), base);
+    // A layout holding another image: the lock's digests decide, and the error says how to pin.
+    let other = build_layout(&work.path().join("other"), "v1", 2);
+    let from_other = PullOptions {
+        source: Some(format!("oci:{}:v1", other.dir.display())),
+        ..options()
+    };
+    let err = format!(
+        "{:#}",
+        pull_base(&from_other, &base, Arch::Aarch64, &cache).unwrap_err()
+    );
+    assert!(err.contains("lock update-base"), "{err}");
     let pulled = pull_base(&offline, &base, Arch::X86_64, &cache).unwrap();
     assert_fixture_tree(&pulled.tree, Arch::X86_64);
 }
@@ -396,9 +414,10 @@ fn anonymous_bearer_tokens_and_a_warm_cache() {
     let cache = work.path().join("oci-cache");
     pull_base(&options(), &base, Arch::X86_64, &cache).unwrap();
     let first = server.take_requests();
+    let by_digest = format!("GET /v2/fixture/manifests/{}", fixture.index);
     assert!(
-        first[0].starts_with("HEAD /v2/fixture/manifests/v1") && !first[0].ends_with("(auth)"),
-        "{first:?}"
+        first[0] == by_digest && !first[0].ends_with("(auth)"),
+        "the pinned index, by digest: {first:?}"
     );
     assert!(first[1].starts_with("GET /token?"), "{first:?}");
     assert!(
@@ -410,11 +429,15 @@ fn anonymous_bearer_tokens_and_a_warm_cache() {
     let again = pull_base(&options(), &base, Arch::X86_64, &cache).unwrap();
     assert_fixture_tree(&again.tree, Arch::X86_64);
     let second = server.take_requests();
+    assert!(second.is_empty(), "a warm cache needs no request: {second:?}");
+
+    // `lock update-base` asks the registry where the tag points now.
+    let resolved = resolve_base(&options(), &base, &cache).unwrap();
+    assert_eq!(resolved, base);
+    let third = server.take_requests();
     assert!(
-        second
-            .iter()
-            .all(|r| !r.contains("/blobs/") && !r.starts_with("GET /v2/")),
-        "a warm cache needs only the tag's HEAD: {second:?}"
+        third.iter().any(|r| r.contains("/manifests/v1")),
+        "{third:?}"
     );
 }
 
@@ -472,10 +495,8 @@ fn transient_failures_are_retried() {
         "{:#}",
         pull_base(&quick, &base, Arch::X86_64, &work.path().join("d")).unwrap_err()
     );
-    assert!(
-        err.contains("http://127.0.0.1:9/v2/fixture/manifests/v1") && err.contains("2 attempt"),
-        "{err}"
-    );
+    let url = format!("http://127.0.0.1:9/v2/fixture/manifests/{}", fixture.index);
+    assert!(err.contains(&url) && err.contains("2 attempt"), "{err}");
 }
 
 #[test]
@@ -502,7 +523,7 @@ fn refused_credentials_are_named_with_host_and_user() {
         );
         let image = ImageRef::parse(&format!("{}/fixture:v1", server.host())).unwrap();
         let connect = |c: Option<Credentials>| {
-            Registry::with_credentials(&image, &options().transfer, &[], c).unwrap()
+            registry::Registry::with_credentials(&image, &options().transfer, &[], c).unwrap()
         };
         let err = format!(
             "{:#}",
@@ -673,6 +694,10 @@ fn docker_v2s2_images_are_cached_so_skopeo_and_umoci_read_them() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // `lock update-base` finds a single-platform image's architecture in its config.
+    let mut unpinned = single.clone();
+    unpinned.manifests.clear();
+    assert_eq!(resolve_base(&options(), &unpinned, &cache).unwrap(), single);
     // The pulled Docker documents stay in the cache under the pinned digests: offline works.
     let offline = PullOptions {
         offline: true,
