@@ -127,13 +127,13 @@ impl UpdateBase {
         options.transfer = self.transfer.options();
         options.source = self.source.clone();
         let resolved = xtask::oci::resolve_base(&options, pinned, &store.layout().oci_cache())?;
+        let resolved_from = self.source.as_deref().unwrap_or(&pinned.reference);
         for arch in pinned.manifests.keys() {
             if !resolved.manifests.contains_key(arch) {
                 eprintln!(
-                    "base `{}`: `{}` no longer offers linux/{}; its pin is dropped (initrds on \
-                     this base cannot be built for {arch} until it is pinned again)",
+                    "base `{}`: `{resolved_from}` does not offer linux/{}; its pin is dropped \
+                     (initrds on this base cannot be built for {arch} until it is pinned again)",
                     self.name,
-                    pinned.reference,
                     arch.oci_arch()
                 );
             }
@@ -142,10 +142,10 @@ impl UpdateBase {
         new.bases.insert(self.name.clone(), resolved);
         if new == old {
             eprintln!(
-                "{}: base `{}` is already pinned to what `{}` points to; nothing changed",
+                "{}: base `{}` is already pinned to what `{resolved_from}` points to; nothing \
+                 changed",
                 lock_path.display(),
                 self.name,
-                pinned.reference
             );
             return Ok(());
         }

@@ -312,8 +312,7 @@ impl RegistryAuth {
     /// them, for which host and user, and where they came from. `None` for anonymous pulls.
     pub fn refusal(&self, status: reqwest::StatusCode) -> Option<String> {
         let c = self.credentials.as_ref()?;
-        if status != reqwest::StatusCode::UNAUTHORIZED && status != reqwest::StatusCode::FORBIDDEN
-        {
+        if status != reqwest::StatusCode::UNAUTHORIZED && status != reqwest::StatusCode::FORBIDDEN {
             return None;
         }
         Some(format!(

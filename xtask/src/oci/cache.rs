@@ -34,7 +34,9 @@ pub enum BlobState {
     Missing,
     Whole,
     /// Present but not the blob: `why` names the file and what is wrong with it.
-    Corrupt { why: String },
+    Corrupt {
+        why: String,
+    },
 }
 
 /// An `index.json` entry: what a ref name points to.

@@ -108,7 +108,8 @@ mod tests {
         );
         assert_eq!(oci["layers"][0]["digest"], "sha256:l");
         assert_eq!(manifest(docker).unwrap(), manifest(docker).unwrap());
-        let already = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
+        let already =
+            br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
         assert!(manifest(already).unwrap().is_none());
     }
 

@@ -16,15 +16,17 @@
 pub mod auth;
 pub mod cache;
 mod convert;
+#[cfg(test)]
+mod fault_tests;
 pub mod layers;
 pub mod plain_http;
 pub mod platform;
 mod pull;
 pub mod reference;
 pub mod registry;
-mod update;
 #[cfg(test)]
 mod tests;
+mod update;
 
 use std::path::Path;
 

@@ -16,8 +16,8 @@ use super::layers::{Applier, LayerInfo, LayerLimits};
 use super::reference::Source;
 use super::registry::{MAX_MANIFEST_BYTES, Registry};
 use super::{
-    DOCKER_LIST, convert, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, PullOptions, PulledBase, media_type_of,
-    platform,
+    DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, PullOptions, PulledBase, convert,
+    media_type_of, platform,
 };
 use crate::rootfs::Tree;
 

@@ -19,11 +19,7 @@ use super::{platform, pull};
 
 /// The pins `base`'s reference (or `options.source`) resolves to now: the index (or
 /// single-platform manifest) digest and every linux architecture we build for that it offers.
-pub fn resolve_base(
-    options: &PullOptions,
-    base: &Base,
-    cache_dir: &Path,
-) -> anyhow::Result<Base> {
+pub fn resolve_base(options: &PullOptions, base: &Base, cache_dir: &Path) -> anyhow::Result<Base> {
     if options.offline {
         bail!(
             "resolving `{}` needs its registry or layout; it cannot be done --offline",

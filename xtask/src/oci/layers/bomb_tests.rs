@@ -112,7 +112,11 @@ fn gzip_bombs_are_refused_before_memory_grows() {
     write_bomb(&many, 64, 64 << 20);
     for (path, files, bound_kib) in [
         (&big, "8 files of 1 GiB", 64 << 10),
-        (&many, "64 files of 64 MiB", 2 * limits.max_content_bytes >> 10),
+        (
+            &many,
+            "64 files of 64 MiB",
+            (2 * limits.max_content_bytes) >> 10,
+        ),
     ] {
         let compressed = std::fs::metadata(path).unwrap().len();
         let (peak_kib, outcome) = measure(path);

@@ -169,6 +169,6 @@ impl Applier {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod bomb_tests;
+#[cfg(test)]
+mod tests;
