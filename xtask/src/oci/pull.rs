@@ -1,6 +1,6 @@
-//! One pull, step by step: resolve the reference, check the pins, pick the architecture's
-//! manifest, bring config and layers into the cache (verified), name them in the cache's
-//! `index.json`, apply the layers.
+//! One pull, step by step: the pinned index by digest, the architecture's manifest (checked
+//! against its pin), config and layers into the cache (verified, and cached copies re-hashed),
+//! names in the cache's `index.json`, the layers applied.
 
 use std::collections::BTreeMap;
 use std::fs::File;
