@@ -6,7 +6,6 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -14,7 +13,8 @@ use system::Arch;
 use system::hash::sha256_bytes;
 use system::lock::{Base, Digest, UniqueMap};
 
-use crate::http::{Reply, Request, Server};
+mod fake_registry;
+pub use fake_registry::{FakeRegistry, Faults};
 
 /// The annotation an OCI layout's index names its images by.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -331,6 +331,27 @@ pub fn build_layout(dir: &Path, tag: &str, generation: u8) -> Fixture {
     }
 }
 
+/// Drops the attestation entry from a fixture layout's index (Docker's v2s2 format cannot carry
+/// one, so `skopeo copy --all --format v2s2` refuses it); returns the new index digest.
+pub fn strip_attestations(fixture: &mut Fixture) -> Digest {
+    let dir = &fixture.dir;
+    let old = std::fs::read(dir.join("blobs/sha256").join(fixture.index.0.hex())).unwrap();
+    let mut index: serde_json::Value = serde_json::from_slice(&old).unwrap();
+    index["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|m| m["platform"]["os"] == "linux");
+    let bytes = serde_json::to_vec(&index).unwrap();
+    let digest = put_blob(dir, &bytes);
+    let mut layout: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    layout["manifests"][0]["digest"] = json!(digest.to_string());
+    layout["manifests"][0]["size"] = json!(bytes.len());
+    std::fs::write(dir.join("index.json"), layout.to_string()).unwrap();
+    fixture.index = digest;
+    digest
+}
+
 /// A free port on 127.0.0.1 (racy in theory; the registry fails loudly if it is taken).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -402,15 +423,22 @@ impl DockerRegistry {
     /// registry now serves (skopeo re-encodes the index, so its digest differs from the
     /// layout's).
     pub fn push(&self, layout: &Path, tag: &str, repo_tag: &str) -> Base {
+        self.push_with(layout, tag, repo_tag, &["--all"])
+    }
+
+    /// [`DockerRegistry::push`] with other `skopeo copy` arguments instead of `--all`, e.g.
+    /// `["--format", "v2s2", "--override-arch", "arm64"]` for a single-platform Docker v2s2
+    /// image.
+    pub fn push_with(&self, layout: &Path, tag: &str, repo_tag: &str, args: &[&str]) -> Base {
         require_tool("/usr/bin/skopeo", "skopeo");
         let out = Command::new("/usr/bin/skopeo")
             .args([
                 "--insecure-policy",
                 "copy",
-                "--all",
                 "--quiet",
                 "--dest-tls-verify=false",
             ])
+            .args(args)
             .arg(format!("oci:{}:{tag}", layout.display()))
             .arg(format!("docker://{}/{repo_tag}", self.host()))
             .stdin(Stdio::null())
@@ -422,25 +450,26 @@ impl DockerRegistry {
             String::from_utf8_lossy(&out.stderr)
         );
         let reference = format!("{}/{repo_tag}", self.host());
-        let out = Command::new("/usr/bin/skopeo")
-            .args([
-                "--insecure-policy",
-                "inspect",
-                "--raw",
-                "--tls-verify=false",
-            ])
-            .arg(format!("docker://{reference}"))
-            .output()
-            .expect("running skopeo");
-        assert!(
-            out.status.success(),
-            "skopeo inspect: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let raw = skopeo_inspect(&reference, true);
+        let index = Digest(sha256_bytes(&raw));
+        let top: serde_json::Value = serde_json::from_slice(&raw).expect("a manifest is JSON");
+        let manifests = if top["manifests"].is_array() {
+            manifests_by_arch(&raw)
+        } else {
+            // A single-platform image: the top is the architecture's manifest.
+            let config: serde_json::Value =
+                serde_json::from_slice(&skopeo_inspect(&reference, false)).unwrap();
+            let arch = match config["Architecture"].as_str() {
+                Some("amd64") => Arch::X86_64,
+                Some("arm64") => Arch::Aarch64,
+                other => panic!("{reference} is for {other:?}"),
+            };
+            [(arch, index)].into()
+        };
         Base {
             reference,
-            index: Digest(sha256_bytes(&out.stdout)),
-            manifests: UniqueMap(manifests_by_arch(&out.stdout)),
+            index,
+            manifests: UniqueMap(manifests),
         }
     }
 
@@ -462,151 +491,18 @@ impl Drop for DockerRegistry {
     }
 }
 
-/// Knobs for the in-process registry.
-#[derive(Default)]
-pub struct Faults {
-    /// Require `Authorization: Bearer <token>` obtained from `/token`.
-    pub bearer: bool,
-    /// Serve these blobs with one byte flipped.
-    pub corrupt: Vec<Digest>,
-    /// Answer this many requests with 503 first.
-    pub unavailable: AtomicUsize,
-}
-
-/// A tiny registry serving one OCI layout over plain HTTP on 127.0.0.1 (on [`Server`]), with
-/// the faults [`Faults`] asks for.
-pub struct FakeRegistry {
-    server: Server,
-    /// Requests already handed out by [`FakeRegistry::take_requests`].
-    taken: AtomicUsize,
-}
-
-const TOKEN: &str = "secret-token";
-
-impl FakeRegistry {
-    pub fn start(layout: &Path, faults: Faults) -> FakeRegistry {
-        let layout = layout.to_owned();
-        let server = Server::start(move |_, request| {
-            let (status, headers, body) = respond(request, &layout, &faults);
-            Reply::Full {
-                code: status,
-                headers: headers
-                    .into_iter()
-                    .map(|(name, value)| (name.to_owned(), value))
-                    .collect(),
-                body,
-            }
-        })
-        .expect("starting the fake registry");
-        FakeRegistry {
-            server,
-            taken: AtomicUsize::new(0),
-        }
-    }
-
-    pub fn host(&self) -> String {
-        self.server.url("").trim_start_matches("http://").to_owned()
-    }
-
-    /// The requests since the last call, as `METHOD TARGET`, with ` (auth)` when authorized.
-    pub fn take_requests(&self) -> Vec<String> {
-        let all = self.server.requests();
-        let from = self.taken.swap(all.len(), Ordering::SeqCst);
-        all[from.min(all.len())..]
-            .iter()
-            .map(|r| {
-                let auth = if r.header("authorization").is_some() {
-                    " (auth)"
-                } else {
-                    ""
-                };
-                format!("{} {}{auth}", r.method, r.path)
-            })
-            .collect()
-    }
-}
-
-type Answer = (u16, Vec<(&'static str, String)>, Vec<u8>);
-
-fn respond(request: &Request, layout: &Path, faults: &Faults) -> Answer {
-    let target = request.path.as_str();
-    let authorization = request.header("authorization");
-    let host = request.header("host").unwrap_or_default();
-    let not_found = (404, vec![], b"{}".to_vec());
-    if faults
-        .unavailable
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-        .is_ok()
-    {
-        return (503, vec![], Vec::new());
-    }
-    if let Some(query) = target.strip_prefix("/token?") {
-        assert!(query.contains("service=fake"), "token query {query}");
-        assert!(
-            query.contains("scope=repository%3Afixture%3Apull"),
-            "token query {query}"
-        );
-        let body = format!(r#"{{"token":"{TOKEN}"}}"#).into_bytes();
-        return (200, vec![("Content-Type", "application/json".into())], body);
-    }
-    if faults.bearer && authorization != Some(&format!("Bearer {TOKEN}")) {
-        let challenge = format!(
-            r#"Bearer realm="http://{host}/token",service="fake",scope="repository:fixture:pull""#
-        );
-        return (401, vec![("WWW-Authenticate", challenge)], Vec::new());
-    }
-    let Some(rest) = target.strip_prefix("/v2/fixture/") else {
-        return not_found;
-    };
-    let blob_of = |digest: &str| -> Option<(Digest, Vec<u8>)> {
-        let d: Digest = digest.parse().ok()?;
-        std::fs::read(layout.join("blobs/sha256").join(d.0.hex()))
-            .ok()
-            .map(|b| (d, b))
-    };
-    if let Some(reference) = rest.strip_prefix("manifests/") {
-        let digest = if reference.starts_with("sha256:") {
-            reference.to_owned()
-        } else {
-            let index: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-            let found = index["manifests"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|m| m["annotations"][REF_NAME] == reference);
-            match found {
-                Some(m) => m["digest"].as_str().unwrap().to_owned(),
-                None => return not_found,
-            }
-        };
-        let Some((d, bytes)) = blob_of(&digest) else {
-            return not_found;
-        };
-        let media_type = media_type_of(&bytes).unwrap_or_default();
-        return (
-            200,
-            vec![
-                ("Content-Type", media_type),
-                ("Docker-Content-Digest", d.to_string()),
-            ],
-            bytes,
-        );
-    }
-    if let Some(digest) = rest.strip_prefix("blobs/") {
-        let Some((d, mut bytes)) = blob_of(digest) else {
-            return not_found;
-        };
-        if faults.corrupt.contains(&d)
-            && let Some(b) = bytes.last_mut()
-        {
-            *b ^= 0xff;
-        }
-        return (
-            200,
-            vec![("Content-Type", "application/octet-stream".into())],
-            bytes,
-        );
-    }
-    not_found
+/// `skopeo inspect [--raw] docker://REFERENCE` (plain HTTP) output.
+fn skopeo_inspect(reference: &str, raw: bool) -> Vec<u8> {
+    let out = Command::new("/usr/bin/skopeo")
+        .args(["--insecure-policy", "inspect", "--tls-verify=false"])
+        .args(raw.then_some("--raw"))
+        .arg(format!("docker://{reference}"))
+        .output()
+        .expect("running skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo inspect: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }

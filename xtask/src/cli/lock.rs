@@ -17,6 +17,7 @@ pub struct LockCmd {
 #[derive(clap::Subcommand)]
 enum LockCommand {
     AddKernel(AddKernel),
+    UpdateBase(UpdateBase),
 }
 
 /// Download a kernel version's files, record URL + sha256 + size in the lock, print the diff.
@@ -47,10 +48,32 @@ pub struct AddKernel {
     pub transfer: TransferArgs,
 }
 
+/// Resolve a base image's reference (its tag) now and record the index and per-architecture
+/// manifest digests it points to, printing the diff; like `cargo update`. Builds use the lock's
+/// digests and never look a tag up, so a moved tag changes nothing until this runs.
+#[derive(clap::Args)]
+pub struct UpdateBase {
+    /// The base's name in the lock (`bases.<NAME>`), e.g. `alpine`.
+    pub name: Version,
+    /// Resolve this instead of the lock's reference: a local layout (`oci:/path/layout:TAG`)
+    /// or another registry reference; the lock keeps its reference.
+    #[arg(long, value_name = "SOURCE")]
+    pub source: Option<String>,
+    /// The lock to update (relative paths are taken from the workspace root).
+    #[arg(long, default_value = "artifacts.lock")]
+    pub lock: PathBuf,
+    /// The host data dir whose OCI cache keeps the index and manifests fetched.
+    #[arg(long, env = "SYSTEM_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub transfer: TransferArgs,
+}
+
 impl LockCmd {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
             LockCommand::AddKernel(cmd) => cmd.run(),
+            LockCommand::UpdateBase(cmd) => cmd.run(),
         }
     }
 }
@@ -78,6 +101,62 @@ impl AddKernel {
         println!("{}", updated.diff());
         eprintln!(
             "updated {}: review the diff above and commit it",
+            lock_path.display()
+        );
+        Ok(())
+    }
+}
+
+impl UpdateBase {
+    fn run(self) -> anyhow::Result<()> {
+        let lock_path = from_workspace(&self.lock);
+        let old = xtask::lock::read(&lock_path)?;
+        let Some(pinned) = old.bases.get(&self.name) else {
+            let names: Vec<&str> = old.bases.keys().map(Version::as_str).collect();
+            anyhow::bail!(
+                "{} has no base `{}`; its bases: {}",
+                lock_path.display(),
+                self.name,
+                if names.is_empty() {
+                    "none".to_owned()
+                } else {
+                    names.join(", ")
+                }
+            );
+        };
+        let store = StoreWriter::open(&from_workspace(&self.data_dir))?;
+        let mut options = xtask::oci::PullOptions::from_env()?;
+        options.transfer = self.transfer.options();
+        options.source = self.source.clone();
+        let resolved = xtask::oci::resolve_base(&options, pinned, &store.layout().oci_cache())?;
+        let resolved_from = self.source.as_deref().unwrap_or(&pinned.reference);
+        for arch in pinned.manifests.keys() {
+            if !resolved.manifests.contains_key(arch) {
+                eprintln!(
+                    "base `{}`: `{resolved_from}` does not offer linux/{}; its pin is dropped \
+                     (initrds on this base cannot be built for {arch} until it is pinned again)",
+                    self.name,
+                    arch.oci_arch()
+                );
+            }
+        }
+        let mut new = old.clone();
+        new.bases.insert(self.name.clone(), resolved);
+        if new == old {
+            eprintln!(
+                "{}: base `{}` is already pinned to what `{resolved_from}` points to; nothing \
+                 changed",
+                lock_path.display(),
+                self.name,
+            );
+            return Ok(());
+        }
+        // Merged into the lock as it is on disk now, under its write guard.
+        let updated = xtask::lock::update(&lock_path, &old, &new)?;
+        println!("{}", updated.diff());
+        eprintln!(
+            "updated {}: review the diff above and commit it; the next `cargo xtask artifacts` \
+             rebuilds the initrds on this base",
             lock_path.display()
         );
         Ok(())

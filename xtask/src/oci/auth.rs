@@ -31,6 +31,9 @@ pub const PASSWORD_ENV: &str = "XTASK_REGISTRY_PASSWORD";
 pub struct Credentials {
     pub user: String,
     pub password: String,
+    /// Where they were found, for messages (`XTASK_REGISTRY_USER/XTASK_REGISTRY_PASSWORD`, or
+    /// the config file and its `auths` key).
+    pub origin: String,
 }
 
 impl Credentials {
@@ -53,7 +56,13 @@ pub fn credentials_for(registry: &str, api_host: &str) -> anyhow::Result<Option<
     let user = std::env::var(USER_ENV).ok().filter(|s| !s.is_empty());
     let password = std::env::var(PASSWORD_ENV).ok();
     match (user, password) {
-        (Some(user), Some(password)) => return Ok(Some(Credentials { user, password })),
+        (Some(user), Some(password)) => {
+            return Ok(Some(Credentials {
+                user,
+                password,
+                origin: format!("{USER_ENV}/{PASSWORD_ENV}"),
+            }));
+        }
         (Some(_), None) => {
             bail!("{USER_ENV} is set but {PASSWORD_ENV} is not; set both or neither")
         }
@@ -67,8 +76,12 @@ pub fn credentials_for(registry: &str, api_host: &str) -> anyhow::Result<Option<
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    from_docker_config(&text, registry, api_host)
-        .with_context(|| format!("reading registry credentials from {}", path.display()))
+    let mut found = from_docker_config(&text, registry, api_host)
+        .with_context(|| format!("reading registry credentials from {}", path.display()))?;
+    if let Some(c) = &mut found {
+        c.origin = format!("{} in {}", c.origin, path.display());
+    }
+    Ok(found)
 }
 
 fn docker_config_path() -> Option<PathBuf> {
@@ -121,6 +134,7 @@ pub fn from_docker_config(
         return Ok(Some(Credentials {
             user: user.to_owned(),
             password: password.to_owned(),
+            origin: format!("auths.{key:?}"),
         }));
     }
     Ok(None)
@@ -262,13 +276,14 @@ impl RegistryAuth {
         let response = transport
             .send(&request, None)
             .with_context(|| format!("requesting a token from {token_url}"))?;
-        if !response.status().is_success() {
+        let status = response.status();
+        if !status.is_success() {
+            if let Some(refused) = self.refusal(status) {
+                bail!("the token service {token_url} answered HTTP {status}: {refused}");
+            }
             bail!(
-                "the token service {token_url} answered HTTP {}; for a private image set {} and \
-                 {} (or `docker login {}`)",
-                response.status(),
-                USER_ENV,
-                PASSWORD_ENV,
+                "the token service {token_url} answered HTTP {status}; for a private image set \
+                 {USER_ENV} and {PASSWORD_ENV} (or `docker login {}`)",
                 self.host
             );
         }
@@ -289,6 +304,22 @@ impl RegistryAuth {
             .or(parsed.access_token)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| anyhow!("the token service {token_url} answered no token"))
+    }
+}
+
+impl RegistryAuth {
+    /// When credentials were sent and the answer is `401`/`403`: that the registry refused
+    /// them, for which host and user, and where they came from. `None` for anonymous pulls.
+    pub fn refusal(&self, status: reqwest::StatusCode) -> Option<String> {
+        let c = self.credentials.as_ref()?;
+        if status != reqwest::StatusCode::UNAUTHORIZED && status != reqwest::StatusCode::FORBIDDEN {
+            return None;
+        }
+        Some(format!(
+            "{} refused the credentials of user `{}` (from {}) for repository `{}`: the password \
+             or token is wrong, or the user may not pull it; correct them (or `docker login {}`)",
+            self.host, c.user, c.origin, self.repository, self.host
+        ))
     }
 }
 
@@ -373,6 +404,7 @@ mod tests {
         let c = |user: &str, password: &str| Credentials {
             user: user.into(),
             password: password.into(),
+            origin: "test".into(),
         };
         assert_eq!(c("user", "p:ss").basic_header(), "Basic dXNlcjpwOnNz");
         assert_eq!(c("other", "x").basic_header(), "Basic b3RoZXI6eA==");

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
-use system::hash::sha256_bytes;
+use system::hash::{sha256_bytes, sha256_reader};
 use system::lock::Digest;
 
 use crate::store::{BlobDir, BlobWriter, atomic_write};
@@ -26,6 +26,17 @@ const LAYOUT_VERSION: &str = r#"{"imageLayoutVersion":"1.0.0"}"#;
 pub struct OciLayout {
     root: PathBuf,
     blobs: BlobDir,
+}
+
+/// What [`OciLayout::check_blob`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobState {
+    Missing,
+    Whole,
+    /// Present but not the blob: `why` names the file and what is wrong with it.
+    Corrupt {
+        why: String,
+    },
 }
 
 /// An `index.json` entry: what a ref name points to.
@@ -87,6 +98,35 @@ impl OciLayout {
         self.blobs.contains(&digest.0)
     }
 
+    /// Whether the blob `digest` is present and whole: a regular file that hashes to its name.
+    /// Reads it all; callers check before they use a cached blob, since a disk, a hand edit or
+    /// another tool may have changed it since it was verified.
+    pub fn check_blob(&self, digest: &Digest) -> anyhow::Result<BlobState> {
+        let path = self.blob_path(digest);
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BlobState::Missing),
+            Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
+        };
+        if !meta.is_file() {
+            return Ok(BlobState::Corrupt {
+                why: format!("{} is not a regular file", path.display()),
+            });
+        }
+        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let (actual, size) =
+            sha256_reader(file).with_context(|| format!("reading {}", path.display()))?;
+        if actual == digest.0 {
+            return Ok(BlobState::Whole);
+        }
+        Ok(BlobState::Corrupt {
+            why: format!(
+                "{} is corrupt: its {size} bytes hash to sha256:{actual}",
+                path.display()
+            ),
+        })
+    }
+
     /// Reads a small blob (a manifest, index or config) and checks it against its digest.
     pub fn read_blob(&self, digest: &Digest, max: u64) -> anyhow::Result<Vec<u8>> {
         let path = self.blob_path(digest);
@@ -114,7 +154,8 @@ impl OciLayout {
         if actual != *digest {
             bail!("refusing to cache {digest}: the bytes hash to {actual}");
         }
-        if self.has_blob(digest) {
+        // A corrupt copy is replaced (the rename overwrites it).
+        if self.check_blob(digest)? == BlobState::Whole {
             return Ok(());
         }
         self.put_with(digest, Some(bytes.len() as u64), |writer| {

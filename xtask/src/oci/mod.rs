@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! lock bases.<name> {reference, index, manifests}
-//!   └─ resolve the reference (tag → digest; a moved tag is an error under --locked)
+//!   └─ the pinned index, by digest (the lock wins: tags are resolved by `lock update-base`)
 //!   └─ index → linux/<arch> manifest (attestations skipped) → config + layers
 //!   └─ every blob verified against its digest before it is visible in oci-cache/
 //!   └─ layers applied in order (crate::layers) → Tree
@@ -15,6 +15,9 @@
 
 pub mod auth;
 pub mod cache;
+mod convert;
+#[cfg(test)]
+mod fault_tests;
 pub mod layers;
 pub mod plain_http;
 pub mod platform;
@@ -23,6 +26,7 @@ pub mod reference;
 pub mod registry;
 #[cfg(test)]
 mod tests;
+mod update;
 
 use std::path::Path;
 
@@ -33,10 +37,8 @@ use system::lock::{Base, Digest};
 use crate::fetch;
 use crate::oci::layers::LayerLimits;
 use crate::rootfs::Tree;
-use cache::OciLayout;
-use pull::{Puller, Remote};
-use reference::Source;
-use registry::Registry;
+use pull::Puller;
+pub use update::resolve_base;
 
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -51,7 +53,7 @@ pub const PLAIN_HTTP_ENV: &str = "XTASK_REGISTRY_PLAIN_HTTP";
 pub struct PullOptions {
     /// Read only the cache; fail listing what is missing.
     pub offline: bool,
-    /// The lock may not change: a moved tag or a missing pin is an error.
+    /// The lock may not change: a missing pin is an error.
     pub locked: bool,
     /// Pull from here instead of the lock's reference (e.g. `oci:/mnt/usb/alpine:3.22` on an
     /// air-gapped host); the lock's digests still have to match.
@@ -91,44 +93,24 @@ pub struct PulledBase {
     pub index_digest: Digest,
     /// The architecture's image manifest.
     pub manifest_digest: Digest,
-    /// New pins for the lock when the reference moved or the lock lacked this architecture
-    /// (never under `locked`); `None` when the lock already says exactly this.
+    /// New pins for the lock when it lacked this architecture's manifest (never under
+    /// `locked`); `None` when the lock already says exactly this.
     pub updated_pins: Option<Base>,
 }
 
 /// Pulls `base` for `arch` through the OCI cache at `cache_dir` (the store's `oci-cache/`,
-/// [`system::layout::Layout::oci_cache`]) and applies its layers.
+/// [`system::layout::Layout::oci_cache`]) and applies its layers. The lock wins: the pinned
+/// index is fetched by digest and the reference's tag is not looked up, so a tag that moved
+/// changes nothing until `lock update-base` ([`resolve_base`]) records where it points now.
 pub fn pull_base(
     options: &PullOptions,
     base: &Base,
     arch: Arch,
     cache_dir: &Path,
 ) -> anyhow::Result<PulledBase> {
-    let source_text = options.source.as_deref().unwrap_or(&base.reference);
-    let source = Source::parse(source_text)?;
-    let cache = OciLayout::create(cache_dir)?;
-    let remote = if options.offline {
-        Remote::Offline
-    } else {
-        match &source {
-            Source::Registry(image) => Remote::Registry(Box::new(Registry::new(
-                image,
-                &options.transfer,
-                &options.plain_http_hosts,
-            )?)),
-            Source::Layout(layout) => Remote::Layout(OciLayout::open(&layout.path)?),
-        }
-    };
-    let mut puller = Puller {
-        cache,
-        remote,
-        source: source_text.to_owned(),
-        missing: Vec::new(),
-    };
+    let (mut puller, _) = Puller::open(options, base, cache_dir)?;
     let what = format!("base `{}` ({arch})", base.reference);
-    puller
-        .pull(options, base, arch, &source)
-        .with_context(|| what)
+    puller.pull(options, base, arch).with_context(|| what)
 }
 
 /// The media type a manifest or index declares, or infers from its shape when it omits it.

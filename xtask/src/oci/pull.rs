@@ -1,22 +1,23 @@
-//! One pull, step by step: resolve the reference, check the pins, pick the architecture's
-//! manifest, bring config and layers into the cache (verified), name them in the cache's
-//! `index.json`, apply the layers.
+//! One pull, step by step: the pinned index by digest, the architecture's manifest (checked
+//! against its pin), config and layers into the cache (verified, and cached copies re-hashed),
+//! names in the cache's `index.json`, the layers applied.
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::path::Path;
 
 use anyhow::{Context, bail};
 use oci_spec::image::{ImageIndex, ImageManifest};
 use system::Arch;
 use system::lock::{Base, Digest, UniqueMap};
 
-use super::cache::{LayoutEntry, OciLayout};
+use super::cache::{BlobState, LayoutEntry, OciLayout};
 use super::layers::{Applier, LayerInfo, LayerLimits};
 use super::reference::Source;
 use super::registry::{MAX_MANIFEST_BYTES, Registry};
 use super::{
-    DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, PullOptions, PulledBase, media_type_of,
-    platform,
+    DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, PullOptions, PulledBase, convert,
+    media_type_of, platform,
 };
 use crate::rootfs::Tree;
 
@@ -44,17 +45,52 @@ struct ArchManifest {
 }
 
 impl Puller {
+    /// A puller for `base` through the cache at `cache_dir`, from `options.source` or the
+    /// reference; also returns the parsed source.
+    pub fn open(
+        options: &PullOptions,
+        base: &Base,
+        cache_dir: &Path,
+    ) -> anyhow::Result<(Puller, Source)> {
+        let source_text = options.source.as_deref().unwrap_or(&base.reference);
+        let source = Source::parse(source_text)?;
+        let cache = OciLayout::create(cache_dir)?;
+        let remote = if options.offline {
+            Remote::Offline
+        } else {
+            match &source {
+                Source::Registry(image) => Remote::Registry(Box::new(Registry::new(
+                    image,
+                    &options.transfer,
+                    &options.plain_http_hosts,
+                )?)),
+                Source::Layout(layout) => Remote::Layout(OciLayout::open(&layout.path)?),
+            }
+        };
+        let puller = Puller {
+            cache,
+            remote,
+            source: source_text.to_owned(),
+            missing: Vec::new(),
+        };
+        Ok((puller, source))
+    }
+
+    /// Pulls what the lock pins: the index by its digest (a tag is never looked up here;
+    /// `lock update-base` does that), the architecture's manifest from it, then config and
+    /// layers.
     pub fn pull(
         &mut self,
         options: &PullOptions,
         base: &Base,
         arch: Arch,
-        source: &Source,
     ) -> anyhow::Result<PulledBase> {
-        let (top, top_bytes) = self.resolve(base, arch, source)?;
-        let mut changed = self.check_index_pin(options, base, &top)?;
+        let top = base.index;
+        let Some(top_bytes) = self.manifest(&top, "index")? else {
+            return Err(self.missing_error(base, arch));
+        };
         let chosen = self.arch_manifest(base, arch, &top, &top_bytes)?;
-        changed |= check_manifest_pin(options, base, arch, &top, &chosen.digest)?;
+        let changed = check_manifest_pin(options, base, arch, &top, &chosen.digest)?;
         let manifest = ImageManifest::from_reader(chosen.bytes.as_slice())
             .with_context(|| format!("manifest {} is not a valid image manifest", chosen.digest))?;
         let (layers, diff_ids) = self.fetch_blobs(base, arch, &manifest)?;
@@ -71,34 +107,6 @@ impl Puller {
             manifest_digest: chosen.digest,
             updated_pins,
         })
-    }
-
-    /// Whether the reference still points to the pinned index; a moved tag is an error under
-    /// `--locked`, a change to record otherwise.
-    fn check_index_pin(
-        &self,
-        options: &PullOptions,
-        base: &Base,
-        top: &Digest,
-    ) -> anyhow::Result<bool> {
-        if *top == base.index {
-            return Ok(false);
-        }
-        if options.locked {
-            bail!(
-                "`{}` now resolves to {top}, but artifacts.lock pins index {}; --locked forbids \
-                 changing the lock. Run without --locked to record the new digest, or pin the \
-                 reference by digest (`…@{}`) to keep the old image",
-                self.source,
-                base.index,
-                base.index
-            );
-        }
-        eprintln!(
-            "base `{}`: resolves to {top} instead of the pinned {}; the lock will be updated",
-            self.source, base.index
-        );
-        Ok(true)
     }
 
     /// The architecture's manifest: chosen from the index, or the top itself for a
@@ -167,7 +175,8 @@ impl Puller {
         Ok((layers, diff_ids))
     }
 
-    /// Names in the cache's index.json, so other OCI tools find the image.
+    /// Names in the cache's index.json, so other OCI tools find the image. Docker documents
+    /// are named through their OCI rewrites ([`convert`]); OCI ones as pulled.
     fn name_in_cache(
         &self,
         base: &Base,
@@ -176,22 +185,76 @@ impl Puller {
         chosen: &ArchManifest,
     ) -> anyhow::Result<()> {
         let name = cache_ref_name(base);
+        let manifest = self.oci_manifest(&chosen.digest, &chosen.bytes)?;
+        let index = if *top == chosen.digest {
+            manifest.clone()
+        } else {
+            self.oci_index(top, top_bytes)?
+        };
         self.cache.tag(&[
             LayoutEntry {
                 ref_name: name.clone(),
-                media_type: media_type_of(top_bytes).unwrap_or_default(),
-                digest: *top,
-                size: top_bytes.len() as u64,
                 platform: None,
+                ..index
             },
             LayoutEntry {
                 ref_name: format!("{name}-{}", arch.oci_arch()),
-                media_type: media_type_of(&chosen.bytes).unwrap_or(OCI_MANIFEST.into()),
-                digest: chosen.digest,
-                size: chosen.bytes.len() as u64,
                 platform: Some(("linux".into(), arch.oci_arch().into())),
+                ..manifest
             },
         ])
+    }
+
+    /// The descriptor to name for an image manifest: its OCI rewrite (cached here) when it is
+    /// Docker's, else itself.
+    fn oci_manifest(&self, digest: &Digest, bytes: &[u8]) -> anyhow::Result<LayoutEntry> {
+        let (digest, bytes) = match convert::manifest(bytes)
+            .with_context(|| format!("rewriting manifest {digest} with OCI media types"))?
+        {
+            Some(oci) => (self.put_rewrite(&oci)?, oci),
+            None => (*digest, bytes.to_vec()),
+        };
+        Ok(LayoutEntry {
+            ref_name: String::new(),
+            media_type: media_type_of(&bytes).unwrap_or(OCI_MANIFEST.into()),
+            digest,
+            size: bytes.len() as u64,
+            platform: None,
+        })
+    }
+
+    /// The descriptor to name for an index: an OCI index over the OCI rewrites of the Docker
+    /// manifests the cache holds (cached here) when it lists Docker manifests, else itself.
+    fn oci_index(&self, digest: &Digest, bytes: &[u8]) -> anyhow::Result<LayoutEntry> {
+        let rewritten = convert::index(bytes, |entry| {
+            let Ok(entry) = entry.parse::<Digest>() else {
+                return Ok(None);
+            };
+            if self.cache.check_blob(&entry)? != BlobState::Whole {
+                return Ok(None);
+            }
+            let original = self.cache.read_blob(&entry, MAX_MANIFEST_BYTES)?;
+            let oci = self.oci_manifest(&entry, &original)?;
+            Ok(Some((oci.digest.to_string(), oci.size)))
+        })
+        .with_context(|| format!("rewriting index {digest} with OCI media types"))?;
+        let (digest, bytes) = match rewritten {
+            Some(oci) => (self.put_rewrite(&oci)?, oci),
+            None => (*digest, bytes.to_vec()),
+        };
+        Ok(LayoutEntry {
+            ref_name: String::new(),
+            media_type: media_type_of(&bytes).unwrap_or(OCI_INDEX.into()),
+            digest,
+            size: bytes.len() as u64,
+            platform: None,
+        })
+    }
+
+    fn put_rewrite(&self, bytes: &[u8]) -> anyhow::Result<Digest> {
+        let digest = Digest(system::hash::sha256_bytes(bytes));
+        self.cache.put_bytes(&digest, bytes)?;
+        Ok(digest)
     }
 
     /// The layer model, over the cached layers in order.
@@ -218,73 +281,62 @@ impl Puller {
         Ok(applier.into_tree())
     }
 
-    /// The digest and bytes the reference points to now.
-    fn resolve(
-        &mut self,
-        base: &Base,
-        arch: Arch,
-        source: &Source,
-    ) -> anyhow::Result<(Digest, Vec<u8>)> {
-        let top = match (&mut self.remote, source) {
-            (Remote::Offline, Source::Registry(image)) => image.digest.unwrap_or(base.index),
-            (Remote::Offline, Source::Layout(_)) => base.index,
-            (Remote::Layout(layout), Source::Layout(layout_ref)) => {
-                layout.resolve(layout_ref.ref_name.as_deref())?.digest
-            }
-            (Remote::Registry(_), Source::Registry(image)) if image.digest.is_some() => {
-                image.digest.expect("checked")
-            }
-            (Remote::Registry(registry), Source::Registry(image)) => {
-                let tag = image.manifest_reference();
-                eprintln!("resolving {image} at {}", registry.host());
-                // HEAD first: a tag that did not move costs no download (and no Docker Hub
-                // pull).
-                match registry.head_manifest(&tag)? {
-                    Some(digest) if self.cache.has_blob(&digest) => digest,
-                    _ => {
-                        let fetched = registry.get_manifest(&tag)?;
-                        self.cache.put_bytes(&fetched.digest, &fetched.bytes)?;
-                        return Ok((fetched.digest, fetched.bytes));
-                    }
-                }
-            }
-            _ => unreachable!("the remote is made from the source"),
-        };
-        match self.manifest(&top, "index")? {
-            Some(bytes) => Ok((top, bytes)),
-            None => Err(self.missing_error(base, arch)),
-        }
-    }
-
     /// A manifest or index by digest: from the cache, else the source (then cached). `None`
     /// offline when the cache lacks it (recorded in `missing`).
-    fn manifest(&mut self, digest: &Digest, what: &str) -> anyhow::Result<Option<Vec<u8>>> {
-        if self.cache.has_blob(digest) {
-            return self.cache.read_blob(digest, MAX_MANIFEST_BYTES).map(Some);
-        }
-        let bytes = match &mut self.remote {
-            Remote::Offline => {
-                self.missing.push(format!("{what} {digest}"));
-                return Ok(None);
-            }
-            Remote::Layout(layout) => layout.read_blob(digest, MAX_MANIFEST_BYTES)?,
-            Remote::Registry(registry) => registry.get_manifest(&digest.to_string())?.bytes,
+    pub(super) fn manifest(
+        &mut self,
+        digest: &Digest,
+        what: &str,
+    ) -> anyhow::Result<Option<Vec<u8>>> {
+        let damage = match self.cache.check_blob(digest)? {
+            BlobState::Whole => return self.cache.read_blob(digest, MAX_MANIFEST_BYTES).map(Some),
+            BlobState::Missing => None,
+            BlobState::Corrupt { why } => Some(why),
         };
+        if matches!(self.remote, Remote::Offline) {
+            self.missing
+                .push(format!("{what} {digest}{}", damage_note(damage.as_deref())));
+            return Ok(None);
+        }
+        refetching(damage.as_deref(), what, &self.source);
+        let bytes = self.fetch_manifest(digest)?;
         self.cache.put_bytes(digest, &bytes)?;
         Ok(Some(bytes))
     }
 
-    /// Makes sure the cache has blob `digest` of `size` bytes.
-    fn blob(&mut self, digest: &Digest, size: u64, what: &str) -> anyhow::Result<()> {
-        if self.cache.has_blob(digest) {
-            return Ok(());
+    /// A manifest by digest from the source (online only).
+    fn fetch_manifest(&mut self, digest: &Digest) -> anyhow::Result<Vec<u8>> {
+        Ok(match &mut self.remote {
+            Remote::Offline => unreachable!("offline pulls read the cache only"),
+            Remote::Layout(layout) => {
+                in_source_layout(layout, digest, &self.source)?;
+                layout.read_blob(digest, MAX_MANIFEST_BYTES)?
+            }
+            Remote::Registry(registry) => registry.get_manifest(&digest.to_string())?.bytes,
+        })
+    }
+
+    /// Makes sure the cache has blob `digest` of `size` bytes, whole: a cached copy is hashed
+    /// before it is used, and a corrupt one fetched again (offline: listed as missing).
+    pub(super) fn blob(&mut self, digest: &Digest, size: u64, what: &str) -> anyhow::Result<()> {
+        let damage = match self.cache.check_blob(digest)? {
+            BlobState::Whole => return Ok(()),
+            BlobState::Missing => None,
+            BlobState::Corrupt { why } => Some(why),
+        };
+        if !matches!(self.remote, Remote::Offline) {
+            refetching(damage.as_deref(), what, &self.source);
         }
         match &mut self.remote {
             Remote::Offline => {
-                self.missing.push(format!("{what} {digest} ({size} bytes)"));
+                self.missing.push(format!(
+                    "{what} {digest} ({size} bytes){}",
+                    damage_note(damage.as_deref())
+                ));
                 Ok(())
             }
             Remote::Layout(layout) => {
+                in_source_layout(layout, digest, &self.source)?;
                 let from = layout.blob_path(digest);
                 self.cache.put_with(digest, Some(size), |writer| {
                     let mut src = File::open(&from).with_context(|| {
@@ -318,8 +370,34 @@ impl Puller {
     }
 }
 
-/// Whether the lock pins this manifest for `arch`; a difference is an error under `--locked`,
-/// a change to record otherwise.
+/// A source layout must hold what the lock pins; one that holds another image is named.
+fn in_source_layout(layout: &OciLayout, digest: &Digest, source: &str) -> anyhow::Result<()> {
+    if layout.has_blob(digest) {
+        return Ok(());
+    }
+    bail!(
+        "the source layout {} has no {digest}: it holds another image than the lock pins; pin \
+         the layout's image with `cargo xtask lock update-base NAME --source {source}`",
+        layout.root().display()
+    )
+}
+
+/// Offline, a corrupt cached copy is listed with what is wrong; fetching replaces it.
+fn damage_note(damage: Option<&str>) -> String {
+    damage.map_or(String::new(), |why| {
+        format!(" ({why}; it is replaced when fetched again)")
+    })
+}
+
+/// Says that a corrupt cached copy is being replaced, and from where.
+fn refetching(damage: Option<&str>, what: &str, source: &str) {
+    if let Some(why) = damage {
+        eprintln!("{why}; fetching {what} again from {source}");
+    }
+}
+
+/// Whether the lock pins this manifest for `arch`: a missing pin is recorded (an error under
+/// `--locked`), a different one is a lock that contradicts its own index.
 fn check_manifest_pin(
     options: &PullOptions,
     base: &Base,
@@ -329,18 +407,20 @@ fn check_manifest_pin(
 ) -> anyhow::Result<bool> {
     match base.manifests.get(&arch) {
         Some(pinned) if pinned == manifest => Ok(false),
-        pinned => {
-            let pinned = pinned.map_or("nothing".to_owned(), |d| d.to_string());
-            if options.locked {
-                bail!(
-                    "index {top} lists {manifest} for linux/{}, but artifacts.lock pins {pinned} \
-                     (bases.*.manifests.{arch}); --locked forbids changing the lock. Run without \
-                     --locked to record it",
-                    arch.oci_arch()
-                );
-            }
-            Ok(true)
-        }
+        Some(pinned) => bail!(
+            "artifacts.lock pins {pinned} as the {arch} manifest of `{}`, but its pinned index \
+             {top} lists {manifest} for linux/{}: the lock contradicts itself (edited by hand?); \
+             re-pin the base with `cargo xtask lock update-base NAME`",
+            base.reference,
+            arch.oci_arch()
+        ),
+        None if options.locked => bail!(
+            "artifacts.lock pins no {arch} manifest for `{}` (index {top} lists {manifest} for \
+             linux/{}); --locked forbids changing the lock. Run without --locked to record it",
+            base.reference,
+            arch.oci_arch()
+        ),
+        None => Ok(true),
     }
 }
 
@@ -387,7 +467,7 @@ fn cache_ref_name(base: &Base) -> String {
     }
 }
 
-fn descriptor_digest(d: &oci_spec::image::Digest) -> anyhow::Result<Digest> {
+pub(super) fn descriptor_digest(d: &oci_spec::image::Digest) -> anyhow::Result<Digest> {
     let text = d.to_string();
     text.parse::<Digest>()
         .map_err(|e| anyhow::anyhow!("{e} (only sha256 digests are supported)"))

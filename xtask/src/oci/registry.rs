@@ -52,6 +52,17 @@ impl Registry {
         transfer: &fetch::Options,
         plain_http_hosts: &[String],
     ) -> anyhow::Result<Registry> {
+        let credentials = auth::credentials_for(&image.registry, image.api_host())?;
+        Registry::with_credentials(image, transfer, plain_http_hosts, credentials)
+    }
+
+    /// [`Registry::new`] with the credentials given instead of looked up.
+    pub fn with_credentials(
+        image: &ImageRef,
+        transfer: &fetch::Options,
+        plain_http_hosts: &[String],
+        credentials: Option<auth::Credentials>,
+    ) -> anyhow::Result<Registry> {
         let host = image.api_host().to_owned();
         let scheme = if allows_plain_http(&host, plain_http_hosts) {
             "http"
@@ -60,7 +71,6 @@ impl Registry {
         };
         let base = Url::parse(&format!("{scheme}://{host}/"))
             .with_context(|| format!("`{host}` is not a usable registry host"))?;
-        let credentials = auth::credentials_for(&image.registry, &host)?;
         let transport = Transport::with_redirects(
             transfer.clone(),
             redirect_policy(plain_http_hosts.to_vec()),
@@ -198,6 +208,14 @@ impl Registry {
             } => anyhow::anyhow!(
                 "{repo} has no {what} ({url}: HTTP 404); check the reference in artifacts.lock \
                  (bases.<name>.reference), or pull from a local layout (`oci:/path:tag`)"
+            ),
+            FetchError::Status {
+                url,
+                status: status @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN),
+                ..
+            } if self.auth.refusal(status).is_some() => anyhow::anyhow!(
+                "{what} ({url}: HTTP {status}): {}",
+                self.auth.refusal(status).expect("checked")
             ),
             FetchError::Status {
                 url,

@@ -11,20 +11,20 @@ use system::lock::Digest;
 
 use super::*;
 use crate::rootfs::{NodeKind, TreePath};
-use testkit::oci::{DockerRegistry, FakeRegistry, Faults, build_layout, require_tool};
+use testkit::oci::{DockerRegistry, build_layout, require_tool};
 
-fn options() -> PullOptions {
+pub(super) fn options() -> PullOptions {
     let mut options = PullOptions::default();
     options.transfer.backoff = std::time::Duration::from_millis(10);
     options
 }
 
-fn p(s: &str) -> TreePath {
+pub(super) fn p(s: &str) -> TreePath {
     TreePath::new(s).unwrap()
 }
 
 /// What the fixture's three layers add up to, for `arch`.
-fn assert_fixture_tree(tree: &Tree, arch: Arch) {
+pub(super) fn assert_fixture_tree(tree: &Tree, arch: Arch) {
     let file = |path: &str| match &tree.get(&p(path)).unwrap_or_else(|| panic!("{path}")).kind {
         NodeKind::File(data) => String::from_utf8(data.clone()).unwrap(),
         other => panic!("{path} is {other:?}"),
@@ -286,7 +286,7 @@ fn describe_tree(tree: &Tree, with_owners: bool) -> BTreeMap<String, String> {
 }
 
 #[test]
-fn a_moved_tag_is_an_error_when_locked_and_an_update_otherwise() {
+fn a_moved_tag_changes_nothing_until_update_base_records_it() {
     let registry = DockerRegistry::start();
     let work = tempfile::tempdir().unwrap();
     let v1 = build_layout(&work.path().join("v1"), "v1", 1);
@@ -294,45 +294,51 @@ fn a_moved_tag_is_an_error_when_locked_and_an_update_otherwise() {
     assert_ne!(v1.index, v2.index);
     assert_ne!(v1.manifests, v2.manifests);
     let pinned = registry.push(&v1.dir, "v1", "fixture:stable");
-    let reference = pinned.reference.clone();
     let cache = work.path().join("oci-cache");
-    let mut base = pinned.clone();
-    base.manifests.remove(&Arch::Aarch64);
-    // Locked: a lock without this arch's pin is drift too.
     let locked = PullOptions {
         locked: true,
         ..options()
     };
+    // Locked: a lock without this arch's pin is drift.
+    let mut partial = pinned.clone();
+    partial.manifests.remove(&Arch::Aarch64);
     let err = format!(
         "{:#}",
-        pull_base(&locked, &base, Arch::Aarch64, &cache).unwrap_err()
+        pull_base(&locked, &partial, Arch::Aarch64, &cache).unwrap_err()
     );
     assert!(err.contains("aarch64") && err.contains("--locked"), "{err}");
-    let base = pinned;
-    pull_base(&locked, &base, Arch::X86_64, &cache).unwrap();
+    // Unlocked, it is recorded from the pinned index (the tag is not looked up).
+    let pulled = pull_base(&options(), &partial, Arch::Aarch64, &cache).unwrap();
+    assert_eq!(pulled.updated_pins.as_ref(), Some(&pinned));
+    pull_base(&locked, &pinned, Arch::X86_64, &cache).unwrap();
 
     let moved = registry.push(&v2.dir, "v1", "fixture:stable");
-    let err = format!(
-        "{:#}",
-        pull_base(&locked, &base, Arch::X86_64, &cache).unwrap_err()
-    );
-    for needle in [
-        reference.as_str(),
-        &base.index.to_string(),
-        &moved.index.to_string(),
-        "--locked",
-    ] {
-        assert!(err.contains(needle), "missing {needle}: {err}");
+    assert_ne!(moved.index, pinned.index);
+    // The lock wins, with or without --locked: the pinned image, no new pins.
+    for opts in [&locked, &options()] {
+        let pulled = pull_base(opts, &pinned, Arch::X86_64, &cache).unwrap();
+        assert!(pulled.updated_pins.is_none());
+        assert_eq!(pulled.index_digest, pinned.index);
+        assert_eq!(
+            pulled.tree.get(&p("etc/motd")).unwrap().kind,
+            NodeKind::File(b"release 1\n".to_vec())
+        );
     }
 
-    let pulled = pull_base(&options(), &base, Arch::X86_64, &cache).unwrap();
-    let pins = pulled.updated_pins.expect("the tag moved");
-    assert_eq!(pins.reference, reference);
-    assert_eq!(pins, moved);
+    // `lock update-base`: the tag is resolved, every architecture pinned anew.
+    let resolved = resolve_base(&options(), &partial, &cache).unwrap();
+    assert_eq!(resolved, moved);
+    let pulled = pull_base(&locked, &resolved, Arch::X86_64, &cache).unwrap();
     assert_eq!(
         pulled.tree.get(&p("etc/motd")).unwrap().kind,
         NodeKind::File(b"release 2\n".to_vec())
     );
+    let offline = PullOptions {
+        offline: true,
+        ..options()
+    };
+    let err = format!("{:#}", resolve_base(&offline, &pinned, &cache).unwrap_err());
+    assert!(err.contains("--offline"), "{err}");
 }
 
 #[test]
@@ -377,103 +383,110 @@ fn offline_reads_the_cache_alone_and_lists_what_is_missing() {
         ..options()
     };
     pull_base(&from_layout, &base, Arch::X86_64, &cache).unwrap();
+    assert_eq!(resolve_base(&from_layout, &base, &cache).unwrap(), base);
+    // A layout holding another image: the lock's digests decide, and the error says how to pin.
+    let other = build_layout(&work.path().join("other"), "v1", 2);
+    let from_other = PullOptions {
+        source: Some(format!("oci:{}:v1", other.dir.display())),
+        ..options()
+    };
+    let err = format!(
+        "{:#}",
+        pull_base(&from_other, &base, Arch::Aarch64, &cache).unwrap_err()
+    );
+    assert!(err.contains("lock update-base"), "{err}");
     let pulled = pull_base(&offline, &base, Arch::X86_64, &cache).unwrap();
     assert_fixture_tree(&pulled.tree, Arch::X86_64);
 }
 
-#[test]
-fn anonymous_bearer_tokens_and_a_warm_cache() {
-    let work = tempfile::tempdir().unwrap();
-    let fixture = build_layout(&work.path().join("layout"), "v1", 1);
-    let server = FakeRegistry::start(
-        &fixture.dir,
-        Faults {
-            bearer: true,
-            ..Faults::default()
-        },
-    );
-    let base = fixture.base(&format!("{}/fixture:v1", server.host()));
-    let cache = work.path().join("oci-cache");
-    pull_base(&options(), &base, Arch::X86_64, &cache).unwrap();
-    let first = server.take_requests();
+/// Reads a cached image back with skopeo (config) and umoci (unpack), as the README promises.
+fn read_back_with_skopeo_and_umoci(cache: &Path, name: &str, arch: Arch, work: &Path) {
+    require_tool("/usr/bin/skopeo", "skopeo");
+    require_tool("/usr/bin/umoci", "umoci");
+    let out = Command::new("/usr/bin/skopeo")
+        .args(["--insecure-policy", "inspect"])
+        .arg(format!("oci:{}:{name}", cache.display()))
+        .output()
+        .unwrap();
     assert!(
-        first[0].starts_with("HEAD /v2/fixture/manifests/v1") && !first[0].ends_with("(auth)"),
-        "{first:?}"
+        out.status.success(),
+        "skopeo inspect oci:…:{name}: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert!(first[1].starts_with("GET /token?"), "{first:?}");
+    let inspected: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(inspected["Architecture"], arch.oci_arch());
+    let rootfs = work.join(format!("unpacked-{}", arch.oci_arch()));
+    let out = Command::new("/usr/bin/umoci")
+        .args(["raw", "unpack", "--rootless", "--image"])
+        .arg(format!("{}:{name}", cache.display()))
+        .arg(&rootfs)
+        .output()
+        .unwrap();
     assert!(
-        first[2..].iter().all(|r| r.ends_with("(auth)")),
-        "{first:?}"
+        out.status.success(),
+        "umoci raw unpack {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert!(first.iter().any(|r| r.contains("/blobs/")), "{first:?}");
-
-    let again = pull_base(&options(), &base, Arch::X86_64, &cache).unwrap();
-    assert_fixture_tree(&again.tree, Arch::X86_64);
-    let second = server.take_requests();
-    assert!(
-        second
-            .iter()
-            .all(|r| !r.contains("/blobs/") && !r.starts_with("GET /v2/")),
-        "a warm cache needs only the tag's HEAD: {second:?}"
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/arch")).unwrap(),
+        arch.oci_arch()
     );
 }
 
 #[test]
-fn a_corrupt_blob_is_an_error_and_is_not_cached() {
+fn docker_v2s2_images_are_cached_so_skopeo_and_umoci_read_them() {
+    let registry = DockerRegistry::start();
     let work = tempfile::tempdir().unwrap();
-    let fixture = build_layout(&work.path().join("layout"), "v1", 1);
-    let bad = fixture.layers[&Arch::X86_64][1];
-    let server = FakeRegistry::start(
+    let mut fixture = build_layout(&work.path().join("layout"), "v1", 1);
+    testkit::oci::strip_attestations(&mut fixture);
+    // A single-platform v2s2 image, and a v2s2 manifest list.
+    let single = registry.push_with(
         &fixture.dir,
-        Faults {
-            corrupt: vec![bad],
-            ..Faults::default()
-        },
+        "v1",
+        "fixture:single",
+        &["--format", "v2s2", "--override-arch", "arm64"],
     );
-    let base = fixture.base(&format!("{}/fixture:v1", server.host()));
+    let list = registry.push_with(
+        &fixture.dir,
+        "v1",
+        "fixture:list",
+        &["--format", "v2s2", "--all"],
+    );
     let cache = work.path().join("oci-cache");
-    let err = format!(
-        "{:#}",
-        pull_base(&options(), &base, Arch::X86_64, &cache).unwrap_err()
-    );
-    assert!(
-        err.contains(&bad.to_string()) && err.contains("nothing was cached"),
-        "{err}"
-    );
-    let blobs: Vec<String> = std::fs::read_dir(cache.join("blobs/sha256"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    assert!(!blobs.contains(&bad.0.hex()), "{blobs:?}");
-    assert!(blobs.iter().all(|b| !b.starts_with('.')), "{blobs:?}");
-}
-
-#[test]
-fn transient_failures_are_retried() {
-    let work = tempfile::tempdir().unwrap();
-    let fixture = build_layout(&work.path().join("layout"), "v1", 1);
-    let server = FakeRegistry::start(
-        &fixture.dir,
-        Faults {
-            unavailable: 2.into(),
-            ..Faults::default()
-        },
-    );
-    let base = fixture.base(&format!("{}/fixture:v1", server.host()));
-    let pulled = pull_base(&options(), &base, Arch::Aarch64, &work.path().join("c")).unwrap();
-    assert_fixture_tree(&pulled.tree, Arch::Aarch64);
-
-    // Plain HTTP is for loopback (or allowed hosts) only: another host gets HTTPS, and a
-    // refused connection is retried a bounded number of times, then named.
-    let mut quick = options();
-    quick.transfer.attempts = 2;
-    let base = fixture.base("127.0.0.1:9/fixture:v1");
-    let err = format!(
-        "{:#}",
-        pull_base(&quick, &base, Arch::X86_64, &work.path().join("d")).unwrap_err()
-    );
-    assert!(
-        err.contains("http://127.0.0.1:9/v2/fixture/manifests/v1") && err.contains("2 attempt"),
-        "{err}"
-    );
+    for (base, arch) in [
+        (&single, Arch::Aarch64),
+        (&list, Arch::X86_64),
+        (&list, Arch::Aarch64),
+    ] {
+        let pulled = pull_base(&options(), base, arch, &cache).unwrap();
+        assert!(pulled.updated_pins.is_none(), "{base:?}");
+        assert_fixture_tree(&pulled.tree, arch);
+        let name = format!("{}-{}", base.reference, arch.oci_arch());
+        read_back_with_skopeo_and_umoci(&cache, &name, arch, work.path());
+        // The image as a whole too (skopeo picks the platform from the index).
+        let out = Command::new("/usr/bin/skopeo")
+            .args(["--insecure-policy", "--override-arch", arch.oci_arch()])
+            .args(["inspect"])
+            .arg(format!("oci:{}:{}", cache.display(), base.reference))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "skopeo inspect {}: {}",
+            base.reference,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // `lock update-base` finds a single-platform image's architecture in its config.
+    let mut unpinned = single.clone();
+    unpinned.manifests.clear();
+    assert_eq!(resolve_base(&options(), &unpinned, &cache).unwrap(), single);
+    // The pulled Docker documents stay in the cache under the pinned digests: offline works.
+    let offline = PullOptions {
+        offline: true,
+        ..options()
+    };
+    drop(registry);
+    let pulled = pull_base(&offline, &list, Arch::X86_64, &cache).unwrap();
+    assert_fixture_tree(&pulled.tree, Arch::X86_64);
 }

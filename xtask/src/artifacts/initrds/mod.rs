@@ -209,7 +209,7 @@ fn sync_one(
         Some((base, manifest)) => {
             let (tree, pulled) = pull_base(lock, store, plan, base, *manifest, arch)
                 .with_context(|| format!("pulling base `{base}` ({arch})"))?;
-            // A moved tag (recorded above, never under --locked) changes this input.
+            // The manifest the lock pins (a pin missing for this arch is recorded by the pull).
             inputs.insert(INPUT_BASE.to_owned(), pulled);
             Some(tree)
         }
@@ -275,9 +275,9 @@ fn pull_base(
     let pulled = crate::oci::pull_base(&options, &pins, arch, &store.layout().oci_cache())?;
     if let Some(updated) = pulled.updated_pins {
         eprintln!(
-            "base `{base}`: `{}` now resolves to index {} ({arch} manifest {}); was index {} \
-             ({arch} manifest {manifest}): recording the new pins in the lock",
-            pins.reference, pulled.index_digest, pulled.manifest_digest, pins.index
+            "base `{base}`: the lock pinned no {arch} manifest; recording {} from its pinned \
+             index {}",
+            pulled.manifest_digest, pulled.index_digest
         );
         lock.bases.insert(base.clone(), updated);
     } else if pulled.manifest_digest != manifest {

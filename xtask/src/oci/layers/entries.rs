@@ -6,7 +6,7 @@ use std::io::Read;
 
 use anyhow::{Context, bail};
 
-use super::{Applier, LayerInfo, MAX_BYTES_ENV, MAX_ENTRIES_ENV};
+use super::{Applier, LayerInfo, MAX_BYTES_ENV, MAX_CONTENT_ENV, MAX_ENTRIES_ENV};
 use crate::rootfs::{Node, NodeKind, TreePath};
 
 impl Applier {
@@ -161,14 +161,7 @@ impl Applier {
         let node_kind = match node_kind {
             NodeKind::File(_) => {
                 let size = entry.header().entry_size().context("bad size")?;
-                let left = self.limits.max_bytes.saturating_sub(self.bytes);
-                if size > left {
-                    bail!(
-                        "a {size}-byte file exceeds the limit of {} decompressed bytes for the \
-                         image (raise {MAX_BYTES_ENV} if the image really is that large)",
-                        self.limits.max_bytes
-                    );
-                }
+                self.reserve_content(size)?;
                 let mut data = Vec::with_capacity(size as usize);
                 entry
                     .read_to_end(&mut data)
@@ -188,6 +181,38 @@ impl Applier {
             },
         )?;
         added.insert(path.as_str().to_owned());
+        Ok(())
+    }
+
+    /// Counts a file's declared size against the caps before any of its data is read: the
+    /// image's decompressed bytes (earlier layers' streams plus this layer's files so far) and
+    /// the contents held in memory.
+    fn reserve_content(&mut self, size: u64) -> anyhow::Result<()> {
+        let limits = self.limits;
+        let streamed = self
+            .bytes
+            .saturating_add(self.layer_content)
+            .saturating_add(size);
+        if streamed > limits.max_bytes {
+            bail!(
+                "a {size}-byte file would take the image beyond the limit of {} decompressed \
+                 bytes; refused before reading it (a decompression bomb, or raise \
+                 {MAX_BYTES_ENV} if the image really is that large)",
+                limits.max_bytes
+            );
+        }
+        let held = self.content.saturating_add(size);
+        if held > limits.max_content_bytes {
+            bail!(
+                "a {size}-byte file would take the image's file contents to {held} bytes, beyond \
+                 the limit of {} bytes held in memory; refused before reading it (a \
+                 decompression bomb, or raise {MAX_CONTENT_ENV} if the image really is that \
+                 large)",
+                limits.max_content_bytes
+            );
+        }
+        self.layer_content += size;
+        self.content = held;
         Ok(())
     }
 

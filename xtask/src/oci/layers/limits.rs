@@ -13,22 +13,31 @@ pub struct LayerLimits {
     pub max_bytes: u64,
     /// Tar entries, whiteouts included.
     pub max_entries: u64,
+    /// Regular files' contents, summed over the layers: what the in-memory tree holds, so
+    /// this bounds the pull's memory. Checked against each entry's declared size before its
+    /// data is read.
+    pub max_content_bytes: u64,
 }
 
 pub const MAX_BYTES_ENV: &str = "XTASK_OCI_MAX_BYTES";
 pub const MAX_ENTRIES_ENV: &str = "XTASK_OCI_MAX_ENTRIES";
+pub const MAX_CONTENT_ENV: &str = "XTASK_OCI_MAX_CONTENT_BYTES";
 
 impl Default for LayerLimits {
     fn default() -> Self {
         LayerLimits {
             max_bytes: 2 << 30,
             max_entries: 500_000,
+            // An initrd lives in the guest's RAM: a base image beyond this is a mistake (or a
+            // bomb), and the tree, the cpio and its gzip are all built in memory.
+            max_content_bytes: 256 << 20,
         }
     }
 }
 
 impl LayerLimits {
-    /// The defaults, overridden by `XTASK_OCI_MAX_BYTES` / `XTASK_OCI_MAX_ENTRIES`.
+    /// The defaults, overridden by `XTASK_OCI_MAX_BYTES` / `XTASK_OCI_MAX_ENTRIES` /
+    /// `XTASK_OCI_MAX_CONTENT_BYTES`.
     pub fn from_env() -> anyhow::Result<LayerLimits> {
         let mut limits = LayerLimits::default();
         let read = |name: &str| -> anyhow::Result<Option<u64>> {
@@ -46,6 +55,9 @@ impl LayerLimits {
         }
         if let Some(v) = read(MAX_ENTRIES_ENV)? {
             limits.max_entries = v;
+        }
+        if let Some(v) = read(MAX_CONTENT_ENV)? {
+            limits.max_content_bytes = v;
         }
         Ok(limits)
     }

@@ -9,8 +9,9 @@
 //! escape a real extractor would have to defend against is refused with an error naming the
 //! layer: `..` components, a path below a symlink (the write would go wherever the link points),
 //! a hard link to a missing, non-regular or symlinked-through target. Absolute paths are
-//! confined (`/etc/x` is `etc/x`). Decompressed bytes and entries are capped across the image
-//! ([`LayerLimits`]) so a small blob cannot exhaust memory.
+//! confined (`/etc/x` is `etc/x`). Decompressed bytes, entries and file contents are capped
+//! across the image ([`LayerLimits`]); a file is refused on its declared size before its data is
+//! read, so a small blob cannot exhaust memory.
 //!
 //! Here: what a layer is (media type, compression, digests) and the streaming [`Applier::apply`];
 //! `limits.rs` the caps and the hashing, capping reader; `entries.rs` tar entries into nodes;
@@ -26,7 +27,7 @@ use std::io::{self, BufRead, BufReader, Read};
 use anyhow::{Context, bail};
 use system::lock::Digest;
 
-pub use limits::{LayerLimits, MAX_BYTES_ENV, MAX_ENTRIES_ENV};
+pub use limits::{LayerLimits, MAX_BYTES_ENV, MAX_CONTENT_ENV, MAX_ENTRIES_ENV};
 
 use crate::compression::Compression;
 use crate::rootfs::{Tree, TreePath};
@@ -93,7 +94,12 @@ pub struct Applier {
     limits: LayerLimits,
     /// For each regular file that has other names: those hard links.
     links: BTreeMap<TreePath, BTreeSet<TreePath>>,
+    /// Decompressed bytes of the layers applied before this one.
     bytes: u64,
+    /// Declared file sizes of the layer being applied (a lower bound of its stream so far).
+    layer_content: u64,
+    /// Declared file sizes of every layer, this one included: the tree's content.
+    content: u64,
     entries: u64,
 }
 
@@ -118,6 +124,7 @@ impl Applier {
         let digest = layer.digest;
         let mut compressed = HashingReader::new(blob, u64::MAX);
         let budget = self.limits.max_bytes.saturating_sub(self.bytes);
+        self.layer_content = 0;
         let result = {
             let mut buffered = BufReader::with_capacity(64 << 10, &mut compressed);
             let head = buffered
@@ -161,5 +168,7 @@ impl Applier {
     }
 }
 
+#[cfg(test)]
+mod bomb_tests;
 #[cfg(test)]
 mod tests;
