@@ -23,3 +23,140 @@ pub fn median_time(
     }
     Ok(median(times))
 }
+
+/// The line prefix `cargo xtask bench all` collects figures by.
+pub const FIGURE_PREFIX: &str = "BENCH-FIGURE ";
+
+/// What a figure should reach, checked against its ratio or its value.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    /// ours / baseline (times) at most this.
+    TimeRatioAtMost(f64),
+    /// baseline / ours (speed) at least this.
+    SpeedRatioAtLeast(f64),
+    /// An absolute time at most this (figures with no baseline).
+    TimeAtMost(Duration),
+}
+
+/// One measured figure next to its same-run baseline: printed by a bench as one line that
+/// `cargo xtask bench all` gathers into its table.
+#[derive(Debug, Clone)]
+pub struct Figure {
+    /// What was measured, e.g. "no-op artifacts --only initrds".
+    pub what: String,
+    /// Ours, formatted with its unit.
+    pub ours: String,
+    /// The baseline's name and value, formatted; empty when there is none.
+    pub baseline: String,
+    /// ours / baseline for times, baseline / ours for speeds (see `target`); None without one.
+    pub ratio: Option<f64>,
+    pub target: Option<Target>,
+    /// The value an absolute target is checked against.
+    pub value: Option<Duration>,
+}
+
+impl Figure {
+    /// A time against a baseline time: ratio = ours / baseline.
+    pub fn time(what: &str, ours: Duration, baseline_name: &str, baseline: Duration) -> Figure {
+        Figure {
+            what: what.to_owned(),
+            ours: format_duration(ours),
+            baseline: format!("{baseline_name} {}", format_duration(baseline)),
+            ratio: Some(ours.as_secs_f64() / baseline.as_secs_f64()),
+            target: None,
+            value: Some(ours),
+        }
+    }
+
+    /// A figure without a baseline (sizes, absolute times), formatted by the caller.
+    pub fn plain(what: &str, ours: impl Into<String>) -> Figure {
+        Figure {
+            what: what.to_owned(),
+            ours: ours.into(),
+            baseline: String::new(),
+            ratio: None,
+            target: None,
+            value: None,
+        }
+    }
+
+    pub fn with_target(mut self, target: Target) -> Figure {
+        self.target = Some(target);
+        self
+    }
+
+    /// Whether the target is met; None without a target (or without what it checks).
+    pub fn met(&self) -> Option<bool> {
+        match self.target? {
+            Target::TimeRatioAtMost(max) => self.ratio.map(|r| r <= max),
+            Target::SpeedRatioAtLeast(min) => self.ratio.map(|r| r >= min),
+            Target::TimeAtMost(max) => self.value.map(|v| v <= max),
+        }
+    }
+
+    fn target_text(&self) -> String {
+        match self.target {
+            None => String::new(),
+            Some(Target::TimeRatioAtMost(max)) => format!("<= {max}x baseline time"),
+            Some(Target::SpeedRatioAtLeast(min)) => format!(">= {min}x baseline speed"),
+            Some(Target::TimeAtMost(max)) => format!("<= {}", format_duration(max)),
+        }
+    }
+
+    /// Prints the figure as one machine-readable line (and nothing else).
+    pub fn print(&self) {
+        let line = serde_json::json!({
+            "what": self.what,
+            "ours": self.ours,
+            "baseline": self.baseline,
+            "ratio": self.ratio,
+            "target": self.target_text(),
+            "met": self.met(),
+        });
+        println!("{FIGURE_PREFIX}{line}");
+    }
+}
+
+/// `12.3 ms`, `1.24 s`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1e3;
+    if ms < 1000.0 {
+        format!("{ms:.1} ms")
+    } else {
+        format!("{:.2} s", ms / 1e3)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_checked_against_the_right_figure() {
+        let ms = Duration::from_millis;
+        let fast = Figure::time("x", ms(30), "base", ms(100));
+        assert_eq!(fast.ratio, Some(0.3));
+        assert_eq!(
+            fast.clone().with_target(Target::TimeRatioAtMost(0.3)).met(),
+            Some(true)
+        );
+        assert_eq!(
+            fast.clone().with_target(Target::TimeRatioAtMost(0.2)).met(),
+            Some(false)
+        );
+        assert_eq!(
+            fast.clone().with_target(Target::TimeAtMost(ms(50))).met(),
+            Some(true)
+        );
+        assert_eq!(fast.met(), None);
+        let speed = Figure {
+            ratio: Some(1.2),
+            ..Figure::plain("hash", "1.2 GB/s")
+        };
+        assert_eq!(
+            speed.with_target(Target::SpeedRatioAtLeast(1.0)).met(),
+            Some(true)
+        );
+        assert_eq!(format_duration(ms(1500)), "1.50 s");
+    }
+}

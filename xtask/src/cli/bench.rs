@@ -3,8 +3,14 @@
 //! its own (`xtask/benches/<case>.rs`), run by `cargo bench` in the dev profile, whose
 //! dependencies are optimized: the harness they use (`testkit`) stays out of this binary.
 
-use anyhow::Context;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, bail};
 use xshell::{Shell, cmd};
+
+/// The prefix of the lines benches print their figures on (`testkit::bench::FIGURE_PREFIX`).
+const FIGURE_PREFIX: &str = "BENCH-FIGURE ";
 
 /// Run a benchmark and print its figures (ratios against a baseline from the same run).
 #[derive(clap::Args)]
@@ -29,21 +35,139 @@ enum Case {
     /// Boot guest-init 10 times under QEMU: PID 1 start → entrypoint exec (median), plus the
     /// sizes of guest-init and the minimal initrd.
     Boot,
+    /// Every case above in turn, then one table of every figure next to its same-run baseline
+    /// and its target.
+    All,
 }
 
-impl Bench {
-    pub fn run(self) -> anyhow::Result<()> {
-        let case = match self.case {
+impl Case {
+    const EACH: [Case; 5] = [
+        Case::Verify,
+        Case::Layers,
+        Case::Download,
+        Case::Initrd,
+        Case::Boot,
+    ];
+
+    fn bench_target(self) -> &'static str {
+        match self {
             Case::Verify => "verify",
             Case::Layers => "layers",
             Case::Download => "download",
             Case::Initrd => "initrd",
             Case::Boot => "boot",
+            Case::All => unreachable!("`all` runs the others"),
+        }
+    }
+}
+
+impl Bench {
+    pub fn run(self) -> anyhow::Result<()> {
+        let cases: &[Case] = match self.case {
+            Case::All => &Case::EACH,
+            ref one => std::slice::from_ref(one),
         };
         let sh = Shell::new()?;
         sh.change_dir(xtask::workspace_root());
-        cmd!(sh, "cargo bench --profile dev -p xtask --bench {case}")
+        // Build every bench first, so the runs that follow measure nothing but themselves.
+        cmd!(sh, "cargo bench --profile dev -p xtask --no-run")
             .run()
-            .with_context(|| format!("benchmark {case} failed (see above)"))
+            .context("building the benchmarks")?;
+        let mut figures = Vec::new();
+        let mut failed = Vec::new();
+        for case in cases {
+            let name = case.bench_target();
+            eprintln!("== bench {name}");
+            match run_case(name) {
+                Ok(found) => figures.extend(found),
+                Err(e) => failed.push(format!("{name}: {e:#}")),
+            }
+        }
+        if cases.len() > 1 {
+            println!("{}", table(&figures));
+        }
+        if !failed.is_empty() {
+            bail!("benchmark(s) failed:\n  {}", failed.join("\n  "));
+        }
+        Ok(())
+    }
+}
+
+/// Runs one bench target, echoing its output, and returns the figures it printed.
+fn run_case(name: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut child = Command::new(cargo)
+        .args(["bench", "--profile", "dev", "-p", "xtask", "--bench", name])
+        .current_dir(xtask::workspace_root())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting cargo bench")?;
+    let mut figures = Vec::new();
+    let stdout = child.stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        match line.strip_prefix(FIGURE_PREFIX) {
+            Some(json) => figures.push(
+                serde_json::from_str(json)
+                    .with_context(|| format!("a malformed figure line from {name}: {json}"))?,
+            ),
+            None => println!("{line}"),
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("cargo bench --bench {name} exited with {status}");
+    }
+    Ok(figures)
+}
+
+/// A markdown table of every figure: what, ours, baseline, ratio, target, met.
+fn table(figures: &[serde_json::Value]) -> String {
+    let text = |v: &serde_json::Value, key: &str| v[key].as_str().unwrap_or_default().to_owned();
+    let mut out = String::from(
+        "| what | ours | same-run baseline | ratio | target | met |\n|---|---|---|---|---|---|\n",
+    );
+    for figure in figures {
+        let ratio = figure["ratio"]
+            .as_f64()
+            .map(|r| format!("{r:.2}"))
+            .unwrap_or_default();
+        let met = match figure["met"].as_bool() {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "",
+        };
+        out += &format!(
+            "| {} | {} | {} | {ratio} | {} | {met} |\n",
+            text(figure, "what"),
+            text(figure, "ours"),
+            text(figure, "baseline"),
+            text(figure, "target"),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_table_shows_every_figure_with_its_verdict() {
+        let figures: Vec<serde_json::Value> = [
+            r#"{"what":"hash","ours":"50 ms","baseline":"openssl 60 ms","ratio":1.2,"target":">= 1x baseline speed","met":true}"#,
+            r#"{"what":"size","ours":"1 MB","baseline":"","ratio":null,"target":"","met":null}"#,
+            r#"{"what":"no-op","ours":"80 ms","baseline":"","ratio":null,"target":"<= 50.0 ms","met":false}"#,
+        ]
+        .iter()
+        .map(|s| serde_json::from_str(s).unwrap())
+        .collect();
+        let table = super::table(&figures);
+        let rows: Vec<&str> = table.lines().collect();
+        assert_eq!(rows.len(), 5, "{table}");
+        assert_eq!(
+            rows[2],
+            "| hash | 50 ms | openssl 60 ms | 1.20 | >= 1x baseline speed | yes |"
+        );
+        assert_eq!(rows[3], "| size | 1 MB |  |  |  |  |");
+        assert!(rows[4].ends_with("| <= 50.0 ms | **no** |"), "{}", rows[4]);
     }
 }
