@@ -49,8 +49,20 @@ fn generate(lock: &lock::Lock) -> String {
     );
     let kernels: Vec<&str> = lock.kernels.keys().map(|v| v.as_str()).collect();
     let initrds: Vec<&str> = lock.initrds.keys().map(|v| v.as_str()).collect();
-    constants(&mut out, "KERNEL", "KernelVersion", "kernel", &kernels);
-    constants(&mut out, "INITRD", "InitrdVersion", "initrd", &initrds);
+    constants(
+        &mut out,
+        lock::KERNEL_PREFIX,
+        "KernelVersion",
+        "kernel",
+        &kernels,
+    );
+    constants(
+        &mut out,
+        lock::INITRD_PREFIX,
+        "InitrdVersion",
+        "initrd",
+        &initrds,
+    );
     let _ = writeln!(
         out,
         "/// The kernel a host boots unless told otherwise (`defaults.kernel`).\n\
@@ -66,13 +78,9 @@ fn generate(lock: &lock::Lock) -> String {
 fn constants(out: &mut String, prefix: &str, ty: &str, what: &str, versions: &[&str]) {
     let mut idents = BTreeMap::new();
     for version in versions {
-        let ident = format!("{prefix}_{}", identifier(version));
-        if let Some(other) = idents.insert(ident.clone(), *version) {
-            fail(&format!(
-                "{what} versions `{other}` and `{version}` both become the constant {ident}; \
-                 rename one of them in artifacts.lock"
-            ));
-        }
+        let ident = lock::constant_name(prefix, version);
+        // Lock::parse refused versions whose constants collide.
+        idents.insert(ident.clone(), *version);
         let _ = writeln!(
             out,
             "/// {what} `{version}`, pinned in artifacts.lock.\n\
@@ -85,17 +93,4 @@ fn constants(out: &mut String, prefix: &str, ty: &str, what: &str, versions: &[&
         "/// Every {what} version in artifacts.lock.\npub const {prefix}S: &[{ty}] = &[{}];\n",
         list.join(", ")
     );
-}
-
-fn identifier(version: &str) -> String {
-    version
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }

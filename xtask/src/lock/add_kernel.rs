@@ -47,6 +47,8 @@ pub fn add_kernel(
     urls: &[ArchUrl],
     make_default: bool,
 ) -> anyhow::Result<Lock> {
+    // A name whose constant collides would break `system`'s build: refuse before downloading.
+    lock.check_new_kernel(version)?;
     let mut seen = Vec::new();
     for u in urls {
         if seen.contains(&u.arch) {
@@ -193,6 +195,30 @@ mod tests {
         .to_string();
         assert!(err.contains("403") && err.contains("aarch64"), "{err}");
         assert_eq!(server.count(), 1);
+    }
+
+    #[test]
+    fn a_version_whose_constant_collides_is_refused_before_downloading() {
+        let body = Arc::new(b"a kernel".to_vec());
+        let server = Server::serving(&body, true);
+        let (_dir, store) = temp_store();
+        let url: ArchUrl = format!("x86_64={}", server.url("/k")).parse().unwrap();
+        let version = Version::new("ch-release-v6.16.9_20260508").unwrap();
+        let err = add_kernel(
+            &base_lock(),
+            &store,
+            &test_fetcher(),
+            &version,
+            &[url],
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`ch-release-v6.16.9-20260508` and `ch-release-v6.16.9_20260508`"),
+            "{err}"
+        );
+        assert_eq!(server.count(), 0);
     }
 
     #[test]
