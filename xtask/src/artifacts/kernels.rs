@@ -352,6 +352,31 @@ mod tests {
     }
 
     #[test]
+    fn a_blob_replaced_by_a_symlink_is_fetched_again() {
+        let body = content(50_000);
+        let server = Server::serving(&body, true);
+        let (dir, store) = temp_store();
+        let mut lock = lock_for(&[(Arch::X86_64, &server.url("/vmlinux"), &body, None)]);
+        sync(&mut lock, &store, &Plan::default()).unwrap();
+        // Someone "deduplicates" the blob with a link to an identical copy outside the store.
+        let blob = store.layout().blob(&system::hash::sha256_bytes(&body));
+        let outside = dir.path().join("vmlinux-copy");
+        fs::write(&outside, &*body).unwrap();
+        fs::remove_file(&blob).unwrap();
+        std::os::unix::fs::symlink(&outside, &blob).unwrap();
+
+        let report = sync(&mut lock, &store, &Plan::default()).unwrap();
+        assert_eq!(
+            (report.fetched.len(), report.reused.len()),
+            (1, 0),
+            "{report}"
+        );
+        assert_eq!(server.count(), 2);
+        assert!(fs::symlink_metadata(&blob).unwrap().file_type().is_file());
+        assert_kernel(&store, Arch::X86_64, &body);
+    }
+
+    #[test]
     fn a_wrong_digest_stores_nothing() {
         let pinned = content(10_000);
         let server = Server::start(|_, _| Reply::Body {

@@ -57,9 +57,10 @@ impl BlobDir {
         self.dir.join(digest.hex())
     }
 
-    /// Whether a blob of that name exists (its content is not checked).
+    /// Whether a blob of that name exists as a regular file (its content is not checked). A
+    /// symlink does not count, even to identical content: it is replaced by the next commit.
     pub fn contains(&self, digest: &Sha256) -> bool {
-        self.path(digest).is_file()
+        fs::symlink_metadata(self.path(digest)).is_ok_and(|m| m.file_type().is_file())
     }
 
     /// A temp file in this directory to stream a blob into.

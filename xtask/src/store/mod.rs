@@ -11,10 +11,10 @@ mod blob_dir;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use system::hash::sha256_reader;
 use system::stamp::FileStamp;
 use system::{Layout, Sha256};
@@ -62,34 +62,70 @@ impl StoreWriter {
         &self.layout
     }
 
-    /// Whether a blob with this digest is present and its content matches. A blob whose content
-    /// does not match (bit rot, tampering) is removed so that it is written again. A blob that
-    /// is unchanged since an earlier run hashed it (same [`FileStamp`]) is not hashed again.
+    /// Whether a blob with this digest is present and its content matches. A blob that is not
+    /// a regular file (a symlink, even to identical content; a fifo) or whose content does not
+    /// match (bit rot, tampering) is corrupt: it is removed so that it is written again. A
+    /// verified blob is made read-only (a file copied in by hand for `--offline` arrives
+    /// writable). A blob that is unchanged since an earlier run hashed it (same [`FileStamp`])
+    /// is not hashed again.
     pub fn has_verified_blob(&self, digest: &Sha256, size: Option<u64>) -> anyhow::Result<bool> {
         let path = self.layout.blob(digest);
-        let file = match File::open(&path) {
-            Ok(file) => file,
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(meta) => meta,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+            Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
         };
-        let stamp = FileStamp::of(&file.metadata()?);
+        if !meta.file_type().is_file() {
+            // Checked before opening: opening a fifo would block, and a symlink would be followed.
+            self.remove_corrupt(digest, &format!("it is {}", not_a_file(&path, &meta)))?;
+            return Ok(false);
+        }
+        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let mut stamp = FileStamp::of(&file.metadata()?);
         let size_ok = |len: u64| size.is_none_or(|s| s == len);
         if size_ok(stamp.size()) && self.recorded_stamp(digest) == Some(stamp) {
             return Ok(true);
         }
         let (actual, len) =
             sha256_reader(file).with_context(|| format!("hashing {}", path.display()))?;
-        if actual == *digest && size_ok(len) {
-            self.record_stamp(digest, &stamp)?;
-            return Ok(true);
+        if actual != *digest || !size_ok(len) {
+            self.remove_corrupt(
+                digest,
+                &format!("its content hashes to {actual} ({len} bytes)"),
+            )?;
+            return Ok(false);
         }
+        if meta.permissions().mode() & 0o222 != 0 {
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o444)).with_context(|| {
+                format!(
+                    "making the verified blob {} read-only (blobs are immutable)",
+                    path.display()
+                )
+            })?;
+            // The mode change is a metadata change: stamp the file as it is now.
+            stamp = FileStamp::of(&fs::metadata(&path)?);
+        }
+        self.record_stamp(digest, &stamp)?;
+        Ok(true)
+    }
+
+    /// Removes a blob found corrupt (`why`), and its verification record.
+    fn remove_corrupt(&self, digest: &Sha256, why: &str) -> anyhow::Result<()> {
+        let path = self.layout.blob(digest);
         let _ = fs::remove_file(self.layout.verified_stamp(digest));
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+            // Never delete a tree we did not write: the user decides what it is.
+            bail!(
+                "{} is a directory where a blob belongs; move it away and run again",
+                path.display()
+            );
+        }
         eprintln!(
-            "removing corrupt blob {}: content hashes to {actual} ({len} bytes)",
+            "removing corrupt blob {}: {why}; it will be fetched or built again",
             path.display()
         );
-        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-        Ok(false)
+        fs::remove_file(&path)
+            .with_context(|| format!("removing the corrupt blob {}", path.display()))
     }
 
     /// The blob directory (`blobs/sha256/`).
@@ -127,7 +163,7 @@ impl StoreWriter {
     pub fn put_bytes(&self, bytes: &[u8]) -> anyhow::Result<(Sha256, u64, PathBuf)> {
         let digest = system::hash::sha256_bytes(bytes);
         let path = self.blobs.path(&digest);
-        if path.exists() && self.has_verified_blob(&digest, Some(bytes.len() as u64))? {
+        if self.has_verified_blob(&digest, Some(bytes.len() as u64))? {
             return Ok((digest, bytes.len() as u64, path));
         }
         let mut writer = self.blob_writer()?;
@@ -169,6 +205,21 @@ impl StoreWriter {
     }
 }
 
+/// What a non-regular file at `path` is, for messages: `a symlink to /x`, `a directory`.
+fn not_a_file(path: &Path, meta: &fs::Metadata) -> String {
+    let kind = meta.file_type();
+    if kind.is_symlink() {
+        match fs::read_link(path) {
+            Ok(target) => format!("a symlink to {}, not a regular file", target.display()),
+            Err(_) => "a symlink, not a regular file".to_owned(),
+        }
+    } else if kind.is_dir() {
+        "a directory, not a regular file".to_owned()
+    } else {
+        "a special file (fifo, socket or device), not a regular file".to_owned()
+    }
+}
+
 /// A store in a fresh temp dir, for tests; the dir lives as long as the returned guard.
 #[cfg(test)]
 pub fn temp_store() -> (tempfile::TempDir, StoreWriter) {
@@ -179,8 +230,6 @@ pub fn temp_store() -> (tempfile::TempDir, StoreWriter) {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
     use super::*;
 
     #[test]
@@ -251,5 +300,67 @@ mod tests {
         fs::write(&stamp, "0 0 0 0 0 0 0").unwrap();
         assert!(!store.has_verified_blob(&digest, Some(size)).unwrap());
         assert!(!path.exists() && !stamp.exists());
+    }
+
+    #[test]
+    fn a_blob_that_is_a_symlink_is_corrupt_and_replaced() {
+        let (dir, store) = temp_store();
+        let (digest, _, path) = store.put_bytes(b"kernel").unwrap();
+        // Identical content, but outside the store: the runtime would refuse it.
+        let outside = dir.path().join("copy-of-kernel");
+        fs::write(&outside, b"kernel").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::remove_file(&path).unwrap();
+        symlink(&outside, &path).unwrap();
+
+        assert!(!store.has_verified_blob(&digest, Some(6)).unwrap());
+        assert!(
+            fs::symlink_metadata(&path).is_err(),
+            "the symlink is removed"
+        );
+        assert_eq!(
+            fs::read(&outside).unwrap(),
+            b"kernel",
+            "its target is left alone"
+        );
+        assert!(!store.blobs().contains(&digest));
+
+        let (_, _, again) = store.put_bytes(b"kernel").unwrap();
+        let meta = fs::symlink_metadata(&again).unwrap();
+        assert!(meta.file_type().is_file() && meta.permissions().readonly());
+    }
+
+    #[test]
+    fn a_blob_copied_in_by_hand_is_made_read_only_once_verified() {
+        let (_dir, store) = temp_store();
+        let digest = system::hash::sha256_bytes(b"copied kernel");
+        let path = store.layout().blob(&digest);
+        fs::write(&path, b"copied kernel").unwrap();
+        assert!(!fs::metadata(&path).unwrap().permissions().readonly());
+
+        assert!(store.has_verified_blob(&digest, Some(13)).unwrap());
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o444, "mode {mode:o}");
+        // The record matches the file as it is now, so the next run does not hash it again.
+        let stamp = FileStamp::of(&fs::metadata(&path).unwrap());
+        assert_eq!(store.recorded_stamp(&digest), Some(stamp));
+    }
+
+    #[test]
+    fn a_directory_where_a_blob_belongs_is_reported_not_deleted() {
+        let (_dir, store) = temp_store();
+        let digest = system::hash::sha256_bytes(b"k");
+        let path = store.layout().blob(&digest);
+        fs::create_dir(&path).unwrap();
+        fs::write(path.join("keep"), b"user data").unwrap();
+        let err = store
+            .has_verified_blob(&digest, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("directory") && err.contains(&digest.hex()),
+            "{err}"
+        );
+        assert!(path.join("keep").exists());
     }
 }
