@@ -7,6 +7,8 @@ mod arch;
 #[allow(dead_code)]
 #[path = "src/lock.rs"]
 mod lock;
+#[path = "src/lock_path.rs"]
+mod lock_path;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -16,9 +18,11 @@ use std::{env, fs};
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
     println!("cargo:rerun-if-env-changed=SYSTEM_ARTIFACTS_LOCK");
-    let lock_path = env::var_os("SYSTEM_ARTIFACTS_LOCK")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_dir.join("../artifacts.lock"));
+    let lock_path = lock_path::resolve(
+        env::var_os("SYSTEM_ARTIFACTS_LOCK").as_deref(),
+        &manifest_dir,
+    )
+    .unwrap_or_else(|e| fail(&e));
     println!("cargo:rerun-if-changed={}", lock_path.display());
 
     let text = fs::read_to_string(&lock_path).unwrap_or_else(|e| {
@@ -32,7 +36,22 @@ fn main() {
 
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());
     fs::write(out_dir.join("artifacts.lock"), &text).unwrap();
-    fs::write(out_dir.join("versions.rs"), generate(&lock)).unwrap();
+    // Only for messages: which lock the store's copy is compared with, and which is newer.
+    let modified = fs::metadata(&lock_path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs());
+    let mut code = generate(&lock);
+    let _ = writeln!(
+        code,
+        "/// The lock file this crate was built from (the resolved path).\n\
+         pub const EMBEDDED_LOCK_PATH: &str = {:?};\n\
+         /// Its modification time when this crate was built, in seconds since the epoch.\n\
+         pub const EMBEDDED_LOCK_MODIFIED: Option<u64> = {modified:?};",
+        lock_path.display().to_string()
+    );
+    fs::write(out_dir.join("versions.rs"), code).unwrap();
 }
 
 fn fail(message: &str) -> ! {

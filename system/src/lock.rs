@@ -308,7 +308,8 @@ fn render_path(path: &serde_path_to_error::Path) -> String {
     if out.is_empty() { "(root)".into() } else { out }
 }
 
-fn key(k: &str) -> String {
+/// A JSON key as a reader types it in a path: bare when an identifier, quoted otherwise.
+pub(crate) fn key(k: &str) -> String {
     let bare = !k.is_empty()
         && !k.starts_with(|c: char| c.is_ascii_digit())
         && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
