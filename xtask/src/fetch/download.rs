@@ -2,6 +2,7 @@
 //! what it writes) on its own thread, overlapping the network reads, and is checked against
 //! the expected size and digest. It survives what real networks do:
 //! - the retry policy of [`super::retry`] (timeouts, 5xx, 408, 429, `Retry-After`);
+//! - the stall floor of [`super::floor`]: a body slower than the minimum rate is retried;
 //! - resume with `Range: bytes=N-` (and `If-Range`, so a replaced file restarts instead of
 //!   splicing), checking the `206`'s `Content-Range`; a `200` answer means the server ignored
 //!   the range, and the sink restarts from zero;
@@ -11,6 +12,7 @@
 
 use std::io::{self, Read, Write};
 use std::sync::mpsc;
+use std::time::Instant;
 
 use reqwest::StatusCode;
 use reqwest::header::{
@@ -19,6 +21,7 @@ use reqwest::header::{
 use system::Sha256;
 
 use super::FetchError;
+use super::floor::RateFloor;
 use super::progress::Reporter;
 use super::retry::{Attempt, Retries, Retry, header_u64, is_timeout};
 use super::transport::{Authorizer, Request, Transport};
@@ -147,7 +150,8 @@ impl Transport {
                     Err(Attempt::Retry(retry)) => retry,
                 };
             let reason = retry.reason.clone();
-            let progressed = state.written > before;
+            // A body below the stall floor keeps its bytes but has not earned another round.
+            let progressed = state.written > before && !retry.slow;
             let backoff =
                 match retries.after_failure(&request.method, &request.url, retry, progressed) {
                     Ok(backoff) => backoff,
@@ -248,6 +252,7 @@ impl Transport {
         state
             .report
             .position(label, total.or(expected_size), state.written);
+        let mut floor = RateFloor::new(self.options(), Instant::now());
         loop {
             let mut buf = state
                 .buffers
@@ -278,6 +283,16 @@ impl Transport {
                     actual: state.written,
                     announced: false,
                 }));
+            }
+            let complete = total == Some(state.written);
+            if let Err(slow) = floor.record(n as u64, Instant::now())
+                && !complete
+            {
+                return Err(Attempt::Retry(Retry::slow(format!(
+                    "{url} is too slow at byte {}: {}",
+                    state.written,
+                    slow.describe()
+                ))));
             }
         }
         if let Some(total) = total

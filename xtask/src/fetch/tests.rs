@@ -22,6 +22,8 @@ pub(crate) fn options() -> Options {
     Options {
         connect_timeout: Duration::from_secs(2),
         read_timeout: Duration::from_millis(500),
+        min_rate: 1024,
+        stall_window: Duration::from_secs(30),
         attempts: 3,
         backoff: Duration::from_millis(10),
         backoff_cap: Duration::from_millis(200),
@@ -267,6 +269,83 @@ fn a_stalled_server_times_out() {
     // Not asserting on time beyond "it came back at all, well before the stall ends".
     assert!(started.elapsed() < Duration::from_secs(30));
     blobs.assert_empty();
+}
+
+#[test]
+fn a_trickling_server_is_a_stall_below_the_floor() {
+    // 16 bytes every 10 ms (at most 1.6 KB/s): each read comes well within the read timeout,
+    // so only the floor can tell. Unchecked, the body would finish after about 2 seconds.
+    let body = content(3_000);
+    let served = body.clone();
+    let server = Server::start(move |_, _| Reply::Trickle {
+        body: served.clone(),
+        chunk: 16,
+        every: Duration::from_millis(10),
+    })
+    .unwrap();
+    let blobs = Blobs::new();
+    let url = server.url("/slow");
+    let slow = Fetcher::new(
+        Options {
+            min_rate: 64 * 1024,
+            stall_window: Duration::from_millis(100),
+            ..options()
+        },
+        Mirrors::default(),
+    )
+    .unwrap();
+    let err = blobs.fetch(&slow, &url, &body, None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FetchError::Network {
+                timed_out: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    for needle in [
+        url.as_str(),
+        "too slow",
+        "B/s over the last",
+        "below the floor of 64.0 KiB/s",
+        "--min-rate",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in: {text}");
+    }
+    // Slow attempts do not count as progress: the attempts are used up as for a dead server,
+    // each one resuming where the last stopped.
+    let requests = server.requests();
+    assert_eq!(requests.len(), options().attempts as usize);
+    assert!(requests[1].range_start().is_some_and(|start| start > 0));
+    blobs.assert_empty();
+}
+
+#[test]
+fn a_slow_body_above_the_floor_finishes() {
+    let body = content(3_000);
+    let served = body.clone();
+    let server = Server::start(move |_, _| Reply::Trickle {
+        body: served.clone(),
+        chunk: 1_000,
+        every: Duration::from_millis(10),
+    })
+    .unwrap();
+    let blobs = Blobs::new();
+    let floor = Fetcher::new(
+        Options {
+            min_rate: 100,
+            stall_window: Duration::from_millis(5),
+            ..options()
+        },
+        Mirrors::default(),
+    )
+    .unwrap();
+    blobs.fetch(&floor, &server.url("/k"), &body, None).unwrap();
+    assert_eq!(server.count(), 1);
+    blobs.assert_holds(&body);
 }
 
 #[test]
