@@ -4,7 +4,8 @@
 //! file in the blobs directory (same filesystem) while it is hashed, fsynced, checked against
 //! its expected digest and size, made read-only, renamed into place, and the directory fsynced. A crash at any point leaves either no blob or a whole one. Named links are
 //! replaced by renaming a fresh symlink over them. An advisory lock on `.lock` serializes
-//! concurrent `cargo xtask artifacts` runs on one data dir.
+//! concurrent `cargo xtask artifacts` runs on one data dir; the writer holding it removes the
+//! temp files interrupted runs left, except the downloads it can resume.
 
 mod atomic;
 mod blob_dir;
@@ -51,11 +52,38 @@ impl StoreWriter {
             lock.lock()
                 .with_context(|| format!("locking {}", lock_path.display()))?;
         }
-        Ok(StoreWriter {
+        let store = StoreWriter {
             layout,
             blobs,
             _lock: lock,
-        })
+        };
+        store.remove_stale_partials()?;
+        Ok(store)
+    }
+
+    /// Removes the temp files interrupted runs left (a killed download, a crash before a
+    /// rename): with the writer lock held, no other writer can be using them. Resumable
+    /// downloads are kept for the run that fetches the same file again.
+    fn remove_stale_partials(&self) -> anyhow::Result<()> {
+        let oci = self.layout.oci_cache();
+        let dirs = [
+            self.layout.blobs(),
+            self.layout.root().to_path_buf(),
+            self.layout.root().join(".verified"),
+            oci.join("blobs/sha256"),
+            oci,
+        ];
+        let now = std::time::SystemTime::now();
+        for dir in dirs {
+            let (files, bytes) = BlobDir::new(&dir).remove_stale_partials(now)?;
+            if files > 0 {
+                eprintln!(
+                    "removed {files} temp file(s) ({bytes} bytes) that interrupted runs left in {}",
+                    dir.display()
+                );
+            }
+        }
+        Ok(())
     }
 
     pub fn layout(&self) -> &Layout {
@@ -137,6 +165,12 @@ impl StoreWriter {
     /// [`StoreWriter::commit`].
     pub fn blob_writer(&self) -> anyhow::Result<BlobWriter> {
         self.blobs.writer()
+    }
+
+    /// A writer for the blob `digest` downloaded from `url` that a later run can resume when
+    /// this one is interrupted ([`BlobDir::resumable_writer`]).
+    pub fn resumable_blob_writer(&self, digest: &Sha256, url: &str) -> anyhow::Result<BlobWriter> {
+        self.blobs.resumable_writer(digest, url)
     }
 
     /// Makes what `writer` received a visible blob, if it is `expected` (and `expected_size`
@@ -362,5 +396,54 @@ mod tests {
             "{err}"
         );
         assert!(path.join("keep").exists());
+    }
+
+    #[test]
+    fn opening_a_store_removes_what_interrupted_runs_left_but_keeps_resumable_downloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let blobs = layout.blobs();
+        fs::create_dir_all(&blobs).unwrap();
+        fs::create_dir_all(layout.root().join(".verified")).unwrap();
+        let partial = |name: &str| blobs.join(format!(".partial-{name}"));
+        let resumable = |content: &[u8]| {
+            let hex = system::hash::sha256_bytes(content).hex();
+            fs::write(partial(&hex), &content[..4]).unwrap();
+            fs::write(partial(&format!("{hex}.source")), "http://h/k\n\"e\"\n").unwrap();
+            hex
+        };
+        // A killed plain writer, a killed atomic write of a stamp and of the lock copy.
+        fs::write(partial("Xy12ab"), vec![0u8; 1000]).unwrap();
+        fs::write(layout.root().join(".verified/.partial-Qw34cd"), "0 0").unwrap();
+        fs::write(layout.root().join(".partial-Er56ef"), "{").unwrap();
+        let wanted = resumable(b"a kernel still wanted");
+        let done = resumable(b"a kernel fetched since");
+        fs::write(blobs.join(&done), b"a kernel fetched since").unwrap();
+        let old = resumable(b"a kernel nobody fetched for weeks");
+        let weeks_ago = std::time::SystemTime::now() - blob_dir::RESUME_MAX_AGE * 2;
+        File::options()
+            .write(true)
+            .open(partial(&old))
+            .unwrap()
+            .set_modified(weeks_ago)
+            .unwrap();
+        let unrecorded = system::hash::sha256_bytes(b"no source record").hex();
+        fs::write(partial(&unrecorded), b"no s").unwrap();
+
+        let store = StoreWriter::open(dir.path()).unwrap();
+        let mut left: Vec<String> = fs::read_dir(store.layout().blobs())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let mut expected = vec![
+            done.clone(),
+            format!(".partial-{wanted}"),
+            format!(".partial-{wanted}.source"),
+        ];
+        expected.sort();
+        assert_eq!(left, expected);
+        assert!(!layout.root().join(".verified/.partial-Qw34cd").exists());
+        assert!(!layout.root().join(".partial-Er56ef").exists());
     }
 }
