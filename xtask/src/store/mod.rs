@@ -124,14 +124,16 @@ impl StoreWriter {
             return Ok(false);
         }
         if meta.permissions().mode() & 0o222 != 0 {
-            fs::set_permissions(&path, fs::Permissions::from_mode(0o444)).with_context(|| {
-                format!(
-                    "making the verified blob {} read-only (blobs are immutable)",
+            // A blob someone else owns may refuse: its content is right, so only warn.
+            match fs::set_permissions(&path, fs::Permissions::from_mode(0o444)) {
+                // The mode change is a metadata change: stamp the file as it is now.
+                Ok(()) => stamp = FileStamp::of(&fs::metadata(&path)?),
+                Err(e) => eprintln!(
+                    "warning: could not make the verified blob {} read-only ({e}); blobs are \
+                     meant to be immutable: `chmod a-w` it",
                     path.display()
-                )
-            })?;
-            // The mode change is a metadata change: stamp the file as it is now.
-            stamp = FileStamp::of(&fs::metadata(&path)?);
+                ),
+            }
         }
         self.record_stamp(digest, &stamp)?;
         Ok(true)
