@@ -7,6 +7,8 @@ mod arch;
 #[allow(dead_code)]
 #[path = "src/lock.rs"]
 mod lock;
+#[path = "src/lock_path.rs"]
+mod lock_path;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -16,9 +18,11 @@ use std::{env, fs};
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
     println!("cargo:rerun-if-env-changed=SYSTEM_ARTIFACTS_LOCK");
-    let lock_path = env::var_os("SYSTEM_ARTIFACTS_LOCK")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_dir.join("../artifacts.lock"));
+    let lock_path = lock_path::resolve(
+        env::var_os("SYSTEM_ARTIFACTS_LOCK").as_deref(),
+        &manifest_dir,
+    )
+    .unwrap_or_else(|e| fail(&e));
     println!("cargo:rerun-if-changed={}", lock_path.display());
 
     let text = fs::read_to_string(&lock_path).unwrap_or_else(|e| {
@@ -32,7 +36,22 @@ fn main() {
 
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());
     fs::write(out_dir.join("artifacts.lock"), &text).unwrap();
-    fs::write(out_dir.join("versions.rs"), generate(&lock)).unwrap();
+    // Only for messages: which lock the store's copy is compared with, and which is newer.
+    let modified = fs::metadata(&lock_path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs());
+    let mut code = generate(&lock);
+    let _ = writeln!(
+        code,
+        "/// The lock file this crate was built from (the resolved path).\n\
+         pub const EMBEDDED_LOCK_PATH: &str = {:?};\n\
+         /// Its modification time when this crate was built, in seconds since the epoch.\n\
+         pub const EMBEDDED_LOCK_MODIFIED: Option<u64> = {modified:?};",
+        lock_path.display().to_string()
+    );
+    fs::write(out_dir.join("versions.rs"), code).unwrap();
 }
 
 fn fail(message: &str) -> ! {
@@ -49,8 +68,20 @@ fn generate(lock: &lock::Lock) -> String {
     );
     let kernels: Vec<&str> = lock.kernels.keys().map(|v| v.as_str()).collect();
     let initrds: Vec<&str> = lock.initrds.keys().map(|v| v.as_str()).collect();
-    constants(&mut out, "KERNEL", "KernelVersion", "kernel", &kernels);
-    constants(&mut out, "INITRD", "InitrdVersion", "initrd", &initrds);
+    constants(
+        &mut out,
+        lock::KERNEL_PREFIX,
+        "KernelVersion",
+        "kernel",
+        &kernels,
+    );
+    constants(
+        &mut out,
+        lock::INITRD_PREFIX,
+        "InitrdVersion",
+        "initrd",
+        &initrds,
+    );
     let _ = writeln!(
         out,
         "/// The kernel a host boots unless told otherwise (`defaults.kernel`).\n\
@@ -66,13 +97,9 @@ fn generate(lock: &lock::Lock) -> String {
 fn constants(out: &mut String, prefix: &str, ty: &str, what: &str, versions: &[&str]) {
     let mut idents = BTreeMap::new();
     for version in versions {
-        let ident = format!("{prefix}_{}", identifier(version));
-        if let Some(other) = idents.insert(ident.clone(), *version) {
-            fail(&format!(
-                "{what} versions `{other}` and `{version}` both become the constant {ident}; \
-                 rename one of them in artifacts.lock"
-            ));
-        }
+        let ident = lock::constant_name(prefix, version);
+        // Lock::parse refused versions whose constants collide.
+        idents.insert(ident.clone(), *version);
         let _ = writeln!(
             out,
             "/// {what} `{version}`, pinned in artifacts.lock.\n\
@@ -85,17 +112,4 @@ fn constants(out: &mut String, prefix: &str, ty: &str, what: &str, versions: &[&
         "/// Every {what} version in artifacts.lock.\npub const {prefix}S: &[{ty}] = &[{}];\n",
         list.join(", ")
     );
-}
-
-fn identifier(version: &str) -> String {
-    version
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }

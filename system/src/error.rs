@@ -102,6 +102,25 @@ pub enum Error {
     },
 
     #[error(
+        "{artifact}: the blob {path} is {found}, not a regular file; a blob must be the file \
+         itself, so the store treats it as corrupt. Run `cargo xtask artifacts --data-dir \
+         {data_dir}` to replace it",
+        path = path.display(),
+        data_dir = data_dir.display()
+    )]
+    NotAFile {
+        artifact: Artifact,
+        path: PathBuf,
+        /// What is there instead: `a symlink to /elsewhere`, `a directory`, ...
+        found: String,
+        data_dir: PathBuf,
+    },
+
+    /// The store was filled from another lock than this program's (boxed: it is large).
+    #[error("{0}")]
+    LockMismatch(Box<LockMismatch>),
+
+    #[error(
         "{artifact}: the link {link} points outside the store's blobs ({target}); refusing it. \
          Remove the link and run `cargo xtask artifacts`",
         link = link.display(),
@@ -122,6 +141,38 @@ pub enum Error {
 
     #[error("{} artifact(s) failed verification:\n{}", .0.len(), bullet_list(.0))]
     Incomplete(Vec<Error>),
+}
+
+/// A blob that matches the store's copy of the lock, not the lock this program was built with.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{artifact}: the store at {root} was filled from another lock: `{entry}` is {theirs} in \
+     the store's lock {store_lock}, but {ours} in the lock this program was built with \
+     ({built_with}); {newer}. The blob {path} matches the store's lock: it is not corrupt, \
+     do not delete it. Next step: {next}",
+    root = root.display(),
+    store_lock = store_lock.display(),
+    path = path.display()
+)]
+pub struct LockMismatch {
+    pub artifact: Artifact,
+    /// The store (`<data_dir>/system`).
+    pub root: PathBuf,
+    /// The blob the store links for this artifact.
+    pub path: PathBuf,
+    /// The JSON path that differs, like `kernels."k1".x86_64.sha256`.
+    pub entry: String,
+    /// The value in the lock this program embeds, and in the store's copy.
+    pub ours: String,
+    pub theirs: String,
+    /// The store's copy of the lock it satisfies (`<store>/artifacts.lock`).
+    pub store_lock: PathBuf,
+    /// Where the embedded lock was read from when this program was built.
+    pub built_with: String,
+    /// Which of the two locks is newer, as far as their modification times tell.
+    pub newer: String,
+    /// What to do about it.
+    pub next: String,
 }
 
 fn bullet_list(errors: &[Error]) -> String {

@@ -44,6 +44,8 @@ mod error;
 pub mod hash;
 pub mod layout;
 pub mod lock;
+#[cfg(test)]
+mod lock_path;
 mod snapshot;
 pub mod stamp;
 mod store;
@@ -52,7 +54,7 @@ mod version;
 use std::sync::OnceLock;
 
 pub use arch::{Arch, UnknownArch};
-pub use error::{Artifact, Error, Kind};
+pub use error::{Artifact, Error, Kind, LockMismatch};
 pub use layout::Layout;
 pub use lock::{Digest, Lock, LockError, Sha256};
 pub use snapshot::{FieldDifference, SnapshotMismatch, SystemVersions};

@@ -188,6 +188,21 @@ impl Lock {
                 }
             }
         }
+        for (prefix, section, names) in [
+            (
+                KERNEL_PREFIX,
+                "kernels",
+                self.kernels.keys().collect::<Vec<_>>(),
+            ),
+            (INITRD_PREFIX, "initrds", self.initrds.keys().collect()),
+        ] {
+            let mut seen = BTreeMap::new();
+            for name in names {
+                if let Some(first) = seen.insert(constant_name(prefix, name.as_str()), name) {
+                    return Err(collision(section, prefix, first, name));
+                }
+            }
+        }
         for (name, base) in self.bases.iter() {
             if base.reference.trim().is_empty() {
                 return fail(
@@ -211,6 +226,53 @@ impl Lock {
             }
         }
         Ok(())
+    }
+
+    /// Refuses a kernel version whose generated constant would be another version's
+    /// (`v6.16.9_1` next to `v6.16.9-1`): checked before `lock add-kernel` downloads anything.
+    pub fn check_new_kernel(&self, version: &Version) -> Result<(), LockError> {
+        let wanted = constant_name(KERNEL_PREFIX, version.as_str());
+        match self
+            .kernels
+            .keys()
+            .find(|v| *v != version && constant_name(KERNEL_PREFIX, v.as_str()) == wanted)
+        {
+            Some(existing) => Err(collision("kernels", KERNEL_PREFIX, existing, version)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The prefixes of the constants `system`'s build script generates per kernel and initrd.
+pub const KERNEL_PREFIX: &str = "KERNEL";
+pub const INITRD_PREFIX: &str = "INITRD";
+
+/// The constant `system`'s build script generates for a version: the prefix, `_`, and the name
+/// upper-cased with every character other than a letter or digit as `_`
+/// (`ch-release-v6.16.9-20260508` → `KERNEL_CH_RELEASE_V6_16_9_20260508`).
+pub fn constant_name(prefix: &str, version: &str) -> String {
+    let suffix: String = version
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{prefix}_{suffix}")
+}
+
+/// Two versions that would become one constant: a host could not name them apart.
+fn collision(section: &str, prefix: &str, first: &Version, second: &Version) -> LockError {
+    LockError {
+        path: format!("{section}.{}", key(second.as_str())),
+        message: format!(
+            "`{first}` and `{second}` both become the constant {} of the `system` crate; \
+             rename one of them (names must differ in more than case and in `.`, `_`, `+`, `-`)",
+            constant_name(prefix, second.as_str())
+        ),
     }
 }
 
@@ -246,7 +308,8 @@ fn render_path(path: &serde_path_to_error::Path) -> String {
     if out.is_empty() { "(root)".into() } else { out }
 }
 
-fn key(k: &str) -> String {
+/// A JSON key as a reader types it in a path: bare when an identifier, quoted otherwise.
+pub(crate) fn key(k: &str) -> String {
     let bare = !k.is_empty()
         && !k.starts_with(|c: char| c.is_ascii_digit())
         && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');

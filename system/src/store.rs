@@ -6,9 +6,10 @@ use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use crate::arch::Arch;
-use crate::error::{Artifact, Error, Kind};
+use crate::error::{Artifact, Error, Kind, LockMismatch};
 use crate::hash::sha256_reader;
 use crate::layout::Layout;
 use crate::lock::{Lock, Sha256};
@@ -34,6 +35,7 @@ pub struct Store {
     layout: Layout,
     data_dir: PathBuf,
     lock: Lock,
+    origin: LockOrigin,
     verified: Mutex<HashMap<PathBuf, (FileStamp, Sha256)>>,
     files_hashed: AtomicU64,
 }
@@ -41,7 +43,10 @@ pub struct Store {
 impl Store {
     /// Opens the store under `data_dir` for the lock this crate was built with.
     pub fn open(data_dir: impl AsRef<Path>) -> Store {
+        let modified = crate::EMBEDDED_LOCK_MODIFIED
+            .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
         Store::with_lock(data_dir, crate::embedded_lock().clone())
+            .with_lock_origin(crate::EMBEDDED_LOCK_PATH, modified)
     }
 
     /// Opens the store under `data_dir` for another lock (tests, tools that read a lock file).
@@ -50,9 +55,27 @@ impl Store {
             layout: Layout::new(&data_dir),
             data_dir: data_dir.as_ref().to_path_buf(),
             lock,
+            origin: LockOrigin {
+                path: None,
+                modified: None,
+            },
             verified: Mutex::new(HashMap::new()),
             files_hashed: AtomicU64::new(0),
         }
+    }
+
+    /// Where this store's lock came from (a file path) and when it was last modified, for the
+    /// errors that compare it with the store's own copy of the lock.
+    pub fn with_lock_origin(
+        mut self,
+        path: impl Into<String>,
+        modified: Option<SystemTime>,
+    ) -> Store {
+        self.origin = LockOrigin {
+            path: Some(path.into()),
+            modified,
+        };
+        self
     }
 
     /// How many times this store has hashed a file: what the verification cache saves.
@@ -197,9 +220,11 @@ impl Store {
         };
         let blob = if link_meta.file_type().is_symlink() {
             self.confine(artifact, link)?
-        } else {
+        } else if link_meta.file_type().is_file() {
             // A copied store (`cp -L`) holds plain files: their content still has to match.
             link.to_path_buf()
+        } else {
+            return Err(self.not_a_file(artifact, link, &link_meta));
         };
 
         let file = match File::open(&blob) {
@@ -218,12 +243,12 @@ impl Store {
         if let Some(expected_size) = size
             && stamp.size() != expected_size
         {
-            return Err(Error::WrongSize {
+            return Err(self.mismatch(Error::WrongSize {
                 artifact: artifact.clone(),
                 path: blob,
                 expected: expected_size,
                 actual: stamp.size(),
-            });
+            }));
         }
         if check == Check::Cached && self.cached(&blob) == Some((stamp, *expected)) {
             return Ok(blob);
@@ -236,12 +261,12 @@ impl Store {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&blob);
-            return Err(Error::Corrupt {
+            return Err(self.mismatch(Error::Corrupt {
                 artifact: artifact.clone(),
                 path: blob,
                 expected: *expected,
                 actual,
-            });
+            }));
         }
         self.verified
             .lock()
@@ -276,6 +301,13 @@ impl Store {
         if !lexical.starts_with(normalize(&self.layout.blobs())) {
             return Err(escapes(target));
         }
+        // The link is fine; the blob it names must be the file itself. A symlink in its place
+        // (even to identical content) is the blob's fault, not the link's.
+        if let Ok(meta) = fs::symlink_metadata(&lexical)
+            && !meta.file_type().is_file()
+        {
+            return Err(self.not_a_file(artifact, &lexical, &meta));
+        }
         match (
             fs::canonicalize(&lexical),
             fs::canonicalize(self.layout.blobs()),
@@ -286,6 +318,193 @@ impl Store {
             _ => Ok(lexical),
         }
     }
+}
+
+impl Store {
+    fn not_a_file(&self, artifact: &Artifact, path: &Path, meta: &fs::Metadata) -> Error {
+        let kind = meta.file_type();
+        let found = if kind.is_symlink() {
+            match fs::read_link(path) {
+                Ok(target) => format!("a symlink to {}", target.display()),
+                Err(_) => "a symlink".to_owned(),
+            }
+        } else if kind.is_dir() {
+            "a directory".to_owned()
+        } else {
+            "a special file (fifo, socket or device)".to_owned()
+        };
+        Error::NotAFile {
+            artifact: artifact.clone(),
+            path: path.to_path_buf(),
+            found,
+            data_dir: self.data_dir.clone(),
+        }
+    }
+
+    /// A blob that does not match this store's lock is corrupt, unless the store was filled
+    /// from a lock that pins this very blob for the artifact: then the locks differ, and the
+    /// error says where and which lock is newer instead of blaming the blob.
+    fn mismatch(&self, corrupt: Error) -> Error {
+        let (artifact, path, actual) = match &corrupt {
+            Error::Corrupt {
+                artifact,
+                path,
+                actual,
+                ..
+            } => (artifact, path, *actual),
+            Error::WrongSize { artifact, path, .. } => {
+                // Only worth a hash when the store's lock could explain the size.
+                let Some(actual) = File::open(path)
+                    .and_then(sha256_reader)
+                    .ok()
+                    .map(|(digest, _)| digest)
+                else {
+                    return corrupt;
+                };
+                self.files_hashed.fetch_add(1, Ordering::Relaxed);
+                (artifact, path, actual)
+            }
+            _ => return corrupt,
+        };
+        let store_lock = self.layout.lock_file();
+        let Some(theirs) = fs::read_to_string(&store_lock)
+            .ok()
+            .and_then(|text| Lock::parse(&text).ok())
+        else {
+            return corrupt;
+        };
+        let (Some(ours), Some(theirs)) =
+            (Pin::of(&self.lock, artifact), Pin::of(&theirs, artifact))
+        else {
+            return corrupt;
+        };
+        let len = fs::metadata(path).map(|m| m.len()).ok();
+        if theirs.sha256 != actual || theirs.size.is_some_and(|s| Some(s) != len) {
+            // The blob matches neither lock: it really is corrupt.
+            return corrupt;
+        }
+        let section = match artifact.kind {
+            Kind::Kernel => "kernels",
+            Kind::Initrd => "initrds",
+        };
+        let base = format!(
+            "{section}.{}.{}",
+            crate::lock::key(&artifact.version),
+            artifact.arch
+        );
+        let (entry, ours_text, theirs_text) = if theirs.sha256 != ours.sha256 {
+            (
+                format!("{base}.sha256"),
+                ours.sha256.to_string(),
+                theirs.sha256.to_string(),
+            )
+        } else {
+            let show = |s: Option<u64>| s.map_or("unset".to_owned(), |s| s.to_string());
+            (format!("{base}.size"), show(ours.size), show(theirs.size))
+        };
+        let store_modified = fs::metadata(&store_lock).and_then(|m| m.modified()).ok();
+        let newer = match (self.origin.modified, store_modified) {
+            (Some(ours), Some(store)) if store > ours => format!(
+                "the store's lock is newer (written {}, this program's lock modified {})",
+                utc(store),
+                utc(ours)
+            ),
+            (Some(ours), Some(store)) if ours > store => format!(
+                "this program's lock is newer (modified {}, the store's written {})",
+                utc(ours),
+                utc(store)
+            ),
+            (Some(_), Some(_)) => "both locks have the same modification time".to_owned(),
+            _ => "which one is newer is unknown (no modification time for this program's lock)"
+                .to_owned(),
+        };
+        let next = format!(
+            "rebuild this program with the store's lock (SYSTEM_ARTIFACTS_LOCK={}), or fill the \
+             store for this program's lock with `cargo xtask artifacts --lock {} --data-dir {}`",
+            store_lock.display(),
+            self.origin.path.as_deref().unwrap_or("<that lock>"),
+            self.data_dir.display()
+        );
+        Error::LockMismatch(Box::new(LockMismatch {
+            artifact: artifact.clone(),
+            root: self.layout.root().to_path_buf(),
+            path: path.clone(),
+            entry,
+            ours: ours_text,
+            theirs: theirs_text,
+            store_lock,
+            built_with: self
+                .origin
+                .path
+                .clone()
+                .unwrap_or_else(|| "a lock given to Store::with_lock".to_owned()),
+            newer,
+            next,
+        }))
+    }
+}
+
+/// Where a [`Store`]'s lock was read from, for messages.
+#[derive(Debug, Clone)]
+struct LockOrigin {
+    /// `None` for a lock handed over in memory.
+    path: Option<String>,
+    modified: Option<SystemTime>,
+}
+
+/// What a lock pins for one artifact: the part a blob is checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pin {
+    sha256: Sha256,
+    size: Option<u64>,
+}
+
+impl Pin {
+    fn of(lock: &Lock, artifact: &Artifact) -> Option<Pin> {
+        match artifact.kind {
+            Kind::Kernel => lock
+                .kernels
+                .get(artifact.version.as_str())?
+                .get(&artifact.arch)
+                .map(|f| Pin {
+                    sha256: f.sha256,
+                    size: f.size,
+                }),
+            Kind::Initrd => lock
+                .initrds
+                .get(artifact.version.as_str())?
+                .outputs
+                .get(&artifact.arch)
+                .map(|o| Pin {
+                    sha256: o.sha256,
+                    size: Some(o.size),
+                }),
+        }
+    }
+}
+
+/// `2026-05-08 10:00:00 UTC`, without a date library (days to civil date, proleptic Gregorian).
+fn utc(time: SystemTime) -> String {
+    let secs = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rest / 3_600,
+        rest % 3_600 / 60,
+        rest % 60
+    )
 }
 
 /// Removes `.` and resolves `..` lexically, without touching the filesystem.
@@ -309,5 +528,18 @@ fn names<'a>(names: impl Iterator<Item = &'a str>) -> String {
         "none".into()
     } else {
         names.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_formats_civil_dates() {
+        let at = |secs| utc(SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
+        assert_eq!(at(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(at(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(at(1_778_234_400), "2026-05-08 10:00:00 UTC");
     }
 }

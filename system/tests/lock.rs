@@ -213,3 +213,48 @@ fn generated_constants_match_the_lock() {
     assert_eq!(system::INITRDS.len(), system::embedded_lock().initrds.len());
     assert_eq!(system::DEFAULT_INITRD, system::INITRD_V1_0_0);
 }
+
+#[test]
+fn versions_whose_constants_collide_are_refused_naming_both() {
+    let text = lock_with(
+        &format!(
+            r#"{{ "ch-release-v6.16.9-20260508": {k}, "ch-release-v6.16.9_20260508": {k} }}"#,
+            k = kernel("x86_64", KERNEL_SHA)
+        ),
+        DEFAULTS,
+    );
+    let (path, message) = error_of(&text);
+    assert_eq!(path, r#"kernels."ch-release-v6.16.9_20260508""#);
+    for needle in [
+        "`ch-release-v6.16.9-20260508`",
+        "`ch-release-v6.16.9_20260508`",
+        "KERNEL_CH_RELEASE_V6_16_9_20260508",
+    ] {
+        assert!(message.contains(needle), "missing {needle} in: {message}");
+    }
+
+    // Initrds too, and case alone does not tell two names apart.
+    let text = r#"{ "schema": 1,
+        "defaults": { "kernel": "k", "initrd": "v1" },
+        "kernels": { "k": { "x86_64": { "url": "https://example.invalid/k",
+            "sha256": "9d3570b47d5abb069ca00edfbfcef4c68306a9c3d078a01f10082b258f1001b8" } } },
+        "initrds": { "V1": { "outputs": {} }, "v1": { "outputs": {} } } }"#;
+    let (path, message) = error_of(text);
+    assert_eq!(path, "initrds.v1");
+    assert!(message.contains("INITRD_V1"), "{message}");
+}
+
+#[test]
+fn a_new_kernel_is_checked_against_the_constants_of_the_others() {
+    let lock = Lock::parse(include_str!("../../artifacts.lock")).unwrap();
+    let clash = system::lock::Version::new("ch-release-v6.16.9_20260508").unwrap();
+    let err = lock.check_new_kernel(&clash).unwrap_err().to_string();
+    assert!(
+        err.contains("`ch-release-v6.16.9-20260508` and `ch-release-v6.16.9_20260508`"),
+        "{err}"
+    );
+    let same = system::lock::Version::new("ch-release-v6.16.9-20260508").unwrap();
+    lock.check_new_kernel(&same).unwrap();
+    let other = system::lock::Version::new("ch-release-v6.17.0-20260601").unwrap();
+    lock.check_new_kernel(&other).unwrap();
+}

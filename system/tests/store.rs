@@ -1,7 +1,7 @@
 //! `Store` over a temp data dir: what a host sees for good, missing, corrupt and hostile stores.
 
 use std::fs;
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -212,19 +212,108 @@ fn a_link_leaving_the_store_is_refused() {
 }
 
 #[test]
-fn a_blob_that_is_itself_a_link_out_is_refused() {
+fn a_blob_that_is_itself_a_link_is_corrupt_not_the_named_link() {
     let fixture = Fixture::new();
     let outside = tempfile::tempdir().unwrap();
     let evil = outside.path().join("vmlinux");
     fs::write(&evil, KERNEL).unwrap();
-    // The named link stays inside; the blob it names leads out.
+    // The named link stays inside; the blob it names is a link out (to identical content).
     fs::remove_file(fixture.kernel_blob()).unwrap();
     symlink(&evil, fixture.kernel_blob()).unwrap();
     let err = fixture
         .store()
         .kernel_path(&k1(), Arch::X86_64)
         .unwrap_err();
-    assert!(matches!(err, Error::LinkEscapes { .. }), "{err:?}");
+    assert!(matches!(err, Error::NotAFile { .. }), "{err:?}");
+    let message = err.to_string();
+    for needle in [
+        fixture.kernel_blob().display().to_string(),
+        format!("a symlink to {}", evil.display()),
+        "not a regular file".into(),
+        "corrupt".into(),
+        "cargo xtask artifacts".into(),
+    ] {
+        assert!(message.contains(&needle), "missing {needle} in: {message}");
+    }
+    let link = fixture.layout().kernel_link("k1", Arch::X86_64);
+    assert!(
+        !message.contains(&link.display().to_string()),
+        "the named link is fine: {message}"
+    );
+
+    // A directory in the blob's place is no better.
+    fs::remove_file(fixture.kernel_blob()).unwrap();
+    fs::create_dir(fixture.kernel_blob()).unwrap();
+    let err = fixture
+        .store()
+        .kernel_path(&k1(), Arch::X86_64)
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::NotAFile { found, .. } if found == "a directory"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_store_filled_from_another_lock_is_not_called_corrupt() {
+    const OTHER: &[u8] = b"the kernel a newer lock pins";
+    let fixture = Fixture::new();
+    let layout = fixture.layout();
+    // The generator filled the store from a newer lock that re-pinned k1.
+    let blob = fixture.put(&layout.kernel_link("k1", Arch::X86_64), OTHER);
+    fs::write(layout.lock_file(), lock_json(OTHER, INITRD)).unwrap();
+    let built = SystemTime::now() - Duration::from_secs(86_400);
+    let store = fixture
+        .store()
+        .with_lock_origin("/src/host/artifacts.lock", Some(built));
+
+    let err = store.kernel_path(&k1(), Arch::X86_64).unwrap_err();
+    assert!(matches!(err, Error::LockMismatch(_)), "{err:?}");
+    let message = err.to_string();
+    for needle in [
+        "`kernels.k1.x86_64.sha256`".to_owned(),
+        sha256_bytes(KERNEL).hex(),
+        sha256_bytes(OTHER).hex(),
+        layout.lock_file().display().to_string(),
+        "/src/host/artifacts.lock".into(),
+        "the store's lock is newer".into(),
+        "not corrupt, do not delete it".into(),
+        blob.display().to_string(),
+    ] {
+        assert!(message.contains(&needle), "missing {needle} in: {message}");
+    }
+
+    // Built from a lock newer than the store's: said the other way round.
+    let store = fixture.store().with_lock_origin(
+        "/src/host/artifacts.lock",
+        Some(SystemTime::now() + Duration::from_secs(86_400)),
+    );
+    let message = store
+        .kernel_path(&k1(), Arch::X86_64)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("this program's lock is newer"),
+        "{message}"
+    );
+
+    // A blob that matches neither lock is corrupt after all.
+    fs::set_permissions(&blob, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&blob, b"the kernel a newer lock pinz").unwrap();
+    let err = fixture
+        .store()
+        .kernel_path(&k1(), Arch::X86_64)
+        .unwrap_err();
+    assert!(matches!(err, Error::WrongSize { .. }), "{err:?}");
+
+    // So is one that does not match when both locks agree.
+    fs::write(layout.lock_file(), lock_json(KERNEL, INITRD)).unwrap();
+    fs::write(&blob, OTHER).unwrap();
+    let err = fixture
+        .store()
+        .kernel_path(&k1(), Arch::X86_64)
+        .unwrap_err();
+    assert!(matches!(err, Error::WrongSize { .. }), "{err:?}");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The one test HTTP server: scripted HTTP/1.1 on 127.0.0.1 for the download tests, the fake
 //! registry ([`crate::oci::FakeRegistry`]) and the download benchmark. It answers each request
-//! with what a handler says (a body, a status, a redirect, a dropped connection, a stall) and
-//! records every request, so tests can count them and inspect `Range` headers.
+//! with what a handler says (a body, a status, a redirect, a dropped connection, a stall, a
+//! trickle) and records every request, so tests can count them and inspect `Range` headers.
 //!
 //! One request per connection (`Connection: close`), one thread per connection, so a stalled
 //! reply never blocks the next request.
@@ -61,6 +61,14 @@ pub enum Reply {
     Redirect(String),
     /// Read the request and never answer (until the server is dropped).
     Stall,
+    /// `200` announcing the whole body (honouring `Range: bytes=N-` with `206`, like `Body`
+    /// with ranges), then `chunk` bytes at a time with a pause of `every` between them: a
+    /// server that never stops sending but is too slow to finish.
+    Trickle {
+        body: Arc<Vec<u8>>,
+        chunk: usize,
+        every: Duration,
+    },
 }
 
 type Handler = dyn Fn(usize, &Request) -> Reply + Send + Sync;
@@ -230,6 +238,29 @@ fn serve(
             }
         }
         Reply::Redirect(to) => head(&mut out, "302 Found", 0, &[("Location", &to)])?,
+        Reply::Trickle { body, chunk, every } => {
+            let len = body.len() as u64;
+            let start = request.range_start().filter(|s| *s < len).unwrap_or(0);
+            if start > 0 {
+                let range = format!("bytes {start}-{}/{len}", len - 1);
+                head(
+                    &mut out,
+                    "206 Partial Content",
+                    len - start,
+                    &[("Content-Range", &range)],
+                )?;
+            } else {
+                head(&mut out, "200 OK", len, &[])?;
+            }
+            for piece in body[start as usize..].chunks(chunk.max(1)) {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                out.write_all(piece)?;
+                out.flush()?;
+                thread::sleep(every);
+            }
+        }
         Reply::Stall => {
             let until = Instant::now() + Duration::from_secs(60);
             while !stop.load(Ordering::SeqCst) && Instant::now() < until {

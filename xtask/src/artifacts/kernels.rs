@@ -2,8 +2,9 @@
 //! `kernel/<version>/<arch>/vmlinux|Image`.
 //!
 //! A blob already present is re-hashed and reused without any request. A missing one is
-//! downloaded ([`crate::fetch`]) into a store blob writer, and becomes visible only once its
-//! sha256 (and size, when recorded) match the lock. A lock entry without a size gets the verified size recorded,
+//! downloaded ([`crate::fetch`]) into a resumable store blob writer (a killed run's partial is
+//! continued with `Range` + `If-Range`), and becomes visible only once its sha256 (and size,
+//! when recorded) match the lock. A lock entry without a size gets the verified size recorded,
 //! except under `--locked`, which refuses such an entry before touching the network. A failed
 //! download does not stop the others: every selected file is tried, and the stage fails at the
 //! end listing every failure with its next step (as `--offline` lists every missing file).
@@ -110,8 +111,12 @@ pub fn sync_kernels(
                     continue;
                 }
             };
+            let resumed = match fetched.resumed_from {
+                0 => String::new(),
+                n => format!(", resumed at byte {n}"),
+            };
             report.fetched.push(format!(
-                "{} sha256:{} ({} bytes, {} request(s))",
+                "{} sha256:{} ({} bytes, {} request(s){resumed})",
                 entry.name(),
                 digest,
                 fetched.size,
@@ -182,7 +187,10 @@ fn fetch(store: &StoreWriter, fetcher: &Fetcher, entry: &Entry) -> Result<Downlo
         sha256: Some(entry.file.sha256),
         size: entry.file.size,
     };
-    let mut writer = store.blob_writer().map_err(FetchError::Local)?;
+    // Resumable: a run killed mid-download leaves a partial the next run continues.
+    let mut writer = store
+        .resumable_blob_writer(&entry.file.sha256, &fetcher.effective_url(&entry.file.url))
+        .map_err(FetchError::Local)?;
     let download = fetcher.fetch(&entry.file.url, &entry.name(), expected, &mut writer)?;
     store
         .commit(

@@ -50,6 +50,13 @@ pub struct TransferArgs {
     /// Seconds a transfer may go without receiving data before retrying.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     pub read_timeout: f64,
+    /// The stall floor: a body slower than this many bytes per second over a whole
+    /// --stall-window is stalled and retried (0: no floor).
+    #[arg(long, value_name = "BYTES_PER_SEC", default_value_t = 1024)]
+    pub min_rate: u64,
+    /// Seconds over which --min-rate is measured.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub stall_window: f64,
     /// Attempts in a row without progress before a transfer gives up.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub attempts: u32,
@@ -69,6 +76,8 @@ impl TransferArgs {
         xtask::fetch::Options {
             connect_timeout: Duration::from_secs_f64(self.connect_timeout),
             read_timeout: Duration::from_secs_f64(self.read_timeout),
+            min_rate: self.min_rate,
+            stall_window: Duration::from_secs_f64(self.stall_window),
             attempts: self.attempts,
             ..xtask::fetch::Options::default()
         }

@@ -2,6 +2,7 @@
 //! what it writes) on its own thread, overlapping the network reads, and is checked against
 //! the expected size and digest. It survives what real networks do:
 //! - the retry policy of [`super::retry`] (timeouts, 5xx, 408, 429, `Retry-After`);
+//! - the stall floor of [`super::floor`]: a body slower than the minimum rate is retried;
 //! - resume with `Range: bytes=N-` (and `If-Range`, so a replaced file restarts instead of
 //!   splicing), checking the `206`'s `Content-Range`; a `200` answer means the server ignored
 //!   the range, and the sink restarts from zero;
@@ -11,6 +12,7 @@
 
 use std::io::{self, Read, Write};
 use std::sync::mpsc;
+use std::time::Instant;
 
 use reqwest::StatusCode;
 use reqwest::header::{
@@ -19,6 +21,7 @@ use reqwest::header::{
 use system::Sha256;
 
 use super::FetchError;
+use super::floor::RateFloor;
 use super::progress::Reporter;
 use super::retry::{Attempt, Retries, Retry, header_u64, is_timeout};
 use super::transport::{Authorizer, Request, Transport};
@@ -30,6 +33,16 @@ pub trait Sink: Write + Send {
     fn restart(&mut self) -> io::Result<()>;
     /// The sha256 of what was written since the start or the last restart.
     fn sha256(&self) -> Sha256;
+    /// What an earlier run left to resume: the bytes held (part of [`Sink::sha256`]) and the
+    /// validator of the answer they came from.
+    fn resumable(&self) -> Option<(u64, String)> {
+        None
+    }
+    /// A `200` answer is about to send the body from byte 0, with this validator (`ETag` or
+    /// `Last-Modified`): a sink that outlives the run records it to resume later.
+    fn begin(&mut self, _validator: Option<&str>) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Sink for BlobWriter {
@@ -39,6 +52,14 @@ impl Sink for BlobWriter {
 
     fn sha256(&self) -> Sha256 {
         BlobWriter::sha256(self)
+    }
+
+    fn resumable(&self) -> Option<(u64, String)> {
+        BlobWriter::resumable(self)
+    }
+
+    fn begin(&mut self, validator: Option<&str>) -> io::Result<()> {
+        BlobWriter::begin(self, validator)
     }
 }
 
@@ -54,8 +75,11 @@ pub struct Expected {
 pub struct Download {
     pub sha256: Sha256,
     pub size: u64,
-    /// HTTP requests made (1 when nothing went wrong).
+    /// HTTP requests made (1 when nothing went wrong; 0 when an earlier run had received it
+    /// all).
     pub requests: u32,
+    /// Bytes an earlier, interrupted run had received, that this one continued from.
+    pub resumed_from: u64,
 }
 
 impl Transport {
@@ -69,17 +93,47 @@ impl Transport {
         sink: &mut dyn Sink,
         auth: Option<&mut dyn Authorizer>,
     ) -> Result<Download, FetchError> {
+        let report = Reporter::new(self.options().progress);
+        let mut resume = sink.resumable();
+        if let Some((held, _)) = &resume
+            && expected.size.is_some_and(|size| *held > size)
+        {
+            report.log(&format!(
+                "{label}: the {held} bytes an earlier run left are more than the expected {}; \
+                 starting from byte 0",
+                expected.size.unwrap_or_default()
+            ));
+            sink.restart().map_err(|e| FetchError::Local(e.into()))?;
+            resume = None;
+        }
+        let resumed_from = resume.as_ref().map_or(0, |(held, _)| *held);
+        if resumed_from > 0 && expected.size == Some(resumed_from) {
+            // Interrupted between the last byte and the commit: nothing left to ask for.
+            if expected.sha256.is_none_or(|digest| digest == sink.sha256()) {
+                return Ok(Download {
+                    sha256: sink.sha256(),
+                    size: resumed_from,
+                    requests: 0,
+                    resumed_from,
+                });
+            }
+        }
+        if resumed_from > 0 {
+            report.log(&format!(
+                "{label}: resuming at byte {resumed_from}, where an earlier run stopped"
+            ));
+        }
         let (size, requests) = std::thread::scope(|scope| {
             let (chunks, received) = mpsc::sync_channel(4);
             let (free, buffers) = mpsc::channel();
             let out = &mut *sink;
-            let writer = scope.spawn(move || write_chunks(received, free, out));
+            let writer = scope.spawn(move || write_chunks(received, free, out, resumed_from));
             let state = State {
-                written: 0,
-                validator: None,
+                written: resumed_from,
+                validator: resume.map(|(_, validator)| validator),
                 chunks,
                 buffers,
-                report: Reporter::new(self.options().progress),
+                report,
             };
             let transfer = self.transfer(request, label, expected.size, state, auth);
             let written = writer.join().expect("the writing thread does not panic");
@@ -92,11 +146,18 @@ impl Transport {
                     Ok(done)
                 }
             }
+        })
+        .inspect_err(|e| {
+            if matches!(e, FetchError::Size { .. }) {
+                // Not the pinned file: nothing of it is worth resuming.
+                let _ = sink.restart();
+            }
         })?;
         let sha256 = sink.sha256();
         if let Some(expected) = expected.sha256
             && expected != sha256
         {
+            let _ = sink.restart();
             return Err(FetchError::Digest {
                 url: request.url.clone(),
                 expected,
@@ -108,6 +169,7 @@ impl Transport {
             sha256,
             size,
             requests,
+            resumed_from,
         })
     }
 
@@ -147,7 +209,8 @@ impl Transport {
                     Err(Attempt::Retry(retry)) => retry,
                 };
             let reason = retry.reason.clone();
-            let progressed = state.written > before;
+            // A body below the stall floor keeps its bytes but has not earned another round.
+            let progressed = state.written > before && !retry.slow;
             let backoff =
                 match retries.after_failure(&request.method, &request.url, retry, progressed) {
                     Ok(backoff) => backoff,
@@ -206,7 +269,19 @@ impl Transport {
                     state.restart().map_err(Attempt::Fatal)?;
                 }
                 state.validator = validator(&headers);
+                state
+                    .send(Chunk::Begin(state.validator.clone()))
+                    .map_err(Attempt::Fatal)?;
                 header_u64(&headers, CONTENT_LENGTH.as_str())
+            }
+            // What we hold is as long as the file or longer: it cannot be continued.
+            StatusCode::RANGE_NOT_SATISFIABLE if state.written > 0 => {
+                state.restart().map_err(Attempt::Fatal)?;
+                return Err(Attempt::Retry(Retry::network(
+                    "416: the server has nothing after the bytes received; restarting from byte 0"
+                        .to_owned(),
+                    false,
+                )));
             }
             StatusCode::PARTIAL_CONTENT => match content_range(&headers) {
                 Some((start, total)) if start == state.written && state.written > 0 => total,
@@ -248,6 +323,7 @@ impl Transport {
         state
             .report
             .position(label, total.or(expected_size), state.written);
+        let mut floor = RateFloor::new(self.options(), Instant::now());
         loop {
             let mut buf = state
                 .buffers
@@ -279,6 +355,16 @@ impl Transport {
                     announced: false,
                 }));
             }
+            let complete = total == Some(state.written);
+            if let Err(slow) = floor.record(n as u64, Instant::now())
+                && !complete
+            {
+                return Err(Attempt::Retry(Retry::slow(format!(
+                    "{url} is too slow at byte {}: {}",
+                    state.written,
+                    slow.describe()
+                ))));
+            }
         }
         if let Some(total) = total
             && state.written < total
@@ -308,21 +394,28 @@ struct State {
 const CHUNK: usize = 1 << 20;
 
 enum Chunk {
+    /// A `200` answer starts the body, with this validator.
+    Begin(Option<String>),
     /// A buffer and how many of its bytes are data.
     Data(Vec<u8>, usize),
     /// Drop everything so far: the server is sending the file from the start.
     Restart,
 }
 
-/// Writes what the transfer receives into the sink (which hashes it); returns the byte count.
+/// Writes what the transfer receives into the sink (which hashes it) after the `held` bytes it
+/// holds already; returns the byte count.
 fn write_chunks(
     chunks: mpsc::Receiver<Chunk>,
     free: mpsc::Sender<Vec<u8>>,
     out: &mut dyn Sink,
+    held: u64,
 ) -> anyhow::Result<u64> {
-    let mut total = 0u64;
+    let mut total = held;
     for chunk in chunks {
         match chunk {
+            Chunk::Begin(validator) => out
+                .begin(validator.as_deref())
+                .map_err(|e| anyhow::Error::new(e).context("recording the download's source"))?,
             Chunk::Data(buf, n) => {
                 out.write_all(&buf[..n])
                     .map_err(|e| anyhow::Error::new(e).context("writing the download"))?;

@@ -9,10 +9,12 @@
 //! ```
 //!
 //! Modules: `transport` (client, requests, auth hook), `retry` (the policy), `download`
-//! (streaming and resume), `progress` (bar or lines), `mirror`, `error`.
+//! (streaming and resume), `floor` (the minimum rate), `progress` (bar or lines), `mirror`,
+//! `error`.
 
 mod download;
 mod error;
+mod floor;
 mod mirror;
 mod progress;
 mod retry;
@@ -34,6 +36,10 @@ pub struct Options {
     pub connect_timeout: Duration,
     /// Waiting for the response head, and between two reads of the body.
     pub read_timeout: Duration,
+    /// The stall floor: a body arriving slower than this many bytes per second over a whole
+    /// `stall_window` is stalled, and the attempt fails (0 turns the floor off).
+    pub min_rate: u64,
+    pub stall_window: Duration,
     /// Attempts in a row without receiving a byte before giving up (at least 1).
     pub attempts: u32,
     /// The first backoff; it doubles with every failed attempt.
@@ -48,6 +54,8 @@ impl Default for Options {
         Options {
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
+            min_rate: 1024,
+            stall_window: Duration::from_secs(30),
             attempts: 4,
             backoff: Duration::from_millis(250),
             backoff_cap: Duration::from_secs(30),

@@ -29,6 +29,8 @@ pub(crate) struct Retry {
     pub status: Option<StatusCode>,
     /// The server's `Retry-After`.
     pub after: Option<Duration>,
+    /// The body came, but below the stall floor: the bytes do not count as progress.
+    pub slow: bool,
 }
 
 impl Retry {
@@ -38,6 +40,15 @@ impl Retry {
             timed_out,
             status: None,
             after: None,
+            slow: false,
+        }
+    }
+
+    /// A body below the stall floor: retried, but without the reset progress earns.
+    pub fn slow(reason: String) -> Retry {
+        Retry {
+            slow: true,
+            ..Retry::network(reason, true)
         }
     }
 
@@ -51,6 +62,7 @@ impl Retry {
             timed_out: false,
             status: Some(status),
             after: retry_after(headers),
+            slow: false,
         })
     }
 }

@@ -22,6 +22,8 @@ pub(crate) fn options() -> Options {
     Options {
         connect_timeout: Duration::from_secs(2),
         read_timeout: Duration::from_millis(500),
+        min_rate: 1024,
+        stall_window: Duration::from_secs(30),
         attempts: 3,
         backoff: Duration::from_millis(10),
         backoff_cap: Duration::from_millis(200),
@@ -178,6 +180,90 @@ fn a_dropped_connection_restarts_when_ranges_are_unsupported() {
     );
 }
 
+/// What a run killed after `held` bytes of `body` (from `url`, ETag "fixture") leaves.
+fn killed_after(blobs: &Blobs, url: &str, body: &[u8], held: usize) {
+    let digest = system::hash::sha256_bytes(body);
+    let mut writer = blobs.blobs.resumable_writer(&digest, url).unwrap();
+    writer.begin(Some("\"fixture\"")).unwrap();
+    std::io::Write::write_all(&mut writer, &body[..held]).unwrap();
+    std::mem::forget(writer);
+}
+
+/// Fetches `url` pinned to `body` through a resumable writer, as the kernel stage does.
+fn fetch_resumable(blobs: &Blobs, url: &str, body: &[u8]) -> Download {
+    let digest = system::hash::sha256_bytes(body);
+    let expected = Expected {
+        sha256: Some(digest),
+        size: Some(body.len() as u64),
+    };
+    let mut writer = blobs.blobs.resumable_writer(&digest, url).unwrap();
+    let download = fetcher()
+        .fetch(url, "kernel t", expected, &mut writer)
+        .unwrap();
+    writer.commit(Some(&digest), expected.size).unwrap();
+    blobs.assert_holds(body);
+    download
+}
+
+#[test]
+fn a_partial_from_another_url_is_not_resumed() {
+    let body = content(100_000);
+    let server = Server::serving(&body, true);
+    let blobs = Blobs::new();
+    killed_after(&blobs, "https://elsewhere.invalid/k", &body, 40_000);
+    let download = fetch_resumable(&blobs, &server.url("/k"), &body);
+    assert_eq!(server.requests()[0].range_start(), None);
+    assert_eq!(download.resumed_from, 0);
+}
+
+#[test]
+fn a_partial_the_server_will_not_continue_restarts_from_zero() {
+    let body = content(100_000);
+    let server = Server::serving(&body, false);
+    let blobs = Blobs::new();
+    let url = server.url("/k");
+    killed_after(&blobs, &url, &body, 40_000);
+    let download = fetch_resumable(&blobs, &url, &body);
+    assert_eq!(server.requests()[0].range_start(), Some(40_000));
+    assert_eq!((download.requests, download.size), (1, 100_000));
+}
+
+#[test]
+fn a_partial_that_is_already_whole_needs_no_request() {
+    // Killed between the last byte and the commit.
+    let body = content(100_000);
+    let server = Server::serving(&body, true);
+    let blobs = Blobs::new();
+    let url = server.url("/k");
+    killed_after(&blobs, &url, &body, body.len());
+    let download = fetch_resumable(&blobs, &url, &body);
+    assert_eq!((server.count(), download.requests), (0, 0));
+}
+
+#[test]
+fn a_wrong_digest_leaves_nothing_to_resume() {
+    let pinned = content(10_000);
+    let server = Server::start(|_, _| Reply::Body {
+        body: Arc::new(b"some other kernel".to_vec()),
+        ranges: true,
+    })
+    .unwrap();
+    let blobs = Blobs::new();
+    let digest = system::hash::sha256_bytes(&pinned);
+    let url = server.url("/k");
+    let mut writer = blobs.blobs.resumable_writer(&digest, &url).unwrap();
+    let expected = Expected {
+        sha256: Some(digest),
+        size: None,
+    };
+    let err = fetcher()
+        .fetch(&url, "k", expected, &mut writer)
+        .unwrap_err();
+    assert!(matches!(err, FetchError::Digest { .. }), "{err:?}");
+    drop(writer);
+    blobs.assert_empty();
+}
+
 #[test]
 fn server_errors_and_429_are_retried() {
     let body = content(5_000);
@@ -267,6 +353,83 @@ fn a_stalled_server_times_out() {
     // Not asserting on time beyond "it came back at all, well before the stall ends".
     assert!(started.elapsed() < Duration::from_secs(30));
     blobs.assert_empty();
+}
+
+#[test]
+fn a_trickling_server_is_a_stall_below_the_floor() {
+    // 16 bytes every 10 ms (at most 1.6 KB/s): each read comes well within the read timeout,
+    // so only the floor can tell. Unchecked, the body would finish after about 2 seconds.
+    let body = content(3_000);
+    let served = body.clone();
+    let server = Server::start(move |_, _| Reply::Trickle {
+        body: served.clone(),
+        chunk: 16,
+        every: Duration::from_millis(10),
+    })
+    .unwrap();
+    let blobs = Blobs::new();
+    let url = server.url("/slow");
+    let slow = Fetcher::new(
+        Options {
+            min_rate: 64 * 1024,
+            stall_window: Duration::from_millis(100),
+            ..options()
+        },
+        Mirrors::default(),
+    )
+    .unwrap();
+    let err = blobs.fetch(&slow, &url, &body, None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FetchError::Network {
+                timed_out: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    for needle in [
+        url.as_str(),
+        "too slow",
+        "B/s over the last",
+        "below the floor of 64.0 KiB/s",
+        "--min-rate",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in: {text}");
+    }
+    // Slow attempts do not count as progress: the attempts are used up as for a dead server,
+    // each one resuming where the last stopped.
+    let requests = server.requests();
+    assert_eq!(requests.len(), options().attempts as usize);
+    assert!(requests[1].range_start().is_some_and(|start| start > 0));
+    blobs.assert_empty();
+}
+
+#[test]
+fn a_slow_body_above_the_floor_finishes() {
+    let body = content(3_000);
+    let served = body.clone();
+    let server = Server::start(move |_, _| Reply::Trickle {
+        body: served.clone(),
+        chunk: 1_000,
+        every: Duration::from_millis(10),
+    })
+    .unwrap();
+    let blobs = Blobs::new();
+    let floor = Fetcher::new(
+        Options {
+            min_rate: 100,
+            stall_window: Duration::from_millis(5),
+            ..options()
+        },
+        Mirrors::default(),
+    )
+    .unwrap();
+    blobs.fetch(&floor, &server.url("/k"), &body, None).unwrap();
+    assert_eq!(server.count(), 1);
+    blobs.assert_holds(&body);
 }
 
 #[test]

@@ -74,6 +74,8 @@ pub fn add_kernel(
     }
     let old = crate::lock::read(lock_path)?;
     let version = &request.version;
+    // A name whose constant collides would break `system`'s build: refuse before downloading.
+    old.check_new_kernel(version)?;
     let mut files = Vec::new();
     for u in &request.urls {
         let label = format!("kernel {version} {}", u.arch);
@@ -511,6 +513,27 @@ mod tests {
             Some(kernel.len() as u64),
             "the recorded size was lost"
         );
+    }
+
+    #[test]
+    fn a_version_whose_constant_collides_is_refused_before_downloading() {
+        let body = Arc::new(b"a kernel".to_vec());
+        let server = Server::serving(&body, true);
+        let f = fixture();
+        let colliding = committed()
+            .kernels
+            .keys()
+            .next()
+            .expect("the committed lock pins a kernel")
+            .as_str()
+            .replacen('-', "_", 1);
+        let req = request(&colliding, &[format!("x86_64={}", server.url("/k"))]);
+        let err = add_kernel(&f.lock, &f.store, &test_fetcher(), &req)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("`{colliding}`")), "{err}");
+        assert_eq!(server.count(), 0);
+        assert_eq!(crate::lock::read(&f.lock).unwrap(), committed());
     }
 
     #[test]

@@ -9,6 +9,9 @@ use crate::fetch::{Mirror, Mirrors};
 use crate::store::temp_store;
 use testkit::http::{Reply, Server};
 
+/// What earlier runs left in the store: partial downloads, blobs that are not files.
+mod leftovers;
+
 const V: &str = "ch-test-1";
 
 fn content(len: usize) -> Arc<Vec<u8>> {
