@@ -170,17 +170,17 @@ pub struct GroupsError {
     pub message: String,
 }
 
-/// A group name: letters, digits, `_`, `-`, `.`; not empty.
+/// A group name: letters, digits, `.`, `_`, `+`, `-` (the lock's entry names); not empty.
 pub fn check_group_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '-'));
     if ok {
         Ok(())
     } else {
         Err(format!(
-            "group name {name:?} is not usable; allowed are letters, digits, `_`, `-`, `.`"
+            "group name {name:?} is not usable; allowed are letters, digits, `.`, `_`, `+`, `-`"
         ))
     }
 }

@@ -289,6 +289,7 @@ mod tests {
             Initrd {
                 base: None,
                 modules: vec![],
+                module_groups: Default::default(),
                 outputs: UniqueMap::default(),
             },
         );

@@ -16,6 +16,7 @@ fn lock() -> Lock {
             Initrd {
                 base: None,
                 modules: vec![],
+                module_groups: Default::default(),
                 outputs: UniqueMap::default(),
             },
         );
