@@ -89,7 +89,9 @@ fn hex_part(part: &str, digits: &[usize], what: &str) -> Result<Option<u32>, Str
         return Ok(None);
     }
     if !digits.contains(&part.len()) || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("{what} {part:?} is not hex digits of the right length"));
+        return Err(format!(
+            "{what} {part:?} is not hex digits of the right length"
+        ));
     }
     u32::from_str_radix(part, 16)
         .map(Some)
@@ -189,7 +191,9 @@ pub fn check_group_name(name: &str) -> Result<(), String> {
 fn check_relative(path: &str, module: bool) -> Result<(), String> {
     let inside = !path.is_empty()
         && !path.starts_with('/')
-        && path.split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..");
     if !inside {
         return Err(format!("{path:?} is not a plain path relative to /"));
     }
@@ -234,9 +238,11 @@ pub fn parse_groups(text: &str) -> Result<Vec<ModuleGroup>, GroupsError> {
             .last_mut()
             .ok_or_else(|| fail(format!("`{keyword}` before the first `group` line")))?;
         match keyword {
-            "pci" => group
-                .pci
-                .push(value.parse().map_err(|e: PatternError| fail(e.to_string()))?),
+            "pci" => group.pci.push(
+                value
+                    .parse()
+                    .map_err(|e: PatternError| fail(e.to_string()))?,
+            ),
             "module" => {
                 check_relative(value, true).map_err(fail)?;
                 group.modules.push(value.to_owned());
@@ -367,7 +373,17 @@ mod tests {
 
     #[test]
     fn bad_patterns_say_what_is_allowed() {
-        for bad in ["", "::", "*", "10d", "10de0", "10de:xyz1", "10de::3", "10de::03000", "a:b:c:d"] {
+        for bad in [
+            "",
+            "::",
+            "*",
+            "10d",
+            "10de0",
+            "10de:xyz1",
+            "10de::3",
+            "10de::03000",
+            "a:b:c:d",
+        ] {
             let err = bad.parse::<PciPattern>().unwrap_err();
             assert!(
                 err.to_string().contains("expected VENDOR[:DEVICE[:CLASS]]"),
@@ -375,7 +391,10 @@ mod tests {
             );
         }
         let err = "10de::3".parse::<PciPattern>().unwrap_err();
-        assert_eq!(err.problem, "class \"3\" is not hex digits of the right length");
+        assert_eq!(
+            err.problem,
+            "class \"3\" is not hex digits of the right length"
+        );
     }
 
     fn gpu_group() -> ModuleGroup {
@@ -412,8 +431,16 @@ mod tests {
         for (text, line, needle) in [
             ("pci 10de\n", 1, "before the first `group`"),
             ("group a\npci 10de\n", 2, "has no `module`"),
-            ("group a\nmodule x.ko\ngroup b\n", 3, "group `a` has no `pci`"),
-            ("group a\npci 10de\nmodule a.ko\ngroup a\n", 4, "appears twice"),
+            (
+                "group a\nmodule x.ko\ngroup b\n",
+                3,
+                "group `a` has no `pci`",
+            ),
+            (
+                "group a\npci 10de\nmodule a.ko\ngroup a\n",
+                4,
+                "appears twice",
+            ),
             ("group a b\n", 1, "not usable"),
             ("group a\nmodule ../x.ko\n", 2, "not a plain path"),
             ("group a\nmodule /x.ko\n", 2, "not a plain path"),

@@ -254,7 +254,9 @@ impl Lock {
                 for (index, path) in group.firmware.iter().enumerate() {
                     let inside = !path.is_empty()
                         && !path.starts_with('/')
-                        && path.split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+                        && path
+                            .split('/')
+                            .all(|c| !c.is_empty() && c != "." && c != "..");
                     if !inside {
                         return fail(
                             format!("{at}.firmware[{index}]"),

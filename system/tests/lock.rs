@@ -263,6 +263,9 @@ fn module_groups_need_patterns_modules_and_plain_firmware_paths() {
     let (path, message) = error_of(&lock_with_groups(
         r#"{ "gpu": { "pci": ["10de"], "module": ["nvidia"] } }"#,
     ));
-    assert!(path.starts_with(r#"initrds."v1.0.0".module_groups.gpu"#), "{path}");
+    assert!(
+        path.starts_with(r#"initrds."v1.0.0".module_groups.gpu"#),
+        "{path}"
+    );
     assert!(message.contains("unknown field `module`"), "{message}");
 }

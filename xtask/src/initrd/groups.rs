@@ -140,7 +140,10 @@ fn read_firmware(firmware_dir: &Path, entry: &str) -> anyhow::Result<Vec<Firmwar
         );
     }
     let mut files = Vec::new();
-    for item in walkdir::WalkDir::new(&root).follow_links(true).sort_by_file_name() {
+    for item in walkdir::WalkDir::new(&root)
+        .follow_links(true)
+        .sort_by_file_name()
+    {
         let item = item.with_context(|| format!("reading firmware {}", root.display()))?;
         if !item.file_type().is_file() {
             continue;
@@ -160,7 +163,10 @@ fn read_firmware(firmware_dir: &Path, entry: &str) -> anyhow::Result<Vec<Firmwar
         });
     }
     if files.is_empty() {
-        bail!("firmware `{entry}` in {} holds no files", firmware_dir.display());
+        bail!(
+            "firmware `{entry}` in {} holds no files",
+            firmware_dir.display()
+        );
     }
     Ok(files)
 }
@@ -205,7 +211,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let modules_dir = fixture(dir.path());
         let groups = vec![
-            ("blk".to_owned(), group(&["1af4:1001"], &["virtio_blk"], &[])),
+            (
+                "blk".to_owned(),
+                group(&["1af4:1001"], &["virtio_blk"], &[]),
+            ),
             ("pci".to_owned(), group(&["1af4::01"], &["virtio_pci"], &[])),
         ];
         let base = vec!["virtio".to_owned()];
@@ -246,7 +255,10 @@ mod tests {
             names(&set.groups[0].modules),
             ["virtio_ring.ko", "virtio.ko", "virtio_blk.ko"]
         );
-        assert_eq!(names(&set.groups[1].modules)[..2], ["virtio_ring.ko", "virtio.ko"]);
+        assert_eq!(
+            names(&set.groups[1].modules)[..2],
+            ["virtio_ring.ko", "virtio.ko"]
+        );
         // ...and the initrd carries every file once.
         let mut tree = Tree::new();
         set.add_to(&mut tree).unwrap();
@@ -256,7 +268,10 @@ mod tests {
             .map(|(p, _)| p.as_str().to_owned())
             .collect();
         assert_eq!(modules.len(), 7, "{modules:?}");
-        assert!(tree.get(&TreePath::new("lib/modules/groups").unwrap()).is_some());
+        assert!(
+            tree.get(&TreePath::new("lib/modules/groups").unwrap())
+                .is_some()
+        );
         assert_eq!(set.load_order().lines().count(), 1);
     }
 
@@ -275,8 +290,7 @@ mod tests {
         )];
         let err = ModuleSet::load_with_groups(&modules_dir, &[], &groups, None).unwrap_err();
         assert!(format!("{err:#}").contains("--firmware-dir"), "{err:#}");
-        let set =
-            ModuleSet::load_with_groups(&modules_dir, &[], &groups, Some(&firmware)).unwrap();
+        let set = ModuleSet::load_with_groups(&modules_dir, &[], &groups, Some(&firmware)).unwrap();
         let gpu = &set.groups[0];
         assert_eq!(gpu.firmware_roots, ["lib/firmware/nvidia/570"]);
         let paths: Vec<&str> = gpu.firmware.iter().map(|f| f.path.as_str()).collect();
@@ -304,9 +318,12 @@ mod tests {
             "gpu".to_owned(),
             group(&["10de"], &["overlay"], &["nvidia/999"]),
         )];
-        let err = ModuleSet::load_with_groups(&modules_dir, &[], &missing, Some(&firmware))
-            .unwrap_err();
-        assert!(format!("{err:#}").contains("`nvidia/999` is not in"), "{err:#}");
+        let err =
+            ModuleSet::load_with_groups(&modules_dir, &[], &missing, Some(&firmware)).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("`nvidia/999` is not in"),
+            "{err:#}"
+        );
     }
 
     #[test]
@@ -315,14 +332,21 @@ mod tests {
         let modules_dir = fixture(dir.path());
         let load = |g: LockGroup| {
             let groups = vec![("gpu".to_owned(), g)];
-            let err = ModuleSet::load_with_groups(&modules_dir, &["virtio_blk".into()], &groups, None)
-                .unwrap_err();
+            let err =
+                ModuleSet::load_with_groups(&modules_dir, &["virtio_blk".into()], &groups, None)
+                    .unwrap_err();
             format!("{err:#}")
         };
         let err = load(group(&["10de::3"], &["overlay"], &[]));
-        assert!(err.contains("module group `gpu`: pci[0]: PCI pattern \"10de::3\""), "{err}");
+        assert!(
+            err.contains("module group `gpu`: pci[0]: PCI pattern \"10de::3\""),
+            "{err}"
+        );
         let err = load(group(&["10de"], &["nvidia"], &[]));
-        assert!(err.contains("module group `gpu`") && err.contains("`nvidia`"), "{err}");
+        assert!(
+            err.contains("module group `gpu`") && err.contains("`nvidia`"),
+            "{err}"
+        );
         let err = load(group(&["10de"], &["virtio"], &[]));
         assert!(err.contains("would load nothing"), "{err}");
     }
@@ -335,7 +359,10 @@ mod tests {
         assert!(plain.groups.is_empty());
         let mut tree = Tree::new();
         plain.add_to(&mut tree).unwrap();
-        assert!(tree.get(&TreePath::new("lib/modules/groups").unwrap()).is_none());
+        assert!(
+            tree.get(&TreePath::new("lib/modules/groups").unwrap())
+                .is_none()
+        );
         let with = ModuleSet::load_with_groups(
             &modules_dir,
             &["overlay".into()],

@@ -10,6 +10,7 @@ pub mod recipe;
 use std::path::Path;
 
 use system::Arch;
+use system::lock::ModuleGroup;
 use xshell::Shell;
 
 use guest_init::BuildOptions;
@@ -30,14 +31,26 @@ pub fn build_test_initrd(
     modules_dir: &Path,
     module_names: &[&str],
 ) -> anyhow::Result<Vec<u8>> {
+    build_test_initrd_with_groups(arch, modules_dir, module_names, &[])
+}
+
+/// [`build_test_initrd`] plus module groups (name, lock entry), resolved as the artifacts
+/// stage resolves a recipe's `module_groups` (without firmware).
+pub fn build_test_initrd_with_groups(
+    arch: Arch,
+    modules_dir: &Path,
+    module_names: &[&str],
+    groups: &[(String, ModuleGroup)],
+) -> anyhow::Result<Vec<u8>> {
     let sh = Shell::new()?;
     let workspace = crate::workspace_root();
     let guest_init = guest_init::build(&sh, &workspace, arch, &BuildOptions::default())?;
     let names: Vec<String> = module_names.iter().map(|s| s.to_string()).collect();
-    let modules = if names.is_empty() {
+    let modules = if names.is_empty() && groups.is_empty() {
         None
     } else {
-        Some(ModuleSet::load(&ModulesDir::locate(modules_dir)?, &names)?)
+        let dir = ModulesDir::locate(modules_dir)?;
+        Some(ModuleSet::load_with_groups(&dir, &names, groups, None)?)
     };
     let tree = recipe::assemble(None, &guest_init.bytes, modules.as_ref())?;
     cpio::write_initrd(&tree, cpio::mtime_from_env()?)
