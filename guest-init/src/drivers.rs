@@ -276,9 +276,8 @@ fn expose_firmware(root: &Path, group: &ModuleGroup) -> Result<(), DriverError> 
     })?;
     info!(
         "drivers",
-        "group `{}`: {} KiB of firmware in {} (the kernel's firmware search path)",
+        "group `{}`: {bytes} bytes of firmware in {} (the kernel's firmware search path)",
         group.name,
-        bytes / 1024,
         search.display()
     );
     Ok(())

@@ -2,9 +2,10 @@
 //! without the device a group is keyed on, and the app reading `/proc/modules`.
 //!
 //! The test initrd carries [`TEST_MODULES`] and two groups: `rng` (QEMU's virtio-rng,
-//! `1af4:1005` → `virtio_rng`) and `gpu` (NVIDIA display controllers, `10de::03`; Debian's
-//! cloud kernel has no nvidia module, so `virtio_input` stands in: no NVIDIA device is ever
-//! present here, so it must never load).
+//! `1af4:1005` → `virtio_rng`, with a firmware file so that the firmware path is exercised)
+//! and `gpu` (NVIDIA display controllers, `10de::03`; Debian's cloud kernel has no nvidia
+//! module, so `virtio_input` stands in: no NVIDIA device is ever present here, so it must
+//! never load).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -18,13 +19,17 @@ use testkit::vm::{
     BOOT_TIMEOUT, Boot, Kernel, TEST_MODULES, Vm, VmSpec, busybox_rootfs, ext4_image,
 };
 
-fn group(pci: &str, module: &str) -> ModuleGroup {
+fn group(pci: &str, module: &str, firmware: &[&str]) -> ModuleGroup {
     ModuleGroup {
         pci: vec![pci.to_owned()],
         modules: vec![module.to_owned()],
-        firmware: vec![],
+        firmware: firmware.iter().map(|s| s.to_string()).collect(),
     }
 }
+
+/// The firmware file the `rng` group carries (virtio-rng needs none: a marker to find).
+const FIRMWARE: &str = "guest-init-test/marker.bin";
+const FIRMWARE_TEXT: &str = "firmware-marker-7f3a";
 
 /// The x86_64 test initrd with the module groups, built once per test process.
 fn initrd() -> &'static Path {
@@ -33,14 +38,22 @@ fn initrd() -> &'static Path {
         let build = || -> anyhow::Result<PathBuf> {
             let kernel = Kernel::debian_cloud()?;
             let groups = [
-                ("gpu".to_owned(), group("10de::03", "virtio_input")),
-                ("rng".to_owned(), group("1af4:1005", "virtio_rng")),
+                ("gpu".to_owned(), group("10de::03", "virtio_input", &[])),
+                (
+                    "rng".to_owned(),
+                    group("1af4:1005", "virtio_rng", &["guest-init-test"]),
+                ),
             ];
+            let firmware = tempfile::tempdir()?;
+            let file = firmware.path().join(FIRMWARE);
+            fs::create_dir_all(file.parent().unwrap())?;
+            fs::write(&file, FIRMWARE_TEXT)?;
             let bytes = xtask::initrd::build_test_initrd_with_groups(
                 Arch::X86_64,
                 &kernel.modules,
                 TEST_MODULES,
                 &groups,
+                Some(firmware.path()),
             )?;
             let dir = xtask::workspace_root().join("target/vm-tests");
             fs::create_dir_all(&dir)?;
@@ -83,14 +96,17 @@ fn boot(config: Value, qemu_args: &[&str]) -> Boot {
         .unwrap()
 }
 
-/// An app that prints which of the groups' modules `/proc/modules` lists.
+/// An app that prints which of the groups' modules `/proc/modules` lists, the kernel's
+/// firmware search path and the firmware file found there (after the root switch).
 fn report_modules() -> Value {
     json!({
         "entrypoint": ["/bin/sh", "-c"],
-        "cmd": ["for m in virtio_rng virtio_input; do \
+        "cmd": [format!("for m in virtio_rng virtio_input; do \
                    if grep -q \"^$m \" /proc/modules; then echo \"MODULE $m loaded\"; \
                    else echo \"MODULE $m absent\"; fi; \
-                 done"]
+                 done; \
+                 echo \"FWPATH $(cat /sys/module/firmware_class/parameters/path)\"; \
+                 echo \"FWFILE $(cat \"$(cat /sys/module/firmware_class/parameters/path)/{FIRMWARE}\")\"")]
     })
 }
 
@@ -100,6 +116,8 @@ fn a_group_loads_when_its_pci_device_is_present() {
     boot.expect_exit(0)
         .expect_output("MODULE virtio_rng loaded")
         .expect_output("MODULE virtio_input absent")
+        .expect_output("FWPATH /run/guest-init/firmware")
+        .expect_output(&format!("FWFILE {FIRMWARE_TEXT}"))
         .expect_log("group `rng`: 1af4:1005 matches 1 PCI device(s)")
         // virtio and virtio_ring come with the base list: the group loads only its own module.
         .expect_log("group `rng`: 1 module(s) loaded");
@@ -112,6 +130,12 @@ fn without_the_device_the_group_is_not_loaded() {
     boot.expect_exit(0)
         .expect_output("MODULE virtio_rng absent")
         .expect_output("MODULE virtio_input absent");
+    // No group loaded: the firmware search path is the kernel's default (empty).
+    assert!(
+        boot.console.lines().any(|l| l.trim_end() == "FWPATH"),
+        "the firmware search path was set:\n{}",
+        boot.console
+    );
     assert!(
         !boot.console.contains("group `rng`"),
         "the rng group was considered matched:\n{}",

@@ -31,16 +31,17 @@ pub fn build_test_initrd(
     modules_dir: &Path,
     module_names: &[&str],
 ) -> anyhow::Result<Vec<u8>> {
-    build_test_initrd_with_groups(arch, modules_dir, module_names, &[])
+    build_test_initrd_with_groups(arch, modules_dir, module_names, &[], None)
 }
 
 /// [`build_test_initrd`] plus module groups (name, lock entry), resolved as the artifacts
-/// stage resolves a recipe's `module_groups` (without firmware).
+/// stage resolves a recipe's `module_groups`, with their firmware from `firmware_dir`.
 pub fn build_test_initrd_with_groups(
     arch: Arch,
     modules_dir: &Path,
     module_names: &[&str],
     groups: &[(String, ModuleGroup)],
+    firmware_dir: Option<&Path>,
 ) -> anyhow::Result<Vec<u8>> {
     let sh = Shell::new()?;
     let workspace = crate::workspace_root();
@@ -50,7 +51,12 @@ pub fn build_test_initrd_with_groups(
         None
     } else {
         let dir = ModulesDir::locate(modules_dir)?;
-        Some(ModuleSet::load_with_groups(&dir, &names, groups, None)?)
+        Some(ModuleSet::load_with_groups(
+            &dir,
+            &names,
+            groups,
+            firmware_dir,
+        )?)
     };
     let tree = recipe::assemble(None, &guest_init.bytes, modules.as_ref())?;
     cpio::write_initrd(&tree, cpio::mtime_from_env()?)
