@@ -35,35 +35,37 @@ pub const FIRMWARE_RUN: &str = "run/guest-init/firmware";
 const FIRMWARE_PARAM: &str = "sys/module/firmware_class/parameters/path";
 const NVIDIA_VENDOR: u16 = 0x10de;
 
+/// Each message carries its cause in the text (`cause`, not `source`): the fatal path prints a
+/// source chain too, and would print it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
-    #[error("cannot read the module groups {path}: {source}")]
-    ReadGroups { path: PathBuf, source: io::Error },
-    #[error("{path}: {source}; the initrd builder must write this file")]
-    BadGroups { path: PathBuf, source: GroupsError },
-    #[error("module group `{group}`: {source}")]
-    Load { group: String, source: ModuleError },
+    #[error("cannot read the module groups {path}: {cause}")]
+    ReadGroups { path: PathBuf, cause: io::Error },
+    #[error("{path}: {cause}; the initrd builder must write this file")]
+    BadGroups { path: PathBuf, cause: GroupsError },
+    #[error("module group `{group}`: {cause}")]
+    Load { group: String, cause: ModuleError },
     #[error(
-        "module group `{group}`: copying firmware {from} to {to}: {source} (is /run large \
+        "module group `{group}`: copying firmware {from} to {to}: {cause} (is /run large \
          enough? it is a tmpfs in RAM)"
     )]
     Firmware {
         group: String,
         from: PathBuf,
         to: PathBuf,
-        source: io::Error,
+        cause: io::Error,
     },
     #[error(
-        "module group `{group}`: setting the firmware search path in {path}: {source}; the \
+        "module group `{group}`: setting the firmware search path in {path}: {cause}; the \
          kernel needs firmware_class (CONFIG_FW_LOADER)"
     )]
     FirmwarePath {
         group: String,
         path: PathBuf,
-        source: io::Error,
+        cause: io::Error,
     },
-    #[error("module group `{group}`: NVIDIA device nodes: {source}")]
-    Nodes { group: String, source: NvidiaError },
+    #[error("module group `{group}`: NVIDIA device nodes: {cause}")]
+    Nodes { group: String, cause: NvidiaError },
     #[error(
         "config asks for a GPU (`gpu`), but this initrd carries no `{GPU_GROUP}` module group; \
          boot an initrd whose recipe has module_groups.{GPU_GROUP}, or remove `gpu`"
@@ -149,10 +151,10 @@ pub fn load_on_demand(sys: &dyn Syscalls, root: &Path) -> Result<Report, DriverE
     let text = match fs::read_to_string(&path) {
         Ok(text) => text,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Report::default()),
-        Err(source) => return Err(DriverError::ReadGroups { path, source }),
+        Err(cause) => return Err(DriverError::ReadGroups { path, cause }),
     };
     let groups = module_groups::parse_groups(&text)
-        .map_err(|source| DriverError::BadGroups { path, source })?;
+        .map_err(|cause| DriverError::BadGroups { path, cause })?;
     let (devices, warnings) = scan_pci(root);
     for warning in warnings {
         info!("drivers", "{warning}");
@@ -203,9 +205,9 @@ fn load_group(
         .iter()
         .map(|m| Path::new("/").join(m))
         .collect();
-    let outcomes = modules::load_all(sys, &files).map_err(|source| DriverError::Load {
+    let outcomes = modules::load_all(sys, &files).map_err(|cause| DriverError::Load {
         group: group.name.clone(),
-        source,
+        cause,
     })?;
     for (module, outcome) in files.iter().zip(&outcomes) {
         if *outcome != Outcome::Loaded {
@@ -232,9 +234,9 @@ fn load_group(
             .collect();
         let nodes = nvidia::plan_nodes(sys, Path::new("/dev"), &gpus, has("nvidia_modeset"))
             .and_then(|nodes| nvidia::create_nodes(sys, &nodes).map(|()| nodes))
-            .map_err(|source| DriverError::Nodes {
+            .map_err(|cause| DriverError::Nodes {
                 group: group.name.clone(),
-                source,
+                cause,
             })?;
         let names: Vec<String> = nodes.iter().map(|n| n.path.display().to_string()).collect();
         info!("drivers", "NVIDIA device nodes: {}", names.join(" "));
@@ -253,11 +255,11 @@ fn expose_firmware(root: &Path, group: &ModuleGroup) -> Result<(), DriverError> 
             .unwrap_or(Path::new(entry));
         let from = root.join(entry);
         let to = target_root.join(relative);
-        bytes += copy_tree(&from, &to).map_err(|source| DriverError::Firmware {
+        bytes += copy_tree(&from, &to).map_err(|cause| DriverError::Firmware {
             group: group.name.clone(),
             from: from.clone(),
             to: to.clone(),
-            source,
+            cause,
         })?;
     }
     let param = root.join(FIRMWARE_PARAM);
@@ -269,10 +271,10 @@ fn expose_firmware(root: &Path, group: &ModuleGroup) -> Result<(), DriverError> 
         .and_then(|mut file| {
             io::Write::write_all(&mut file, search.as_os_str().as_encoded_bytes())
         });
-    write.map_err(|source| DriverError::FirmwarePath {
+    write.map_err(|cause| DriverError::FirmwarePath {
         group: group.name.clone(),
         path: param,
-        source,
+        cause,
     })?;
     info!(
         "drivers",
@@ -483,12 +485,22 @@ mod tests {
         );
     }
 
+    /// The fatal path prints the message and then every `source()`: the cause must be in one
+    /// of them only.
+    fn assert_cause_once(err: &DriverError) {
+        assert!(
+            std::error::Error::source(err).is_none(),
+            "{err} also has a source, which the fatal line would print again"
+        );
+    }
+
     #[test]
     fn failures_carry_their_class() {
         // Firmware missing from the initrd.
         let root = Root::new(GROUPS);
         root.pci("0000:00:05.0", "10de", "2330", "030000");
         let err = load_on_demand(&Recorder::default(), root.path()).unwrap_err();
+        assert_cause_once(&err);
         assert_eq!(err.class(), ExitReason::Driver);
         assert!(
             err.to_string()
@@ -508,6 +520,7 @@ mod tests {
         );
         let err = load_on_demand(&sys, root.path()).unwrap_err();
         assert_eq!(err.class(), ExitReason::Modules);
+        assert_cause_once(&err);
         assert!(
             err.to_string().starts_with(
                 "module group `rng`: loading kernel module /lib/modules/k/virtio-rng.ko"

@@ -27,10 +27,11 @@ const CTL_MINOR: u32 = 255;
 const MODESET_MINOR: u32 = 254;
 pub const NODE_MODE: u32 = 0o666;
 
+/// Causes are part of the message (`cause`, not `source`), so the fatal line prints them once.
 #[derive(Debug, thiserror::Error)]
 pub enum NvidiaError {
-    #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
+    #[error("reading {path}: {cause}")]
+    Read { path: PathBuf, cause: io::Error },
     #[error("{path}:{line}: {text:?} is not `<major> <name>`")]
     BadLine {
         path: PathBuf,
@@ -42,12 +43,12 @@ pub enum NvidiaError {
          check the driver's kernel messages (dmesg) and that it matches the kernel"
     )]
     NoMajor,
-    #[error("creating {path} (char {major}:{minor}): {source}")]
+    #[error("creating {path} (char {major}:{minor}): {cause}")]
     Mknod {
         path: PathBuf,
         major: u32,
         minor: u32,
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
@@ -109,9 +110,9 @@ pub fn plan_nodes(
     let path = Path::new(PROC_DEVICES);
     let text = sys
         .read_to_string(path)
-        .map_err(|source| NvidiaError::Read {
+        .map_err(|cause| NvidiaError::Read {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
     let majors = parse_char_majors(&text, path)?;
     let major = NVIDIA_NAMES
@@ -149,12 +150,12 @@ pub fn create_nodes(sys: &dyn Syscalls, nodes: &[Node]) -> Result<(), NvidiaErro
         match sys.mknod_char(&node.path, NODE_MODE, node.major, node.minor) {
             Ok(()) => {}
             Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(source) => {
+            Err(cause) => {
                 return Err(NvidiaError::Mknod {
                     path: node.path.clone(),
                     major: node.major,
                     minor: node.minor,
-                    source,
+                    cause,
                 });
             }
         }
