@@ -31,19 +31,41 @@ fn group(pci: &str, module: &str, firmware: &[&str]) -> ModuleGroup {
 const FIRMWARE: &str = "guest-init-test/marker.bin";
 const FIRMWARE_TEXT: &str = "firmware-marker-7f3a";
 
-/// The x86_64 test initrd with the module groups, built once per test process.
-fn initrd() -> &'static Path {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        let build = || -> anyhow::Result<PathBuf> {
-            let kernel = Kernel::debian_cloud()?;
-            let groups = [
+/// Which test initrd a boot uses.
+#[derive(Clone, Copy)]
+enum Initrd {
+    /// `rng` on virtio-rng (with firmware), `gpu` on NVIDIA display controllers.
+    Groups,
+    /// Only a `gpu` group, keyed on virtio-rng (a stand-in for a GPU QEMU cannot emulate), so
+    /// that `gpu: true` can succeed.
+    GpuOnRng,
+}
+
+/// The x86_64 test initrd of `kind`, built once per test process.
+fn initrd(kind: Initrd) -> &'static Path {
+    static GROUPS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    static GPU_ON_RNG: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let (cell, name, groups) = match kind {
+        Initrd::Groups => (
+            &GROUPS,
+            "groups",
+            vec![
                 ("gpu".to_owned(), group("10de::03", "virtio_input", &[])),
                 (
                     "rng".to_owned(),
                     group("1af4:1005", "virtio_rng", &["guest-init-test"]),
                 ),
-            ];
+            ],
+        ),
+        Initrd::GpuOnRng => (
+            &GPU_ON_RNG,
+            "gpu-on-rng",
+            vec![("gpu".to_owned(), group("1af4:1005", "virtio_rng", &[]))],
+        ),
+    };
+    let built = cell.get_or_init(|| {
+        let build = || -> anyhow::Result<PathBuf> {
+            let kernel = Kernel::debian_cloud()?;
             let firmware = tempfile::tempdir()?;
             let file = firmware.path().join(FIRMWARE);
             fs::create_dir_all(file.parent().unwrap())?;
@@ -57,7 +79,7 @@ fn initrd() -> &'static Path {
             )?;
             let dir = xtask::workspace_root().join("target/vm-tests");
             fs::create_dir_all(&dir)?;
-            let path = dir.join(format!("initrd-drivers-{}.gz", std::process::id()));
+            let path = dir.join(format!("initrd-{name}-{}.gz", std::process::id()));
             fs::write(&path, bytes)?;
             Ok(path)
         };
@@ -65,12 +87,16 @@ fn initrd() -> &'static Path {
     });
     match built {
         Ok(path) => path,
-        Err(e) => panic!("building the drivers test initrd: {e}"),
+        Err(e) => panic!("building the {name} test initrd: {e}"),
     }
 }
 
 /// Boots a busybox rootfs with `config`, plus the extra QEMU arguments.
 fn boot(config: Value, qemu_args: &[&str]) -> Boot {
+    boot_with(Initrd::Groups, config, qemu_args)
+}
+
+fn boot_with(kind: Initrd, config: Value, qemu_args: &[&str]) -> Boot {
     let dir = tempfile::tempdir().unwrap();
     let tree = dir.path().join("rootfs-tree");
     busybox_rootfs(Arch::X86_64, &tree, Path::new("/nonexistent-arm64-root")).unwrap();
@@ -90,7 +116,7 @@ fn boot(config: Value, qemu_args: &[&str]) -> Boot {
     let mut spec = VmSpec::new(vec![rootfs, writable, config_disk]);
     spec.qemu_args = qemu_args.iter().map(|s| s.to_string()).collect();
     let kernel = Kernel::debian_cloud().unwrap();
-    Vm::start_with(&kernel.image, initrd(), &spec)
+    Vm::start_with(&kernel.image, initrd(kind), &spec)
         .unwrap()
         .finish(BOOT_TIMEOUT)
         .unwrap()
@@ -163,6 +189,22 @@ fn gpu_without_an_nvidia_device_fails_clearly_and_powers_off() {
     assert!(
         boot.console.contains("reboot: Power down"),
         "no orderly power-off:\n{}",
+        boot.console
+    );
+}
+
+#[test]
+fn gpu_boots_when_the_gpu_group_matches_a_present_device() {
+    let mut config = report_modules();
+    config["gpu"] = json!(true);
+    let boot = boot_with(Initrd::GpuOnRng, config, &["-device", "virtio-rng-pci"]);
+    boot.expect_exit(0)
+        .expect_output("MODULE virtio_rng loaded")
+        .expect_log("group `gpu`: 1af4:1005 matches 1 PCI device(s)");
+    // The stand-in loads no nvidia module: no NVIDIA device nodes are made.
+    assert!(
+        !boot.console.contains("NVIDIA device nodes"),
+        "{}",
         boot.console
     );
 }
