@@ -7,7 +7,8 @@
 //! flags through `Machine`. Unit tests replay them on `syscalls::fake::Recorder`. What still
 //! touches the system directly, and is covered only by the VM tests or by tests on temporary
 //! directories: this file's reads of `/proc/cmdline`, the module load order and `config.json`
-//! and its write of `printk_devkmsg`; the logger's `/dev/console` and `/dev/kmsg`; the PATH
+//! and its write of `printk_devkmsg`; the PCI scan and firmware copy in `drivers` (tested on
+//! fixture trees); the logger's `/dev/console` and `/dev/kmsg`; the PATH
 //! lookup in `command` (tested on fixture trees); the sysfs scan for power keys in `shutdown`
 //! (tested on a fixture tree).
 
@@ -21,6 +22,7 @@ mod mode_systemd;
 mod modules;
 mod mount;
 mod network;
+mod nvidia;
 mod reaper;
 mod root;
 mod shutdown;
@@ -94,6 +96,14 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
         );
     }
 
+    // Drivers on demand (module groups whose PCI devices are present), after the watcher so
+    // a slow driver does not delay it.
+    let drivers = drivers::load_on_demand(sys, Path::new("/"))
+        .map_err(|e| Fatal::new("drivers", e.class(), e))?;
+    if !drivers.groups.is_empty() {
+        timings.mark("drivers");
+    }
+
     for device in [&options.rootfs, &options.config] {
         let waited = mount::wait_for_device(sys, device, options.device_timeout)
             .map_err(|e| Fatal::new("devices", ExitReason::Device, e))?;
@@ -107,6 +117,7 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
     timings.mark("devices");
 
     let config = read_config(sys, &options)?;
+    drivers::check_gpu(config.gpu, &drivers).map_err(|e| Fatal::new("drivers", e.class(), e))?;
     timings.mark("config");
 
     let layout = root::mount_overlay_root(sys, &options.rootfs, &options.writable)
@@ -236,8 +247,6 @@ fn read_config(sys: &dyn Syscalls, options: &BootOptions) -> Result<Config, Fata
         .map_err(|e| Fatal::new("network", ExitReason::Unsupported, e))?;
     volumes::check_supported(&config)
         .map_err(|e| Fatal::new("volumes", ExitReason::Unsupported, e))?;
-    drivers::check_supported(&config)
-        .map_err(|e| Fatal::new("drivers", ExitReason::Unsupported, e))?;
     info!(
         "config",
         "{} from {}: argv {:?}, mode {:?}",

@@ -8,10 +8,13 @@
 //! - [`cmdline`]: the `guest_init.<key>=` parameters ([`CmdlineKey`], [`BootOptions`]).
 //! - [`exit`]: [`ExitReason`] (every `reason=` with its code), [`ExitLine`] and
 //!   [`parse_exit_line`].
+//! - [`module_groups`]: drivers on demand: PCI patterns and the initrd's groups file, written
+//!   by the initrd builder and read by guest-init.
 
 pub mod cmdline;
 pub mod config;
 pub mod exit;
+pub mod module_groups;
 
 pub use cmdline::{BootOptions, CmdlineKey, Writable};
 pub use config::{Config, ConfigError, InitMode, Network, VolumeMode, VolumeMount};

@@ -75,9 +75,33 @@ pub struct Initrd {
     /// Kernel modules to carry and load at boot, by name; dependencies are added at build time.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub modules: Vec<String>,
+    /// Modules carried but loaded only when a matching PCI device is present (drivers on
+    /// demand), by group name. `gpu` is the group guest-init makes NVIDIA device nodes for and
+    /// config.json's `gpu` asks for.
+    #[serde(default, skip_serializing_if = "is_empty_map")]
+    pub module_groups: UniqueMap<Version, ModuleGroup>,
     /// What was built, per architecture.
     #[serde(default)]
     pub outputs: UniqueMap<Arch, InitrdOutput>,
+}
+
+/// Kernel modules an initrd loads only when matching hardware is present.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleGroup {
+    /// PCI patterns in `lspci -d` syntax, `VENDOR[:DEVICE[:CLASS]]` (hex; CLASS a 2-, 4- or
+    /// 6-digit prefix), e.g. `10de::03`; a device matching any of them loads the group.
+    pub pci: Vec<String>,
+    /// Module names; dependencies are added at build time, in modules.dep order.
+    pub modules: Vec<String>,
+    /// Firmware files or directories the group's drivers request, relative to the firmware
+    /// directory the initrd is built with (e.g. `nvidia/570.86.15`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub firmware: Vec<String>,
+}
+
+fn is_empty_map<K, V>(map: &UniqueMap<K, V>) -> bool {
+    map.is_empty()
 }
 
 /// A built initrd: the digests of everything it was made from, and its own digest.
@@ -223,6 +247,41 @@ impl Lock {
                         list(self.bases.keys())
                     ),
                 );
+            }
+            for (name, group) in initrd.module_groups.iter() {
+                let at = format!(
+                    "initrds.{}.module_groups.{}",
+                    key(version.as_str()),
+                    key(name.as_str())
+                );
+                if group.pci.is_empty() {
+                    return fail(
+                        format!("{at}.pci"),
+                        "is empty; list PCI patterns like `10de::03` or `1af4:1005`".into(),
+                    );
+                }
+                if group.modules.is_empty() {
+                    return fail(
+                        format!("{at}.modules"),
+                        "is empty; list the module names the group loads".into(),
+                    );
+                }
+                for (index, path) in group.firmware.iter().enumerate() {
+                    let inside = !path.is_empty()
+                        && !path.starts_with('/')
+                        && path
+                            .split('/')
+                            .all(|c| !c.is_empty() && c != "." && c != "..");
+                    if !inside {
+                        return fail(
+                            format!("{at}.firmware[{index}]"),
+                            format!(
+                                "`{path}` is not a plain relative path; name a file or directory \
+                                 inside the firmware directory, e.g. `nvidia/570.86.15`"
+                            ),
+                        );
+                    }
+                }
             }
         }
         Ok(())

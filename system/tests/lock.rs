@@ -258,3 +258,59 @@ fn a_new_kernel_is_checked_against_the_constants_of_the_others() {
     let other = system::lock::Version::new("ch-release-v6.17.0-20260601").unwrap();
     lock.check_new_kernel(&other).unwrap();
 }
+
+fn lock_with_groups(groups: &str) -> String {
+    let kernels = format!(
+        r#"{{ "ch-release-v6.16.9-20260508": {} }}"#,
+        kernel("x86_64", KERNEL_SHA)
+    );
+    lock_with(&kernels, DEFAULTS).replace(
+        r#"{ "outputs": {} }"#,
+        &format!(r#"{{ "modules": ["virtio_pci"], "module_groups": {groups}, "outputs": {{}} }}"#),
+    )
+}
+
+#[test]
+fn module_groups_round_trip_and_are_left_out_when_empty() {
+    let text = lock_with_groups(
+        r#"{ "gpu": { "pci": ["10de::03"], "modules": ["nvidia", "nvidia_uvm"],
+                      "firmware": ["nvidia/570.86.15"] },
+             "rng": { "pci": ["1af4:1005"], "modules": ["virtio_rng"] } }"#,
+    );
+    let lock = Lock::parse(&text).unwrap();
+    let initrd = &lock.initrds["v1.0.0"];
+    assert_eq!(initrd.module_groups["gpu"].firmware, ["nvidia/570.86.15"]);
+    assert!(initrd.module_groups["rng"].firmware.is_empty());
+    let json = lock.to_json();
+    assert_eq!(Lock::parse(&json).unwrap(), lock);
+    assert!(!json.contains(r#""firmware": []"#), "{json}");
+    // A lock without groups writes no `module_groups` key: old locks stay byte for byte.
+    let plain = Lock::parse(&lock_with_groups("{}")).unwrap();
+    assert!(!plain.to_json().contains("module_groups"));
+}
+
+#[test]
+fn module_groups_need_patterns_modules_and_plain_firmware_paths() {
+    let (path, message) = error_of(&lock_with_groups(
+        r#"{ "gpu": { "pci": [], "modules": ["nvidia"] } }"#,
+    ));
+    assert_eq!(path, r#"initrds."v1.0.0".module_groups.gpu.pci"#);
+    assert!(message.contains("10de::03"), "{message}");
+    let (path, _) = error_of(&lock_with_groups(
+        r#"{ "gpu": { "pci": ["10de"], "modules": [] } }"#,
+    ));
+    assert_eq!(path, r#"initrds."v1.0.0".module_groups.gpu.modules"#);
+    let (path, message) = error_of(&lock_with_groups(
+        r#"{ "gpu": { "pci": ["10de"], "modules": ["nvidia"], "firmware": ["../etc"] } }"#,
+    ));
+    assert_eq!(path, r#"initrds."v1.0.0".module_groups.gpu.firmware[0]"#);
+    assert!(message.contains("`../etc`"), "{message}");
+    let (path, message) = error_of(&lock_with_groups(
+        r#"{ "gpu": { "pci": ["10de"], "module": ["nvidia"] } }"#,
+    ));
+    assert!(
+        path.starts_with(r#"initrds."v1.0.0".module_groups.gpu"#),
+        "{path}"
+    );
+    assert!(message.contains("unknown field `module`"), "{message}");
+}

@@ -190,6 +190,8 @@ pub struct VmSpec {
     pub memory_mib: u32,
     /// The guest's architecture: x86_64 unless set.
     pub arch: Arch,
+    /// Extra QEMU arguments, appended (e.g. `-device virtio-rng-pci`).
+    pub qemu_args: Vec<String>,
 }
 
 impl VmSpec {
@@ -199,6 +201,7 @@ impl VmSpec {
             append: String::new(),
             memory_mib: 512,
             arch: Arch::X86_64,
+            qemu_args: Vec::new(),
         }
     }
 }
@@ -366,6 +369,7 @@ impl Vm {
             cmd.arg("-drive")
                 .arg(format!("file={},if=virtio,format=raw", disk.display()));
         }
+        cmd.args(&spec.qemu_args);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -39,6 +39,7 @@ fn run(sh: &Shell) -> anyhow::Result<()> {
         system::lock::Initrd {
             base: None,
             modules: vec![],
+            module_groups: Default::default(),
             outputs: UniqueMap::default(),
         },
     );

@@ -43,6 +43,12 @@ pub enum Call {
     Chdir(PathBuf),
     Chroot(PathBuf),
     FinitModule(PathBuf),
+    MknodChar {
+        path: PathBuf,
+        mode: u32,
+        major: u32,
+        minor: u32,
+    },
     Sethostname(String),
     ReadFile(PathBuf),
     Sync,
@@ -79,6 +85,7 @@ pub enum Op {
     Chdir { path: PathBuf },
     Chroot,
     FinitModule { path: PathBuf },
+    MknodChar { path: PathBuf },
     Sethostname,
     ReadFile { path: PathBuf },
     BlockSignals,
@@ -417,6 +424,21 @@ impl Syscalls for Recorder {
             path: path.to_owned(),
         };
         self.call(Call::FinitModule(path.to_owned()), op)
+    }
+
+    fn mknod_char(&self, path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+        let call = Call::MknodChar {
+            path: path.to_owned(),
+            mode,
+            major,
+            minor,
+        };
+        let op = Op::MknodChar {
+            path: path.to_owned(),
+        };
+        self.call(call, op)?;
+        self.state().existing.insert(path.to_owned());
+        Ok(())
     }
 
     fn sethostname(&self, name: &str) -> io::Result<()> {

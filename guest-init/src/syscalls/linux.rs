@@ -101,6 +101,16 @@ impl Syscalls for Linux {
         Ok(())
     }
 
+    fn mknod_char(&self, path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+        use rustix::fs::{FileType, Mode};
+        let mode = Mode::from_raw_mode(mode);
+        let dev = rustix::fs::makedev(major, minor);
+        rustix::fs::mknodat(rustix::fs::CWD, path, FileType::CharacterDevice, mode, dev)?;
+        // mknod applies the umask; the node must have the mode asked for.
+        rustix::fs::chmod(path, mode)?;
+        Ok(())
+    }
+
     fn sethostname(&self, name: &str) -> io::Result<()> {
         rustix::system::sethostname(name.as_bytes())?;
         Ok(())

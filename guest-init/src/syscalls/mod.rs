@@ -1,7 +1,7 @@
 //! The seam between boot phases and the kernel.
 //!
 //! Three narrow traits, so each phase names what it touches:
-//! - [`Syscalls`]: mounts, root switch, module loads, hostname, files, sync;
+//! - [`Syscalls`]: mounts, root switch, module loads, device nodes, hostname, files, sync;
 //! - [`Process`]: signal mask and `sigtimedwait`, `kill`, `waitpid`, spawning a child (or
 //!   exec in place) with the steps it runs between fork and exec (session, console,
 //!   credentials);
@@ -52,6 +52,9 @@ pub trait Syscalls: Clock {
     fn chroot(&self, path: &Path) -> io::Result<()>;
     /// Load a kernel module from a file.
     fn finit_module(&self, path: &Path) -> io::Result<()>;
+    /// Create a character device node with exactly `mode` (permission bits; the umask does
+    /// not apply).
+    fn mknod_char(&self, path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<()>;
     fn sethostname(&self, name: &str) -> io::Result<()>;
     fn exists(&self, path: &Path) -> bool;
     fn read_to_string(&self, path: &Path) -> io::Result<String>;

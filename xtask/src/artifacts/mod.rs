@@ -47,6 +47,8 @@ pub struct Options {
     pub stages: Vec<Stage>,
     /// Kernel modules for recipes that list `modules`.
     pub modules_dir: Option<PathBuf>,
+    /// Firmware for recipes whose module groups list `firmware`.
+    pub firmware_dir: Option<PathBuf>,
     /// Replaces the selected initrds' module lists.
     pub modules: Option<Vec<String>>,
     /// Sources that replace a base's lock reference, by base name.
@@ -191,6 +193,7 @@ fn sync_initrds(
         offline: options.offline,
         locked: options.locked,
         modules_dir: options.modules_dir.clone(),
+        firmware_dir: options.firmware_dir.clone(),
         modules: options.modules.clone(),
         mtime: cpio::mtime_from_env()?,
         base_sources: options.base_sources.clone(),

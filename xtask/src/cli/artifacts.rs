@@ -40,6 +40,10 @@ pub struct Artifacts {
     /// directory, or a root holding exactly one `lib/modules/<kver>` (an unpacked package).
     #[arg(long, value_name = "DIR")]
     pub modules_dir: Option<PathBuf>,
+    /// Firmware for initrd module groups that list `firmware` (paths relative to it), e.g.
+    /// /lib/firmware.
+    #[arg(long, value_name = "DIR")]
+    pub firmware_dir: Option<PathBuf>,
     /// Replace the selected initrds' module lists (comma-separated names, e.g.
     /// `virtio_blk,overlay`); the lock records the new list.
     #[arg(long, value_name = "NAMES", value_delimiter = ',')]
@@ -66,6 +70,7 @@ impl Artifacts {
             mirrors: self.transfer.mirrors(),
             stages: self.only,
             modules_dir: self.modules_dir,
+            firmware_dir: self.firmware_dir,
             modules: self.modules,
             base_sources: self.base_source.into_iter().collect(),
         })

@@ -3,6 +3,7 @@
 
 pub mod cpio;
 pub mod fingerprint;
+pub mod groups;
 pub mod guest_init;
 pub mod modules;
 pub mod recipe;
@@ -10,6 +11,7 @@ pub mod recipe;
 use std::path::Path;
 
 use system::Arch;
+use system::lock::ModuleGroup;
 use xshell::Shell;
 
 use guest_init::BuildOptions;
@@ -30,14 +32,32 @@ pub fn build_test_initrd(
     modules_dir: &Path,
     module_names: &[&str],
 ) -> anyhow::Result<Vec<u8>> {
+    build_test_initrd_with_groups(arch, modules_dir, module_names, &[], None)
+}
+
+/// [`build_test_initrd`] plus module groups (name, lock entry), resolved as the artifacts
+/// stage resolves a recipe's `module_groups`, with their firmware from `firmware_dir`.
+pub fn build_test_initrd_with_groups(
+    arch: Arch,
+    modules_dir: &Path,
+    module_names: &[&str],
+    groups: &[(String, ModuleGroup)],
+    firmware_dir: Option<&Path>,
+) -> anyhow::Result<Vec<u8>> {
     let sh = Shell::new()?;
     let workspace = crate::workspace_root();
     let guest_init = guest_init::build(&sh, &workspace, arch, &BuildOptions::default())?;
     let names: Vec<String> = module_names.iter().map(|s| s.to_string()).collect();
-    let modules = if names.is_empty() {
+    let modules = if names.is_empty() && groups.is_empty() {
         None
     } else {
-        Some(ModuleSet::load(&ModulesDir::locate(modules_dir)?, &names)?)
+        let dir = ModulesDir::locate(modules_dir)?;
+        Some(ModuleSet::load_with_groups(
+            &dir,
+            &names,
+            groups,
+            firmware_dir,
+        )?)
     };
     let tree = recipe::assemble(None, &guest_init.bytes, modules.as_ref())?;
     cpio::write_initrd(&tree, cpio::mtime_from_env()?)

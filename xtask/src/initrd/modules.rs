@@ -5,15 +5,19 @@
 //! that contains exactly one `lib/modules/<kver>` (an extracted kernel package). Modules land
 //! in the initrd as plain `.ko` files under `lib/modules/<kver>/`, and
 //! `lib/modules/load-order` lists them, one path relative to `/` per line, in load order: the
-//! format guest-init's `modules.rs` reads.
+//! format guest-init's `modules.rs` reads. Module groups (drivers on demand, `groups.rs`) add
+//! their modules beside them and list them in `lib/modules/groups`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use guest_protocol::module_groups::GROUPS_FILE;
 use system::Digest;
+use system::lock::ModuleGroup as LockGroup;
 
+use super::groups::{self, GroupSet};
 use crate::compression::Compression;
 use crate::rootfs::{Node, Tree, TreePath};
 
@@ -84,37 +88,49 @@ pub struct Module {
     pub data: Vec<u8>,
 }
 
-/// The modules of an initrd, in load order.
+/// The modules of an initrd: the always-loaded list in load order, and the groups loaded on
+/// demand.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModuleSet {
     pub kver: String,
     pub modules: Vec<Module>,
+    /// Module groups in name order; each leaves out what `modules` already loads.
+    pub groups: Vec<GroupSet>,
 }
 
 impl ModuleSet {
     /// Resolves `names` (and their dependencies) in `dir` and reads them, decompressed.
     pub fn load(dir: &ModulesDir, names: &[String]) -> anyhow::Result<ModuleSet> {
+        ModuleSet::load_with_groups(dir, names, &[], None)
+    }
+
+    /// Like [`ModuleSet::load`], plus the module groups `groups` (by name) with their firmware
+    /// from `firmware_dir`.
+    pub fn load_with_groups(
+        dir: &ModulesDir,
+        names: &[String],
+        groups: &[(String, LockGroup)],
+        firmware_dir: Option<&Path>,
+    ) -> anyhow::Result<ModuleSet> {
         let dep_path = dir.root.join("modules.dep");
         let dep = fs::read_to_string(&dep_path)
             .with_context(|| format!("reading {}", dep_path.display()))?;
         let builtin = fs::read_to_string(dir.root.join("modules.builtin")).unwrap_or_default();
-        let order = resolve(&dep, &builtin, names)
+        let graph = DepGraph::parse(&dep, &builtin)
             .with_context(|| format!("resolving modules in {}", dir.root.display()))?;
-        let mut modules = Vec::with_capacity(order.len());
-        for relative in order {
-            let source = dir.root.join(&relative);
-            let raw = fs::read(&source)
-                .with_context(|| format!("reading module {}", source.display()))?;
-            let data = decompress(&relative, &raw)
-                .with_context(|| format!("decompressing module {}", source.display()))?;
-            modules.push(Module {
-                path: format!("lib/modules/{}/{}", dir.kver, plain_name(&relative)),
-                data,
-            });
-        }
+        let mut done = HashSet::new();
+        let order = graph
+            .closure(names, &mut done)
+            .with_context(|| format!("resolving modules in {}", dir.root.display()))?;
+        let modules = order
+            .iter()
+            .map(|relative| read_module(dir, relative))
+            .collect::<anyhow::Result<Vec<Module>>>()?;
+        let groups = groups::load(dir, &graph, &done, groups, firmware_dir)?;
         Ok(ModuleSet {
             kver: dir.kver.clone(),
             modules,
+            groups,
         })
     }
 
@@ -129,29 +145,59 @@ impl ModuleSet {
     }
 
     /// What the initrd's `modules` input digest covers: the kernel release, and each module's
-    /// path and content, in load order.
+    /// path and content, in load order; then the groups (patterns, modules, firmware), if any.
     pub fn digest(&self) -> Digest {
         let mut canonical = format!("kver {}\n", self.kver);
         for module in &self.modules {
             let sha = system::hash::sha256_bytes(&module.data);
             canonical.push_str(&format!("{} {sha}\n", module.path));
         }
+        for group in &self.groups {
+            canonical.push_str(&group.canonical());
+        }
         Digest(system::hash::sha256_bytes(canonical.as_bytes()))
     }
 
-    /// Puts the modules (0644) and the load order into `tree`.
+    /// Puts the modules (0644), the load order and, with groups, their modules, firmware and
+    /// the groups file into `tree`. A file two groups share goes in once.
     pub fn add_to(&self, tree: &mut Tree) -> anyhow::Result<()> {
-        for module in &self.modules {
-            tree.insert(
-                TreePath::new(&module.path)?,
-                Node::file(0o644, module.data.clone()),
-            )?;
+        let mut added = HashSet::new();
+        let group_files = self.groups.iter().flat_map(|g| {
+            g.modules
+                .iter()
+                .map(|m| (&m.path, &m.data))
+                .chain(g.firmware.iter().map(|f| (&f.path, &f.data)))
+        });
+        let base_files = self.modules.iter().map(|m| (&m.path, &m.data));
+        for (path, data) in base_files.chain(group_files) {
+            if added.insert(path.clone()) {
+                tree.insert(TreePath::new(path)?, Node::file(0o644, data.clone()))?;
+            }
         }
         tree.insert(
             TreePath::new(LOAD_ORDER)?,
             Node::file(0o644, self.load_order()),
-        )
+        )?;
+        if !self.groups.is_empty() {
+            tree.insert(
+                TreePath::new(GROUPS_FILE)?,
+                Node::file(0o644, groups::groups_file(&self.groups)),
+            )?;
+        }
+        Ok(())
     }
+}
+
+/// Reads one module file (relative to the modules directory), decompressed.
+pub(super) fn read_module(dir: &ModulesDir, relative: &str) -> anyhow::Result<Module> {
+    let source = dir.root.join(relative);
+    let raw = fs::read(&source).with_context(|| format!("reading module {}", source.display()))?;
+    let data = decompress(relative, &raw)
+        .with_context(|| format!("decompressing module {}", source.display()))?;
+    Ok(Module {
+        path: format!("lib/modules/{}/{}", dir.kver, plain_name(relative)),
+        data,
+    })
 }
 
 /// The name the kernel knows a module file by: `kernel/fs/fuse/cuse.ko.xz` is `cuse`, and `-`
@@ -177,44 +223,71 @@ pub fn resolve(
     modules_builtin: &str,
     names: &[String],
 ) -> anyhow::Result<Vec<String>> {
-    let mut deps: HashMap<String, Vec<String>> = HashMap::new();
-    let mut by_name: BTreeMap<String, String> = BTreeMap::new();
-    for (index, line) in modules_dep.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let Some((module, rest)) = line.split_once(':') else {
-            bail!("modules.dep:{}: {line:?} has no `:`", index + 1);
-        };
-        let module = module.trim().to_owned();
-        if module.starts_with('/') || module.split('/').any(|c| c == "..") {
-            bail!(
-                "modules.dep:{}: {module:?} is not a path inside the modules directory; \
-                 regenerate it with `depmod`",
-                index + 1
-            );
-        }
-        by_name.insert(module_name(&module), module.clone());
-        deps.insert(module, rest.split_whitespace().map(str::to_owned).collect());
-    }
-    let builtin: HashSet<String> = modules_builtin.lines().map(module_name).collect();
+    DepGraph::parse(modules_dep, modules_builtin)?.closure(names, &mut HashSet::new())
+}
 
-    let mut order = Vec::new();
-    let mut done = HashSet::new();
-    for name in names {
-        let wanted = module_name(name.trim());
-        let Some(path) = by_name.get(&wanted) else {
-            if builtin.contains(&wanted) {
+/// `modules.dep` and `modules.builtin`, parsed.
+pub struct DepGraph {
+    /// Module file to the files it needs, as modules.dep lists them.
+    deps: HashMap<String, Vec<String>>,
+    /// Module name (`virtio_blk`) to its file.
+    by_name: BTreeMap<String, String>,
+    builtin: HashSet<String>,
+}
+
+impl DepGraph {
+    pub fn parse(modules_dep: &str, modules_builtin: &str) -> anyhow::Result<DepGraph> {
+        let mut deps: HashMap<String, Vec<String>> = HashMap::new();
+        let mut by_name: BTreeMap<String, String> = BTreeMap::new();
+        for (index, line) in modules_dep.lines().enumerate() {
+            if line.trim().is_empty() {
                 continue;
             }
-            bail!(
-                "kernel module `{name}` is not in modules.dep (nor built in); check the name \
-                 (`modinfo {name}`) and that the modules directory belongs to the kernel you boot"
-            );
-        };
-        visit(path, &deps, &mut done, &mut Vec::new(), &mut order)?;
+            let Some((module, rest)) = line.split_once(':') else {
+                bail!("modules.dep:{}: {line:?} has no `:`", index + 1);
+            };
+            let module = module.trim().to_owned();
+            if module.starts_with('/') || module.split('/').any(|c| c == "..") {
+                bail!(
+                    "modules.dep:{}: {module:?} is not a path inside the modules directory; \
+                     regenerate it with `depmod`",
+                    index + 1
+                );
+            }
+            by_name.insert(module_name(&module), module.clone());
+            deps.insert(module, rest.split_whitespace().map(str::to_owned).collect());
+        }
+        let builtin = modules_builtin.lines().map(module_name).collect();
+        Ok(DepGraph {
+            deps,
+            by_name,
+            builtin,
+        })
     }
-    Ok(order)
+
+    /// The files `names` need that are not in `done` yet, dependencies first; adds them to
+    /// `done`. Starting from another list's `done` leaves out what that list already loads.
+    pub fn closure(
+        &self,
+        names: &[String],
+        done: &mut HashSet<String>,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut order = Vec::new();
+        for name in names {
+            let wanted = module_name(name.trim());
+            let Some(path) = self.by_name.get(&wanted) else {
+                if self.builtin.contains(&wanted) {
+                    continue;
+                }
+                bail!(
+                    "kernel module `{name}` is not in modules.dep (nor built in); check the name \
+                     (`modinfo {name}`) and that the modules directory belongs to the kernel you boot"
+                );
+            };
+            visit(path, &self.deps, done, &mut Vec::new(), &mut order)?;
+        }
+        Ok(order)
+    }
 }
 
 /// Depth-first: a module's dependencies (in the reverse of the order modules.dep lists them,

@@ -10,6 +10,10 @@
 //! | `/tmp`                    | 1777 (if absent)                       |
 //! | `/lib/modules/<kver>/…`   | kernel modules, plain `.ko`            |
 //! | `/lib/modules/load-order` | module paths relative to `/`, in order |
+//! | `/lib/modules/groups`     | module groups (drivers on demand), if any |
+//! | `/lib/firmware/…`         | the groups' firmware, if any           |
+
+use std::collections::BTreeMap;
 
 use serde::Serialize;
 use system::Digest;
@@ -28,10 +32,32 @@ pub struct Recipe {
     /// The base image's name in the lock, or none for the minimal profile.
     pub base: Option<String>,
     pub builder: u32,
+    /// The lock's module groups; left out when empty, so recipes without groups keep their
+    /// digest.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub module_groups: BTreeMap<String, RecipeGroup>,
     /// Module names as the lock lists them.
     pub modules: Vec<String>,
     /// Every entry's mtime (`SOURCE_DATE_EPOCH`).
     pub mtime: u32,
+}
+
+/// A module group as the recipe digest covers it (fields in alphabetical order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecipeGroup {
+    pub firmware: Vec<String>,
+    pub modules: Vec<String>,
+    pub pci: Vec<String>,
+}
+
+impl RecipeGroup {
+    pub fn from_lock(group: &system::lock::ModuleGroup) -> RecipeGroup {
+        RecipeGroup {
+            firmware: group.firmware.clone(),
+            modules: group.modules.clone(),
+            pci: group.pci.clone(),
+        }
+    }
 }
 
 impl Recipe {
@@ -95,13 +121,29 @@ mod tests {
         let recipe = Recipe {
             base: None,
             builder: BUILDER,
+            module_groups: BTreeMap::new(),
             modules: vec!["virtio_blk".into()],
             mtime: 0,
         };
+        // Without groups the JSON is what it was before groups existed.
         assert_eq!(
             recipe.canonical_json(),
             r#"{"base":null,"builder":1,"modules":["virtio_blk"],"mtime":0}"#
         );
+        let mut grouped = recipe.clone();
+        grouped.module_groups.insert(
+            "rng".into(),
+            RecipeGroup {
+                firmware: vec![],
+                modules: vec!["virtio_rng".into()],
+                pci: vec!["1af4:1005".into()],
+            },
+        );
+        assert_eq!(
+            grouped.canonical_json(),
+            r#"{"base":null,"builder":1,"module_groups":{"rng":{"firmware":[],"modules":["virtio_rng"],"pci":["1af4:1005"]}},"modules":["virtio_blk"],"mtime":0}"#
+        );
+        assert_ne!(grouped.digest(), recipe.digest());
         let mut other = recipe.clone();
         other.mtime = 1;
         assert_ne!(other.digest(), recipe.digest());

@@ -482,6 +482,7 @@ mod tests {
                 modules_dir: None,
                 modules: None,
                 base_sources: Default::default(),
+                firmware_dir: None,
             };
             std::thread::spawn(move || crate::artifacts::run(&options))
         };

@@ -5,8 +5,9 @@
 //! ```text
 //! inputs: base manifest digest ─┐ (lock.bases[base].manifests[arch])
 //!         guest-init sha256 ────┤ (cargo build --target <arch>-unknown-linux-musl, static check)
-//!         modules digest ───────┤ (modules.dep closure, decompressed, in load order)
-//!         recipe digest ────────┘ (canonical JSON: base, builder, modules, mtime)
+//!         modules digest ───────┤ (modules.dep closure, decompressed, in load order;
+//!                               │  module groups with their firmware)
+//!         recipe digest ────────┘ (canonical JSON: base, builder, module_groups, modules, mtime)
 //!   same as the lock and blob verified → reused (nothing is pulled or assembled)
 //!   otherwise → assemble tree → newc + gzip → store blob → link → lock outputs
 //! ```
@@ -15,16 +16,16 @@
 //! reproducibility check.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use system::lock::{InitrdOutput, Version};
+use system::lock::{Initrd, InitrdOutput, ModuleGroup, Version};
 use system::{Arch, Digest, Lock};
 
 use super::Report;
 use crate::initrd::guest_init::GuestInit;
 use crate::initrd::modules::{ModuleSet, ModulesDir};
-use crate::initrd::recipe::{self, Recipe};
+use crate::initrd::recipe::{self, Recipe, RecipeGroup};
 use crate::initrd::{INPUT_BASE, INPUT_GUEST_INIT, INPUT_MODULES, INPUT_RECIPE, cpio};
 use crate::rootfs::Tree;
 use crate::store::StoreWriter;
@@ -39,6 +40,8 @@ pub struct Plan {
     pub locked: bool,
     /// Where recipes' kernel modules come from.
     pub modules_dir: Option<PathBuf>,
+    /// Where module groups' firmware comes from.
+    pub firmware_dir: Option<PathBuf>,
     /// Replaces the selected recipes' module lists (and is recorded in the lock).
     pub modules: Option<Vec<String>>,
     /// Every entry's mtime.
@@ -130,18 +133,38 @@ struct Entry<'a> {
     name: String,
 }
 
-fn load_modules(dir: Option<&ModulesDir>, names: &[String]) -> anyhow::Result<Option<ModuleSet>> {
-    if names.is_empty() {
+fn load_modules(
+    dir: Option<&ModulesDir>,
+    initrd: &Initrd,
+    firmware_dir: Option<&Path>,
+) -> anyhow::Result<Option<ModuleSet>> {
+    let names = &initrd.modules;
+    if names.is_empty() && initrd.module_groups.is_empty() {
         return Ok(None);
     }
     let Some(dir) = dir else {
+        let listed: Vec<&str> = names
+            .iter()
+            .map(String::as_str)
+            .chain(
+                initrd
+                    .module_groups
+                    .values()
+                    .flat_map(|g| g.modules.iter().map(String::as_str)),
+            )
+            .collect();
         bail!(
             "the recipe lists kernel modules ({}) but no --modules-dir was given; pass the \
              kernel's module directory, e.g. --modules-dir /lib/modules/<kver>",
-            names.join(", ")
+            listed.join(", ")
         );
     };
-    ModuleSet::load(dir, names).map(Some)
+    let groups: Vec<(String, ModuleGroup)> = initrd
+        .module_groups
+        .iter()
+        .map(|(name, group)| (name.as_str().to_owned(), group.clone()))
+        .collect();
+    ModuleSet::load_with_groups(dir, names, &groups, firmware_dir).map(Some)
 }
 
 fn sync_one(
@@ -163,6 +186,11 @@ fn sync_one(
     let recipe = Recipe {
         base: recipe_entry.base.as_ref().map(|b| b.as_str().to_owned()),
         builder: recipe::BUILDER,
+        module_groups: recipe_entry
+            .module_groups
+            .iter()
+            .map(|(name, group)| (name.as_str().to_owned(), RecipeGroup::from_lock(group)))
+            .collect(),
         modules: recipe_entry.modules.clone(),
         mtime: plan.mtime,
     };
@@ -176,7 +204,7 @@ fn sync_one(
                 Some((base.clone(), manifest))
             }
         };
-    let modules = load_modules(modules_dir, &recipe_entry.modules)?;
+    let modules = load_modules(modules_dir, &recipe_entry, plan.firmware_dir.as_deref())?;
 
     let mut inputs = BTreeMap::new();
     if let Some((_, manifest)) = &base_pin {
@@ -310,7 +338,9 @@ fn check_locked_inputs(
         if was != now {
             let show = |d: Option<&Digest>| d.map_or("(none)".to_owned(), Digest::to_string);
             let why = match key.as_str() {
-                INPUT_RECIPE => " (base, modules, SOURCE_DATE_EPOCH or the builder version)",
+                INPUT_RECIPE => {
+                    " (base, modules, module_groups, SOURCE_DATE_EPOCH or the builder version)"
+                }
                 INPUT_GUEST_INIT => " (guest-init's sources, Cargo.lock or the toolchain)",
                 _ => "",
             };

@@ -16,6 +16,7 @@ fn lock() -> Lock {
             Initrd {
                 base: None,
                 modules: vec![],
+                module_groups: Default::default(),
                 outputs: UniqueMap::default(),
             },
         );
@@ -276,6 +277,76 @@ fn modules_come_from_the_modules_dir_and_are_an_input() {
         !f.output("v1", Arch::X86_64)
             .inputs
             .contains_key(INPUT_MODULES)
+    );
+}
+
+#[test]
+fn module_groups_are_built_in_and_change_the_recipe_and_modules_inputs() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let modules_dir = crate::initrd::modules::tests::fixture(dir.path());
+    let mut f = Fixture::new();
+    let one = Plan {
+        versions: vec![v("v1")],
+        arches: vec![Arch::X86_64],
+        modules_dir: Some(modules_dir.root.clone()),
+        ..plan()
+    };
+    f.sync(&one, "a").unwrap();
+    let plain = f.output("v1", Arch::X86_64);
+
+    // Groups alone are enough to need the modules directory and to carry modules.
+    f.lock.initrds.get_mut("v1").unwrap().module_groups.insert(
+        v("rng"),
+        system::lock::ModuleGroup {
+            pci: vec!["1af4:1005".into()],
+            modules: vec!["virtio_blk".into()],
+            firmware: vec![],
+        },
+    );
+    let no_dir = Plan {
+        modules_dir: None,
+        ..one.clone()
+    };
+    let err = f.sync(&no_dir, "a").unwrap_err().to_string();
+    assert!(
+        err.contains("virtio_blk") && err.contains("--modules-dir"),
+        "{err}"
+    );
+    let report = f.sync(&one, "a").unwrap();
+    assert_eq!(report.built.len(), 1, "{report}");
+    let grouped = f.output("v1", Arch::X86_64);
+    assert_ne!(grouped.inputs[INPUT_RECIPE], plain.inputs[INPUT_RECIPE]);
+    assert!(grouped.inputs.contains_key(INPUT_MODULES));
+
+    let blob = std::fs::read(f.store.layout().blob(&grouped.sha256)).unwrap();
+    let mut archive = String::new();
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(&blob[..])
+        .read_to_end(&mut raw)
+        .unwrap();
+    archive.push_str(&String::from_utf8_lossy(&raw));
+    assert!(
+        archive.contains(
+            "group rng\npci 1af4:1005\n\
+             module lib/modules/6.1.0-test/kernel/drivers/virtio/virtio_ring.ko\n"
+        ),
+        "the groups file is missing from the initrd"
+    );
+
+    // An invalid pattern names the initrd and the group.
+    f.lock
+        .initrds
+        .get_mut("v1")
+        .unwrap()
+        .module_groups
+        .get_mut("rng")
+        .unwrap()
+        .pci = vec!["1af4:15".into()];
+    let err = f.sync(&one, "a").unwrap_err().to_string();
+    assert!(
+        err.contains("initrd v1 x86_64") && err.contains("module group `rng`: pci[0]"),
+        "{err}"
     );
 }
 

@@ -38,6 +38,7 @@ fn lock_for(files: &[(Arch, &str, &[u8], Option<u64>)]) -> Lock {
         Initrd {
             base: None,
             modules: vec![],
+            module_groups: Default::default(),
             outputs: UniqueMap::default(),
         },
     );
