@@ -1,14 +1,15 @@
 //! The new root: the read-only image as overlay lower, a writable upper, then switch root.
 //!
 //! `pivot_root` fails with EINVAL when the old root is the initramfs, so we use switch_root
-//! semantics: move the API filesystems into the new root, move the new root onto `/`,
-//! `chroot(".")`, `chdir("/")`.
+//! semantics: move the API filesystems into the new root, delete the initramfs's files, move
+//! the new root onto `/`, `chroot(".")`, `chdir("/")`. The overlay's layers stay mounted under
+//! the covered initramfs; a handle on it lets the power off reach them.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::mount::{self, MountError};
-use crate::syscalls::{MountFlags, Syscalls};
+use crate::syscalls::{Freed, MountFlags, Syscalls};
 use guest_protocol::Writable;
 
 /// Staging area in the initramfs (`/.guest-init`); hidden under the new root once switched.
@@ -42,6 +43,8 @@ pub enum RootError {
 pub struct RootLayout {
     pub rootfs_type: &'static str,
     pub writable: String,
+    /// The layers' mounts, in mount order: hidden under the new root once it is `/`.
+    pub hidden: Vec<PathBuf>,
 }
 
 pub fn mount_overlay_root(
@@ -113,11 +116,13 @@ pub fn mount_overlay_root(
     Ok(RootLayout {
         rootfs_type,
         writable: writable_desc,
+        hidden: vec![PathBuf::from(LOWER), PathBuf::from(WRITABLE)],
     })
 }
 
-/// Make `new_root` the root of this process (and of everything it starts).
-pub fn switch_root(sys: &dyn Syscalls, new_root: &Path) -> Result<(), RootError> {
+/// Make `new_root` the root of this process (and of everything it starts). The initramfs's
+/// files are deleted on the way (a failure there is logged, not fatal); returns what that freed.
+pub fn switch_root(sys: &dyn Syscalls, new_root: &Path) -> Result<Option<Freed>, RootError> {
     let step = |step: String| move |source| RootError::Switch { step, source };
     sys.make_rprivate(Path::new("/"))
         .map_err(step("make / private".into()))?;
@@ -127,14 +132,29 @@ pub fn switch_root(sys: &dyn Syscalls, new_root: &Path) -> Result<(), RootError>
         sys.mount_move(Path::new(mount), &inside)
             .map_err(step(format!("move {mount} to {}", inside.display())))?;
     }
+    if let Err(err) = sys.hold_initramfs() {
+        crate::info!(
+            "root",
+            "cannot hold the initramfs root ({err}): at power off the writable disk is only \
+             synced, and its journal replays on the next mount"
+        );
+    }
     sys.chdir(new_root)
         .map_err(step(format!("chdir {}", new_root.display())))?;
+    // After the moves, so that /dev, /proc, /sys and /run are out of the walk's way.
+    let freed = match sys.free_initramfs() {
+        Ok(freed) => Some(freed),
+        Err(err) => {
+            crate::info!("root", "initramfs not freed: {err}");
+            None
+        }
+    };
     sys.mount_move(new_root, Path::new("/"))
         .map_err(step(format!("move {} to /", new_root.display())))?;
     sys.chroot(Path::new("."))
         .map_err(step("chroot .".into()))?;
     sys.chdir(Path::new("/")).map_err(step("chdir /".into()))?;
-    Ok(())
+    Ok(freed)
 }
 
 fn mkdir(sys: &dyn Syscalls, path: &Path) -> Result<(), RootError> {
@@ -160,6 +180,10 @@ mod tests {
         .unwrap();
         assert_eq!(layout.rootfs_type, "ext4");
         assert_eq!(layout.writable, "/dev/vdb (ext4)");
+        assert_eq!(
+            layout.hidden,
+            [PathBuf::from(LOWER), PathBuf::from(WRITABLE)]
+        );
         let mounts = sys.mounts();
         assert_eq!(
             mounts,
@@ -218,7 +242,8 @@ mod tests {
     #[test]
     fn switch_root_sequence() {
         let sys = Recorder::default();
-        switch_root(&sys, Path::new(NEW_ROOT)).unwrap();
+        let freed = switch_root(&sys, Path::new(NEW_ROOT)).unwrap();
+        assert_eq!(freed.map(|f| f.files), Some(3));
         let root = PathBuf::from(NEW_ROOT);
         let mut expected = vec![Call::MakeRprivate(PathBuf::from("/"))];
         for mount in MOVED_MOUNTS {
@@ -230,7 +255,10 @@ mod tests {
             });
         }
         expected.extend([
+            Call::HoldInitramfs,
             Call::Chdir(root.clone()),
+            // Deleted while `/` is the initramfs and the new root is a mount point in it.
+            Call::FreeInitramfs,
             Call::MountMove {
                 from: root,
                 to: PathBuf::from("/"),
@@ -239,6 +267,15 @@ mod tests {
             Call::Chdir(PathBuf::from("/")),
         ]);
         assert_eq!(sys.calls(), expected);
+    }
+
+    #[test]
+    fn a_failure_to_free_or_hold_the_initramfs_is_not_fatal() {
+        let sys = Recorder::default();
+        sys.fail(Op::HoldInitramfs, libc::EMFILE);
+        sys.fail(Op::FreeInitramfs, libc::EPERM);
+        assert_eq!(switch_root(&sys, Path::new(NEW_ROOT)).unwrap(), None);
+        assert_eq!(sys.calls().last(), Some(&Call::Chdir(PathBuf::from("/"))));
     }
 
     #[test]

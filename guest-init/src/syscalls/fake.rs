@@ -46,6 +46,9 @@ pub enum Call {
     Sethostname(String),
     ReadFile(PathBuf),
     Sync,
+    HoldInitramfs,
+    ChdirInitramfs,
+    FreeInitramfs,
     BlockSignals(Vec<i32>),
     WaitSignal(Option<Duration>),
     Kill {
@@ -81,6 +84,9 @@ pub enum Op {
     FinitModule { path: PathBuf },
     Sethostname,
     ReadFile { path: PathBuf },
+    HoldInitramfs,
+    ChdirInitramfs,
+    FreeInitramfs,
     BlockSignals,
     WaitSignal,
     Kill { pid: i32 },
@@ -212,7 +218,8 @@ impl Recorder {
         self.state().files.insert(PathBuf::from(path), text.into());
     }
 
-    /// Bytes an input device yields, then end of file.
+    /// Bytes an input device yields, then end of file. Its node must exist too
+    /// ([`Recorder::with_existing`], [`Recorder::appear_at`]).
     pub fn add_input(&self, device: &str, events: Vec<u8>) {
         self.state().inputs.insert(PathBuf::from(device), events);
     }
@@ -446,6 +453,22 @@ impl Syscalls for Recorder {
     fn sync(&self) {
         self.state().calls.push(Call::Sync);
     }
+
+    fn hold_initramfs(&self) -> io::Result<()> {
+        self.call(Call::HoldInitramfs, Op::HoldInitramfs)
+    }
+
+    fn chdir_initramfs(&self) -> io::Result<()> {
+        self.call(Call::ChdirInitramfs, Op::ChdirInitramfs)
+    }
+
+    fn free_initramfs(&self) -> io::Result<Freed> {
+        self.call(Call::FreeInitramfs, Op::FreeInitramfs)?;
+        Ok(Freed {
+            files: 3,
+            bytes: 4096,
+        })
+    }
 }
 
 impl Recorder {
@@ -572,6 +595,9 @@ impl Machine for Recorder {
             device: device.to_owned(),
         };
         self.call(Call::OpenInput(device.to_owned()), op)?;
+        if !self.exists(device) {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        }
         match self.state().inputs.get(device) {
             Some(bytes) => Ok(Box::new(Cursor::new(bytes.clone()))),
             None => Err(io::Error::from_raw_os_error(libc::ENOENT)),
