@@ -188,8 +188,8 @@ pub fn disable_ctrl_alt_del(sys: &dyn Machine) {
     let _ = sys.reboot(Power::CtrlAltDelOff);
 }
 
-/// Kill what is left, sync, unmount in reverse order (read-only what cannot be unmounted),
-/// then the `hidden` mounts under the initramfs the same way, power off. Every filesystem ends
+/// Kill what is left, sync, make read-only and unmount in reverse order, then the `hidden`
+/// mounts under the initramfs the same way, power off. Every filesystem ends
 /// unmounted or read-only, so ext4 journals are clean. Returns only when the power off failed
 /// (the real one does not return on success).
 pub fn shut_down(sys: &dyn Kernel, hidden: &[PathBuf]) -> io::Result<()> {
@@ -223,7 +223,7 @@ fn unmount_all(sys: &dyn Syscalls) {
         .unwrap_or_default();
     for target in mount_targets(&mounts).iter().rev() {
         if target != "/" {
-            unmount_or_read_only(sys, Path::new(target));
+            read_only_then_unmount(sys, Path::new(target));
         }
     }
     // The root itself cannot be unmounted: make it read-only.
@@ -234,18 +234,31 @@ fn unmount_all(sys: &dyn Syscalls) {
 /// The root overlay still holds its upper disk, so that one ends read-only, which is enough
 /// for ext4 to mark its journal clean.
 fn unmount_hidden(sys: &dyn Syscalls, hidden: &[PathBuf]) {
-    if hidden.is_empty() || sys.chdir_initramfs().is_err() {
+    if hidden.is_empty() {
+        return;
+    }
+    if let Err(err) = sys.chdir_initramfs() {
         // Before the root switch they are in /proc/self/mounts and already unmounted.
+        crate::info!("shutdown", "initramfs root not reachable ({err})");
         return;
     }
     for mount in hidden.iter().rev() {
-        unmount_or_read_only(sys, mount.strip_prefix("/").unwrap_or(mount));
+        read_only_then_unmount(sys, mount.strip_prefix("/").unwrap_or(mount));
     }
 }
 
-fn unmount_or_read_only(sys: &dyn Syscalls, target: &Path) {
-    if sys.unmount(target).is_err() {
-        let _ = sys.remount(target, MountFlags::RDONLY);
+/// Read-only first: unmounting a mount whose filesystem another mount still uses (an overlay
+/// holds its layers through private mounts) succeeds without ever closing the filesystem, while
+/// a read-only remount acts on the filesystem itself and leaves an ext4 journal clean.
+fn read_only_then_unmount(sys: &dyn Syscalls, target: &Path) {
+    let read_only = sys.remount(target, MountFlags::RDONLY);
+    let unmounted = sys.unmount(target);
+    if let (Err(read_only), Err(unmount)) = (read_only, unmounted) {
+        crate::info!(
+            "shutdown",
+            "{} stays writable: read-only remount: {read_only}; unmount: {unmount}",
+            target.display()
+        );
     }
 }
 
@@ -383,7 +396,15 @@ mod tests {
                     signal: libc::SIGKILL
                 },
                 Call::Sync,
+                Call::Remount {
+                    target: PathBuf::from("/data"),
+                    flags: MountFlags::RDONLY
+                },
                 Call::Unmount(PathBuf::from("/data")),
+                Call::Remount {
+                    target: PathBuf::from("/proc"),
+                    flags: MountFlags::RDONLY
+                },
                 Call::Unmount(PathBuf::from("/proc")),
                 Call::Remount {
                     target: PathBuf::from("/"),
@@ -436,15 +457,14 @@ mod tests {
     }
 
     #[test]
-    fn busy_mounts_end_read_only_and_hidden_layers_are_reached_from_the_initramfs_root() {
+    fn filesystems_go_read_only_before_unmount_and_hidden_layers_are_reached_from_the_initramfs() {
         let sys = Recorder::default();
         sys.add_file("/proc/self/mounts", MOUNTS);
         let busy = |target: &str| Op::Unmount {
             target: target.into(),
         };
         sys.fail(busy("/data"), libc::EBUSY);
-        // The root overlay still holds its upper disk and its image.
-        sys.fail(busy(".guest-init/rw"), libc::EBUSY);
+        // The root overlay still holds its image.
         sys.fail(busy(".guest-init/lower"), libc::EBUSY);
         let hidden = [
             PathBuf::from("/.guest-init/lower"),
@@ -467,17 +487,22 @@ mod tests {
         assert_eq!(
             calls,
             [
-                unmount("/data"),
                 read_only("/data"),
+                unmount("/data"),
+                read_only("/proc"),
                 unmount("/proc"),
                 read_only("/"),
                 Call::ChdirInitramfs,
+                read_only(".guest-init/volumes/0/rw"),
                 unmount(".guest-init/volumes/0/rw"),
+                read_only(".guest-init/volumes/0/lower"),
                 unmount(".guest-init/volumes/0/lower"),
-                unmount(".guest-init/rw"),
+                // Unmounting it alone would leave the upper disk's filesystem open under the
+                // overlay: the read-only remount is what makes its journal clean.
                 read_only(".guest-init/rw"),
-                unmount(".guest-init/lower"),
+                unmount(".guest-init/rw"),
                 read_only(".guest-init/lower"),
+                unmount(".guest-init/lower"),
             ]
         );
 

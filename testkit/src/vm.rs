@@ -121,6 +121,29 @@ pub fn ext4_image(path: &Path, contents: Option<&Path>, size_mib: u32) -> anyhow
     Ok(())
 }
 
+/// An erofs image of a directory (`mkfs.erofs` from erofs-utils), every file owned by root;
+/// `compressor` (e.g. `lz4hc`) compresses it.
+pub fn erofs_image(path: &Path, contents: &Path, compressor: Option<&str>) -> anyhow::Result<()> {
+    let mut cmd = Command::new("mkfs.erofs");
+    cmd.args(["--quiet", "--all-root"]);
+    if let Some(compressor) = compressor {
+        cmd.arg(format!("-z{compressor}"));
+    }
+    let out = cmd
+        .arg(path)
+        .arg(contents)
+        .output()
+        .context("running mkfs.erofs (apt-get install erofs-utils)")?;
+    if !out.status.success() {
+        bail!(
+            "mkfs.erofs {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// The applets linked in an aarch64 rootfs: an arm64 busybox cannot run on this host to list
 /// its own, so these are the ones the aarch64 tests use.
 const AARCH64_APPLETS: &[&str] = &[
