@@ -250,6 +250,8 @@ fn read_config(sys: &dyn Syscalls, options: &BootOptions) -> Result<Config, Fata
     if config.debug_shell {
         DEBUG_SHELL.store(true, Ordering::SeqCst);
     }
+    volumes::check_devices(&config.volume_mounts, options)
+        .map_err(|e| Fatal::new("volumes", e.class(), e))?;
     network::check_supported(&config)
         .map_err(|e| Fatal::new("network", ExitReason::Unsupported, e))?;
     drivers::check_supported(&config)

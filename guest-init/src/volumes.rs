@@ -12,6 +12,8 @@ use std::time::Duration;
 use crate::error::ExitReason;
 use crate::mount::{self, MountError};
 use crate::syscalls::{MountFlags, Syscalls};
+use guest_protocol::Writable;
+use guest_protocol::cmdline::BootOptions;
 use guest_protocol::config::{VolumeMode, VolumeMount};
 
 /// Filesystems tried for a volume device, in order.
@@ -24,6 +26,16 @@ pub const STAGING: &str = "/.guest-init/volumes";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
+    #[error(
+        "volume_mounts[{index}].{key} {device} is also {other}; a disk one mount writes must not \
+         be mounted anywhere else: give the volume a disk of its own"
+    )]
+    SharedDevice {
+        index: usize,
+        key: &'static str,
+        device: PathBuf,
+        other: String,
+    },
     #[error(
         "volume_mounts[{index}] ({path}): block device {device} did not appear within \
          {timeout_ms} ms; attach it to the VM, fix the volume's device in config.json, or raise \
@@ -83,9 +95,53 @@ impl VolumeError {
     pub fn class(&self) -> ExitReason {
         match self {
             VolumeError::Missing { .. } => ExitReason::Device,
+            VolumeError::SharedDevice { .. } => ExitReason::Config,
             _ => ExitReason::Mount,
         }
     }
+}
+
+/// Refuse a config whose written disks are used twice (an `rw` device or `overlay_device` that
+/// is also the image, the writable disk or another volume's): the second mount would fail
+/// with a bare EBUSY, or two writers would corrupt the filesystem. Checked before the root is
+/// touched.
+pub fn check_devices(volumes: &[VolumeMount], options: &BootOptions) -> Result<(), VolumeError> {
+    let mut uses: Vec<(&Path, String)> = vec![(
+        options.rootfs.as_path(),
+        "the image disk (guest_init.rootfs)".to_owned(),
+    )];
+    if let Writable::Device(device) = &options.writable {
+        uses.push((device, "the writable disk (guest_init.writable)".to_owned()));
+    }
+    for (index, volume) in volumes.iter().enumerate() {
+        uses.push((&volume.device, format!("volume_mounts[{index}].device")));
+        if let Some(overlay_device) = &volume.overlay_device {
+            uses.push((
+                overlay_device,
+                format!("volume_mounts[{index}].overlay_device"),
+            ));
+        }
+    }
+    for (index, volume) in volumes.iter().enumerate() {
+        let written = match (volume.mode, &volume.overlay_device) {
+            (VolumeMode::ReadWrite, _) => Some(("device", &volume.device)),
+            (VolumeMode::Overlay, Some(device)) => Some(("overlay_device", device)),
+            _ => None,
+        };
+        let Some((key, device)) = written else {
+            continue;
+        };
+        let this = format!("volume_mounts[{index}].{key}");
+        if let Some((_, other)) = uses.iter().find(|(d, name)| d == device && *name != this) {
+            return Err(VolumeError::SharedDevice {
+                index,
+                key,
+                device: device.clone(),
+                other: other.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Mount every volume inside `new_root`, in order. Returns the mounts staged outside it (an
@@ -232,6 +288,41 @@ mod tests {
 
     fn mount_all_in(sys: &Recorder, volumes: &[VolumeMount]) -> Result<Vec<PathBuf>, VolumeError> {
         mount_all(sys, volumes, Path::new("/newroot"), Duration::from_secs(1))
+    }
+
+    #[test]
+    fn a_written_disk_used_twice_is_a_config_error() {
+        let options = BootOptions::default();
+        let check = |volumes: &[VolumeMount]| check_devices(volumes, &options);
+        // Read-only mounts may share a device; each written disk stands alone.
+        check(&[
+            VolumeMount::read_only("/dev/vdd", "/a"),
+            VolumeMount::read_only("/dev/vdd", "/b"),
+            VolumeMount::overlay("/dev/vdd", "/c", "/dev/vde"),
+            VolumeMount::read_write("/dev/vdf", "/d"),
+        ])
+        .unwrap();
+
+        let err = check(&[VolumeMount::overlay("/dev/vdd", "/c", "/dev/vdb")]).unwrap_err();
+        assert_eq!(err.class(), ExitReason::Config);
+        assert_eq!(
+            err.to_string(),
+            "volume_mounts[0].overlay_device /dev/vdb is also the writable disk \
+             (guest_init.writable); a disk one mount writes must not be mounted anywhere else: \
+             give the volume a disk of its own"
+        );
+        let err = check(&[
+            VolumeMount::read_only("/dev/vdd", "/a"),
+            VolumeMount::read_write("/dev/vdd", "/b"),
+        ])
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("volume_mounts[1].device /dev/vdd is also volume_mounts[0].device;"),
+            "{err}"
+        );
+        let err = check(&[VolumeMount::read_write("/dev/vda", "/a")]).unwrap_err();
+        assert!(err.to_string().contains("the image disk"), "{err}");
     }
 
     #[test]
