@@ -18,8 +18,8 @@ use testkit::vm::{
 use xtask::test_suite::prepare::arm64_guest_dir;
 
 /// What the initrd of these tests carries besides [`TEST_MODULES`]: erofs for images and
-/// volumes, and what a vfat config disk needs (guest-init/README.md lists the same).
-const FILESYSTEM_MODULES: &[&str] = &["erofs", "vfat", "nls_cp437", "nls_ascii"];
+/// volumes, and what vfat and iso9660 config disks need (guest-init/README.md lists the same).
+const FILESYSTEM_MODULES: &[&str] = &["erofs", "vfat", "nls_cp437", "nls_ascii", "isofs"];
 
 /// Which test initrd a guest boots.
 #[derive(Clone, Copy)]
@@ -395,6 +395,33 @@ fn a_vfat_config_disk_works_with_the_documented_modules() {
         .boot()
         .expect_exit(0)
         .expect_output("config from vfat");
+}
+
+#[test]
+fn an_iso9660_config_disk_works_with_the_documented_modules() {
+    let mut guest = Guest::new(json!({}));
+    let tree = tree_with(
+        guest.dir.path(),
+        "iso-tree",
+        &[("config.json", &text(sh("echo config from iso9660")))],
+    );
+    let disk = guest.dir.path().join("config.iso");
+    let out = Command::new("genisoimage")
+        .args(["-quiet", "-R", "-J", "-V", "CONFIG", "-o"])
+        .arg(&disk)
+        .arg(&tree)
+        .output()
+        .expect("running genisoimage (apt-get install genisoimage)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    guest.disks[2] = disk;
+    guest
+        .boot()
+        .expect_exit(0)
+        .expect_output("config from iso9660");
 }
 
 #[test]

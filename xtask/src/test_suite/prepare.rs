@@ -69,6 +69,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "mtools",
         "mcopy puts config.json on that vfat disk without root",
     ),
+    ("genisoimage", "makes the iso9660 config disk of a VM test"),
 ];
 
 /// The targets rust-toolchain.toml lists, added with rustup (a no-op when present).
