@@ -3,10 +3,10 @@
 //!
 //! | code | reason        | what failed                                                   |
 //! |------|---------------|---------------------------------------------------------------|
-//! | 240  | `config`      | config disk missing/unreadable, `config.json` invalid, bad cmdline |
-//! | 241  | `mount`       | early mounts (/proc, /sys, /dev, ...), config disk mount       |
+//! | 240  | `config`      | config disk missing/unreadable, `config.json` invalid, bad cmdline, volumes that clash |
+//! | 241  | `mount`       | early mounts (/proc, /sys, /dev, ...), config disk or volume mount |
 //! | 242  | `modules`     | reading the load-order file or loading a kernel module         |
-//! | 243  | `device`      | a required block device did not appear before the timeout      |
+//! | 243  | `device`      | a required block device (rootfs, config, volume) did not appear |
 //! | 244  | `rootfs`      | rootfs/writable disk mount, overlay, switch root               |
 //! | 245  | `entrypoint`  | empty command, or the command is not found / not executable    |
 //! | 246  | `user`        | `user` not resolvable from the image's /etc/passwd, /etc/group |

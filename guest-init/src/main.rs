@@ -9,7 +9,8 @@
 //! directories: this file's reads of `/proc/cmdline`, the module load order and `config.json`
 //! and its write of `printk_devkmsg`; the logger's `/dev/console` and `/dev/kmsg`; the PATH
 //! lookup in `command` (tested on fixture trees); the sysfs scan for power keys in `shutdown`
-//! (tested on a fixture tree).
+//! (tested on a fixture tree); the initramfs walk in `initramfs`, reached through
+//! `Syscalls::free_initramfs` (tested on a temporary tree).
 
 mod command;
 mod config;
@@ -250,7 +251,7 @@ fn read_config(sys: &dyn Syscalls, options: &BootOptions) -> Result<Config, Fata
     if config.debug_shell {
         DEBUG_SHELL.store(true, Ordering::SeqCst);
     }
-    volumes::check_devices(&config.volume_mounts, options)
+    volumes::check(&config.volume_mounts, options)
         .map_err(|e| Fatal::new("volumes", e.class(), e))?;
     network::check_supported(&config)
         .map_err(|e| Fatal::new("network", ExitReason::Unsupported, e))?;

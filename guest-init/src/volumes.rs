@@ -27,6 +27,11 @@ pub const STAGING: &str = "/.guest-init/volumes";
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
     #[error(
+        "volume_mounts[{index}].path {path} must name a directory below / inside the image, \
+         without `..`"
+    )]
+    BadPath { index: usize, path: PathBuf },
+    #[error(
         "volume_mounts[{index}].{key} {device} is also {other}; a disk one mount writes must not \
          be mounted anywhere else: give the volume a disk of its own"
     )]
@@ -95,17 +100,28 @@ impl VolumeError {
     pub fn class(&self) -> ExitReason {
         match self {
             VolumeError::Missing { .. } => ExitReason::Device,
-            VolumeError::SharedDevice { .. } => ExitReason::Config,
+            VolumeError::SharedDevice { .. } | VolumeError::BadPath { .. } => ExitReason::Config,
             _ => ExitReason::Mount,
         }
     }
 }
 
-/// Refuse a config whose written disks are used twice (an `rw` device or `overlay_device` that
-/// is also the image, the writable disk or another volume's): the second mount would fail
-/// with a bare EBUSY, or two writers would corrupt the filesystem. Checked before the root is
-/// touched.
-pub fn check_devices(volumes: &[VolumeMount], options: &BootOptions) -> Result<(), VolumeError> {
+/// Checked before the root is touched: every `path` stays inside the image (no `..`, not `/`
+/// itself), and no written disk is used twice (an `rw` device or `overlay_device` that is also
+/// the image, the writable disk or another volume's): the second mount would fail with a bare
+/// EBUSY, or two writers would corrupt the filesystem.
+pub fn check(volumes: &[VolumeMount], options: &BootOptions) -> Result<(), VolumeError> {
+    for (index, volume) in volumes.iter().enumerate() {
+        let mut parts = volume.path.components().skip(1).peekable();
+        let inside = parts.peek().is_some()
+            && parts.all(|part| matches!(part, std::path::Component::Normal(_)));
+        if !inside {
+            return Err(VolumeError::BadPath {
+                index,
+                path: volume.path.clone(),
+            });
+        }
+    }
     let mut uses: Vec<(&Path, String)> = vec![(
         options.rootfs.as_path(),
         "the image disk (guest_init.rootfs)".to_owned(),
@@ -293,7 +309,7 @@ mod tests {
     #[test]
     fn a_written_disk_used_twice_is_a_config_error() {
         let options = BootOptions::default();
-        let check = |volumes: &[VolumeMount]| check_devices(volumes, &options);
+        let check = |volumes: &[VolumeMount]| check(volumes, &options);
         // Read-only mounts may share a device; each written disk stands alone.
         check(&[
             VolumeMount::read_only("/dev/vdd", "/a"),
@@ -323,6 +339,26 @@ mod tests {
         );
         let err = check(&[VolumeMount::read_write("/dev/vda", "/a")]).unwrap_err();
         assert!(err.to_string().contains("the image disk"), "{err}");
+    }
+
+    #[test]
+    fn a_path_outside_the_image_is_a_config_error() {
+        let options = BootOptions::default();
+        for path in ["/", "/data/../../etc", "//.."] {
+            let err = check(&[VolumeMount::read_only("/dev/vdd", path)], &options).unwrap_err();
+            assert_eq!(err.class(), ExitReason::Config);
+            assert!(
+                err.to_string().starts_with(&format!(
+                    "volume_mounts[0].path {path} must name a directory"
+                )),
+                "{err}"
+            );
+        }
+        check(
+            &[VolumeMount::read_only("/dev/vdd", "/srv/data/")],
+            &options,
+        )
+        .unwrap();
     }
 
     #[test]
