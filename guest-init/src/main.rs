@@ -125,16 +125,16 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
         layout.rootfs_type,
         layout.writable
     );
-    let staged = volumes::mount_all(
+    let mounted = volumes::mount_all(
         sys,
         &config.volume_mounts,
         Path::new(root::NEW_ROOT),
         options.device_timeout,
     )
     .map_err(|e| Fatal::new("volumes", e.class(), e))?;
-    shutdown::remember_hidden_mounts(&staged);
-    if !config.volume_mounts.is_empty() {
-        info!("volumes", "{} mounted", config.volume_mounts.len());
+    shutdown::remember_hidden_mounts(&mounted.hidden);
+    for line in &mounted.described {
+        info!("volumes", "{line}");
     }
     let freed = root::switch_root(sys, Path::new(root::NEW_ROOT))
         .map_err(|e| Fatal::new("root", ExitReason::Rootfs, e))?;

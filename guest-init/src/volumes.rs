@@ -160,15 +160,23 @@ pub fn check(volumes: &[VolumeMount], options: &BootOptions) -> Result<(), Volum
     Ok(())
 }
 
-/// Mount every volume inside `new_root`, in order. Returns the mounts staged outside it (an
-/// overlay volume's layers), in mount order.
+/// What [`mount_all`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Mounted {
+    /// The mounts staged outside the new root (overlay volumes' layers), in mount order.
+    pub hidden: Vec<PathBuf>,
+    /// One line per volume for the log.
+    pub described: Vec<String>,
+}
+
+/// Mount every volume inside `new_root`, in order.
 pub fn mount_all(
     sys: &dyn Syscalls,
     volumes: &[VolumeMount],
     new_root: &Path,
     timeout: Duration,
-) -> Result<Vec<PathBuf>, VolumeError> {
-    let mut hidden = Vec::new();
+) -> Result<Mounted, VolumeError> {
+    let mut mounted = Mounted::default();
     for (index, volume) in volumes.iter().enumerate() {
         let target = new_root.join(volume.path.strip_prefix("/").unwrap_or(&volume.path));
         let volume = Volume {
@@ -179,7 +187,13 @@ pub fn mount_all(
         match volume.spec.mode {
             VolumeMode::ReadOnly => {
                 volume.wait(&volume.spec.device, sys)?;
-                volume.mount(sys, &volume.spec.device, &target, &VOLUME_TYPES, true)?;
+                let fstype =
+                    volume.mount(sys, &volume.spec.device, &target, &VOLUME_TYPES, true)?;
+                mounted.described.push(format!(
+                    "volume_mounts[{index}]: {} ({fstype}) read-only at {}",
+                    volume.spec.device.display(),
+                    volume.spec.path.display()
+                ));
             }
             VolumeMode::ReadWrite => {
                 volume.wait(&volume.spec.device, sys)?;
@@ -193,11 +207,25 @@ pub fn mount_all(
                         path: volume.spec.path.clone(),
                     });
                 }
+                mounted.described.push(format!(
+                    "volume_mounts[{index}]: {} ({fstype}) read-write at {}",
+                    volume.spec.device.display(),
+                    volume.spec.path.display()
+                ));
             }
-            VolumeMode::Overlay => hidden.extend(volume.mount_overlay(sys, &target)?),
+            VolumeMode::Overlay => {
+                let (layers, fstype, overlay_device) = volume.mount_overlay(sys, &target)?;
+                mounted.hidden.extend(layers);
+                mounted.described.push(format!(
+                    "volume_mounts[{index}]: overlay at {} of {} ({fstype}), changes on {}",
+                    volume.spec.path.display(),
+                    volume.spec.device.display(),
+                    overlay_device.display()
+                ));
+            }
         }
     }
-    Ok(hidden)
+    Ok(mounted)
 }
 
 /// One entry of `volume_mounts` and what its errors name.
@@ -240,12 +268,12 @@ impl Volume<'_> {
         })
     }
 
-    /// Returns the two staged layer mounts.
+    /// Returns the two staged layer mounts, the base's filesystem and the overlay device.
     fn mount_overlay(
         &self,
         sys: &dyn Syscalls,
         target: &Path,
-    ) -> Result<[PathBuf; 2], VolumeError> {
+    ) -> Result<([PathBuf; 2], &'static str, &Path), VolumeError> {
         let Some(overlay_device) = &self.spec.overlay_device else {
             // The config parser already refuses this; a config built in code may not.
             return Err(VolumeError::NoOverlayDevice {
@@ -258,7 +286,7 @@ impl Volume<'_> {
         let staging = Path::new(STAGING).join(self.index.to_string());
         let lower = staging.join("lower");
         let layers = staging.join("rw");
-        self.mount(sys, &self.spec.device, &lower, &VOLUME_TYPES, true)?;
+        let fstype = self.mount(sys, &self.spec.device, &lower, &VOLUME_TYPES, true)?;
         self.mount(sys, overlay_device, &layers, &WRITABLE_TYPES, false)?;
         let upper = layers.join("upper");
         let work = layers.join("work");
@@ -293,7 +321,7 @@ impl Volume<'_> {
                 options: options.clone(),
                 source,
             })?;
-        Ok([lower, layers])
+        Ok(([lower, layers], fstype, overlay_device))
     }
 }
 
@@ -302,7 +330,7 @@ mod tests {
     use super::*;
     use crate::syscalls::fake::{Op, Recorder};
 
-    fn mount_all_in(sys: &Recorder, volumes: &[VolumeMount]) -> Result<Vec<PathBuf>, VolumeError> {
+    fn mount_all_in(sys: &Recorder, volumes: &[VolumeMount]) -> Result<Mounted, VolumeError> {
         mount_all(sys, volumes, Path::new("/newroot"), Duration::from_secs(1))
     }
 
@@ -368,7 +396,15 @@ mod tests {
             VolumeMount::read_write("/dev/vdd", "/data"),
             VolumeMount::read_only("/dev/vde", "/srv/static"),
         ];
-        assert!(mount_all_in(&sys, &volumes).unwrap().is_empty());
+        let mounted = mount_all_in(&sys, &volumes).unwrap();
+        assert!(mounted.hidden.is_empty());
+        assert_eq!(
+            mounted.described,
+            [
+                "volume_mounts[0]: /dev/vdd (ext4) read-write at /data",
+                "volume_mounts[1]: /dev/vde (ext4) read-only at /srv/static"
+            ]
+        );
         let mounts = sys.mounts();
         assert_eq!(mounts[0].1, "/newroot/data");
         assert_eq!(mounts[0].3, MountFlags::empty());
@@ -404,9 +440,13 @@ mod tests {
             VolumeMount::read_only("/dev/vdd", "/ro"),
             VolumeMount::overlay("/dev/vde", "/cache", "/dev/vdf"),
         ];
-        let hidden = mount_all_in(&sys, &volumes).unwrap();
+        let mounted = mount_all_in(&sys, &volumes).unwrap();
         assert_eq!(
-            hidden,
+            mounted.described[1],
+            "volume_mounts[1]: overlay at /cache of /dev/vde (ext4), changes on /dev/vdf"
+        );
+        assert_eq!(
+            mounted.hidden,
             [
                 PathBuf::from("/.guest-init/volumes/1/lower"),
                 PathBuf::from("/.guest-init/volumes/1/rw")

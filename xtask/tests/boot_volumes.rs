@@ -228,6 +228,7 @@ fn an_ro_volume_is_readable_and_refuses_writes() {
     boot.expect_exit(1)
         .expect_output("hello from the volume")
         .expect_output("Read-only file system")
+        .expect_log("volume_mounts[0]: /dev/vdd (ext4) read-only at /srv/data")
         .expect_log("initramfs freed: ");
     assert_eq!(sha256_file(&volume), before, "the ro volume was written to");
 }
@@ -267,7 +268,8 @@ fn an_overlay_volume_writes_to_its_overlay_device_and_leaves_the_base_unchanged(
     let boot = guest.boot();
     boot.expect_exit(0)
         .expect_output("from the base")
-        .expect_output("changed");
+        .expect_output("changed")
+        .expect_log("volume_mounts[0]: overlay at /cache of /dev/vdd (erofs), changes on /dev/vde");
     assert_eq!(
         sha256_file(&base),
         before,
