@@ -136,17 +136,9 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
     for line in &mounted.described {
         info!("volumes", "{line}");
     }
-    let freed = root::switch_root(sys, Path::new(root::NEW_ROOT))
+    root::switch_root(sys, Path::new(root::NEW_ROOT))
         .map_err(|e| Fatal::new("root", ExitReason::Rootfs, e))?;
     timings.mark("root");
-    if let Some(freed) = freed {
-        info!(
-            "root",
-            "initramfs freed: {} KiB in {} files",
-            freed.bytes / 1024,
-            freed.files
-        );
-    }
 
     if let Err(err) = network::loopback_up(sys) {
         info!("network", "{err} (continuing without loopback)");

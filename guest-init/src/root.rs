@@ -9,7 +9,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::mount::{self, MountError};
-use crate::syscalls::{Freed, MountFlags, Syscalls};
+use crate::syscalls::{MountFlags, Syscalls};
 use guest_protocol::Writable;
 
 /// Staging area in the initramfs (`/.guest-init`); hidden under the new root once switched.
@@ -121,8 +121,9 @@ pub fn mount_overlay_root(
 }
 
 /// Make `new_root` the root of this process (and of everything it starts). The initramfs's
-/// files are deleted on the way (a failure there is logged, not fatal); returns what that freed.
-pub fn switch_root(sys: &dyn Syscalls, new_root: &Path) -> Result<Option<Freed>, RootError> {
+/// files are deleted on the way, and what that freed is logged (a failure there is logged, not
+/// fatal).
+pub fn switch_root(sys: &dyn Syscalls, new_root: &Path) -> Result<(), RootError> {
     let step = |step: String| move |source| RootError::Switch { step, source };
     sys.make_rprivate(Path::new("/"))
         .map_err(step("make / private".into()))?;
@@ -142,19 +143,23 @@ pub fn switch_root(sys: &dyn Syscalls, new_root: &Path) -> Result<Option<Freed>,
     sys.chdir(new_root)
         .map_err(step(format!("chdir {}", new_root.display())))?;
     // After the moves, so that /dev, /proc, /sys and /run are out of the walk's way.
-    let freed = match sys.free_initramfs() {
-        Ok(freed) => Some(freed),
-        Err(err) => {
-            crate::info!("root", "initramfs not freed: {err}");
-            None
-        }
-    };
+    let start = sys.now();
+    match sys.free_initramfs() {
+        Ok(freed) => crate::info!(
+            "root",
+            "initramfs freed: {} KiB in {} files ({} ms)",
+            freed.bytes / 1024,
+            freed.files,
+            (sys.now() - start).as_millis()
+        ),
+        Err(err) => crate::info!("root", "initramfs not freed: {err}"),
+    }
     sys.mount_move(new_root, Path::new("/"))
         .map_err(step(format!("move {} to /", new_root.display())))?;
     sys.chroot(Path::new("."))
         .map_err(step("chroot .".into()))?;
     sys.chdir(Path::new("/")).map_err(step("chdir /".into()))?;
-    Ok(freed)
+    Ok(())
 }
 
 fn mkdir(sys: &dyn Syscalls, path: &Path) -> Result<(), RootError> {
@@ -242,8 +247,7 @@ mod tests {
     #[test]
     fn switch_root_sequence() {
         let sys = Recorder::default();
-        let freed = switch_root(&sys, Path::new(NEW_ROOT)).unwrap();
-        assert_eq!(freed.map(|f| f.files), Some(3));
+        switch_root(&sys, Path::new(NEW_ROOT)).unwrap();
         let root = PathBuf::from(NEW_ROOT);
         let mut expected = vec![Call::MakeRprivate(PathBuf::from("/"))];
         for mount in MOVED_MOUNTS {
@@ -274,7 +278,7 @@ mod tests {
         let sys = Recorder::default();
         sys.fail(Op::HoldInitramfs, libc::EMFILE);
         sys.fail(Op::FreeInitramfs, libc::EPERM);
-        assert_eq!(switch_root(&sys, Path::new(NEW_ROOT)).unwrap(), None);
+        switch_root(&sys, Path::new(NEW_ROOT)).unwrap();
         assert_eq!(sys.calls().last(), Some(&Call::Chdir(PathBuf::from("/"))));
     }
 
