@@ -71,8 +71,14 @@ struct Guest {
 impl Guest {
     /// A busybox rootfs in ext4, an empty writable ext4 disk, an ext4 config disk.
     fn new(config: Value) -> Guest {
+        Guest::with_rootfs(config, |_| {})
+    }
+
+    /// The same, with `extra` changing the rootfs tree first.
+    fn with_rootfs(config: Value, extra: impl FnOnce(&Path)) -> Guest {
         let dir = tempfile::tempdir().unwrap();
         let tree = busybox_tree(dir.path());
+        extra(&tree);
         let rootfs = dir.path().join("rootfs.img");
         ext4_image(&rootfs, Some(&tree), 64).unwrap();
         Guest::around(dir, rootfs, config)
@@ -250,6 +256,33 @@ fn an_rw_volume_write_is_on_the_disk_after_power_off() {
         boot.console
     );
     assert_clean_ext4(&volume, &boot.console);
+}
+
+#[test]
+fn a_volume_path_through_an_absolute_link_in_the_image_lands_where_the_app_looks() {
+    // In the image, /data is a link to /srv/data: the volume must appear there for the app,
+    // not at /srv/data of the initramfs.
+    let mut guest = Guest::with_rootfs(
+        sh_with_volumes(
+            "echo through-the-link > /data/linked.txt && cat /srv/data/seed.txt",
+            json!([{ "device": "/dev/vdd", "path": "/data", "mode": "rw" }]),
+        ),
+        |tree| {
+            fs::create_dir_all(tree.join("srv/data")).unwrap();
+            std::os::unix::fs::symlink("/srv/data", tree.join("data")).unwrap();
+        },
+    );
+    let volume = guest.ext4_disk("linked-volume", &[("seed.txt", "seeded\n")]);
+    let boot = guest.boot();
+    boot.expect_exit(0)
+        .expect_output("seeded")
+        .expect_log("volume_mounts[0]: /dev/vdd (ext4) read-write at /data");
+    assert_eq!(
+        debugfs_cat(&volume, "/linked.txt"),
+        "through-the-link\n",
+        "{}",
+        boot.console
+    );
 }
 
 #[test]

@@ -159,6 +159,7 @@ struct State {
     failures: Vec<Failure>,
     clock: Duration,
     files: HashMap<PathBuf, String>,
+    links: HashMap<PathBuf, PathBuf>,
     inputs: HashMap<PathBuf, Vec<u8>>,
     interfaces: HashMap<String, i16>,
     /// Pid and state, in creation order.
@@ -216,6 +217,11 @@ impl Recorder {
 
     pub fn add_file(&self, path: &str, text: &str) {
         self.state().files.insert(PathBuf::from(path), text.into());
+    }
+
+    /// A symbolic link at `path` pointing to `target`.
+    pub fn add_link(&self, path: &str, target: &str) {
+        self.state().links.insert(path.into(), target.into());
     }
 
     /// Bytes an input device yields, then end of file. Its node must exist too
@@ -448,6 +454,19 @@ impl Syscalls for Recorder {
             .get(path)
             .cloned()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+    }
+
+    fn read_link(&self, path: &Path) -> io::Result<PathBuf> {
+        let s = self.state();
+        if let Some(target) = s.links.get(path) {
+            return Ok(target.clone());
+        }
+        let exists = s.existing.contains(path) || s.files.contains_key(path);
+        Err(io::Error::from_raw_os_error(if exists {
+            libc::EINVAL
+        } else {
+            libc::ENOENT
+        }))
     }
 
     fn sync(&self) {

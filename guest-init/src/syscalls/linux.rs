@@ -119,6 +119,10 @@ impl Syscalls for Linux {
         std::fs::read_to_string(path)
     }
 
+    fn read_link(&self, path: &Path) -> io::Result<std::path::PathBuf> {
+        std::fs::read_link(path)
+    }
+
     fn sync(&self) {
         rustix::fs::sync();
     }

@@ -55,6 +55,8 @@ pub trait Syscalls: Clock {
     fn sethostname(&self, name: &str) -> io::Result<()>;
     fn exists(&self, path: &Path) -> bool;
     fn read_to_string(&self, path: &Path) -> io::Result<String>;
+    /// The target of a symbolic link (`EINVAL`: not a link, `ENOENT`: nothing there).
+    fn read_link(&self, path: &Path) -> io::Result<PathBuf>;
     /// Write every dirty buffer to disk.
     fn sync(&self);
     /// Keep a handle on the current root (the initramfs) before the new root covers it, so
