@@ -144,7 +144,8 @@ pub fn switch_root(sys: &dyn Syscalls, new_root: &Path) -> Result<(), RootError>
         .map_err(step(format!("chdir {}", new_root.display())))?;
     // After the moves, so that /dev, /proc, /sys and /run are out of the walk's way.
     let start = sys.now();
-    match sys.free_initramfs() {
+    // /proc is inside the new root by now.
+    match sys.free_initramfs(&new_root.join("proc/self/mountinfo")) {
         Ok(freed) => crate::info!(
             "root",
             "initramfs freed: {} KiB in {} files ({} ms)",
@@ -262,7 +263,7 @@ mod tests {
             Call::HoldInitramfs,
             Call::Chdir(root.clone()),
             // Deleted while `/` is the initramfs and the new root is a mount point in it.
-            Call::FreeInitramfs,
+            Call::FreeInitramfs(root.join("proc/self/mountinfo")),
             Call::MountMove {
                 from: root,
                 to: PathBuf::from("/"),

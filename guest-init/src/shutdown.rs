@@ -271,7 +271,8 @@ pub fn mount_targets(mounts: &str) -> Vec<String> {
         .collect()
 }
 
-fn unescape_mount_path(raw: &str) -> String {
+/// A path from /proc/self/mounts or mountinfo, its `\ooo` octal escapes decoded.
+pub fn unescape_mount_path(raw: &str) -> String {
     let bytes = raw.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -48,7 +48,7 @@ pub enum Call {
     Sync,
     HoldInitramfs,
     ChdirInitramfs,
-    FreeInitramfs,
+    FreeInitramfs(PathBuf),
     BlockSignals(Vec<i32>),
     WaitSignal(Option<Duration>),
     Kill {
@@ -481,8 +481,8 @@ impl Syscalls for Recorder {
         self.call(Call::ChdirInitramfs, Op::ChdirInitramfs)
     }
 
-    fn free_initramfs(&self) -> io::Result<Freed> {
-        self.call(Call::FreeInitramfs, Op::FreeInitramfs)?;
+    fn free_initramfs(&self, mountinfo: &Path) -> io::Result<Freed> {
+        self.call(Call::FreeInitramfs(mountinfo.to_owned()), Op::FreeInitramfs)?;
         Ok(Freed {
             files: 3,
             bytes: 4096,

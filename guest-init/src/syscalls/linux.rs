@@ -147,8 +147,8 @@ impl Syscalls for Linux {
         Ok(())
     }
 
-    fn free_initramfs(&self) -> io::Result<Freed> {
-        crate::initramfs::free_root()
+    fn free_initramfs(&self, mountinfo: &Path) -> io::Result<Freed> {
+        crate::initramfs::free_root(mountinfo)
     }
 }
 

@@ -64,9 +64,10 @@ pub trait Syscalls: Clock {
     fn hold_initramfs(&self) -> io::Result<()>;
     /// `fchdir` to the held initramfs root: relative paths then name the mounts under it.
     fn chdir_initramfs(&self) -> io::Result<()>;
-    /// switch_root's delete step: remove the initramfs's files (not crossing mount points)
-    /// while `/` is still the initramfs. Refuses when `/` is not a ramfs/tmpfs.
-    fn free_initramfs(&self) -> io::Result<Freed>;
+    /// switch_root's delete step: remove the initramfs's files (not crossing mount points,
+    /// keeping subtrees `mountinfo` shows bind-mounted elsewhere) while `/` is still the
+    /// initramfs. Refuses when `/` is not a ramfs/tmpfs.
+    fn free_initramfs(&self, mountinfo: &Path) -> io::Result<Freed>;
 }
 
 /// What deleting the initramfs gave back.
