@@ -98,7 +98,8 @@ pub enum VolumeError {
 }
 
 impl VolumeError {
-    /// A device that never appeared is a `device` failure; the rest failed to mount.
+    /// A device that never appeared is a `device` failure, a clashing entry a `config` one; the
+    /// rest failed to mount.
     pub fn class(&self) -> ExitReason {
         match self {
             VolumeError::Missing { .. } => ExitReason::Device,
@@ -115,8 +116,8 @@ impl VolumeError {
 pub fn check(volumes: &[VolumeMount], options: &BootOptions) -> Result<(), VolumeError> {
     for (index, volume) in volumes.iter().enumerate() {
         let mut parts = volume.path.components().skip(1).peekable();
-        let inside = parts.peek().is_some()
-            && parts.all(|part| matches!(part, std::path::Component::Normal(_)));
+        let inside =
+            parts.peek().is_some() && parts.all(|part| matches!(part, Component::Normal(_)));
         if !inside {
             return Err(VolumeError::BadPath {
                 index,
