@@ -51,7 +51,7 @@ pub fn bind_mounted_subtrees(mountinfo: &str, device: &str) -> Vec<PathBuf> {
             let mut fields = line.split(' ');
             let (this, root) = (fields.nth(2)?, fields.next()?);
             (this == device && root != "/")
-                .then(|| PathBuf::from(crate::shutdown::unescape_mount_path(root)))
+                .then(|| PathBuf::from(crate::mount::unescape_mount_path(root)))
         })
         .collect()
 }

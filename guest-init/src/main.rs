@@ -16,6 +16,7 @@ mod command;
 mod config;
 mod drivers;
 mod error;
+mod image_path;
 mod initramfs;
 mod logger;
 mod mode_exec;

@@ -197,6 +197,36 @@ pub fn mount_device(
     })
 }
 
+/// Mount points from /proc/self/mounts, in mount order (octal escapes decoded).
+pub fn mount_targets(mounts: &str) -> Vec<String> {
+    mounts
+        .lines()
+        .filter_map(|line| line.split(' ').nth(1))
+        .map(unescape_mount_path)
+        .collect()
+}
+
+/// A path from /proc/self/mounts or mountinfo, its `\ooo` octal escapes decoded.
+pub fn unescape_mount_path(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .and_then(|digits| std::str::from_utf8(digits).ok())
+            .and_then(|digits| u8::from_str_radix(digits, 8).ok());
+        if let (b'\\', Some(code)) = (bytes[i], octal) {
+            out.push(code);
+            i += 4;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,5 +334,13 @@ mod tests {
              filesystem type not supported by this kernel (module missing?)"
         );
         assert_eq!(sys.mounts().len(), 2);
+    }
+
+    #[test]
+    fn mount_targets_in_order_with_escapes() {
+        let mounts = "none / rootfs rw 0 0\n\
+                      proc /proc proc rw 0 0\n\
+                      /dev/vdd /data\\040dir ext4 rw 0 0\n";
+        assert_eq!(mount_targets(mounts), ["/", "/proc", "/data dir"]);
     }
 }

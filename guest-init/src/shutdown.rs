@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::mount;
 use crate::reaper;
 use crate::syscalls::{Kernel, Machine, MountFlags, Power, Syscalls};
 
@@ -221,7 +222,7 @@ fn unmount_all(sys: &dyn Syscalls) {
     let mounts = sys
         .read_to_string(Path::new("/proc/self/mounts"))
         .unwrap_or_default();
-    for target in mount_targets(&mounts).iter().rev() {
+    for target in mount::mount_targets(&mounts).iter().rev() {
         if target != "/" {
             read_only_then_unmount(sys, Path::new(target));
         }
@@ -260,36 +261,6 @@ fn read_only_then_unmount(sys: &dyn Syscalls, target: &Path) {
             target.display()
         );
     }
-}
-
-/// Mount points from /proc/self/mounts, in mount order (octal escapes decoded).
-pub fn mount_targets(mounts: &str) -> Vec<String> {
-    mounts
-        .lines()
-        .filter_map(|line| line.split(' ').nth(1))
-        .map(unescape_mount_path)
-        .collect()
-}
-
-/// A path from /proc/self/mounts or mountinfo, its `\ooo` octal escapes decoded.
-pub fn unescape_mount_path(raw: &str) -> String {
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .and_then(|digits| std::str::from_utf8(digits).ok())
-            .and_then(|digits| u8::from_str_radix(digits, 8).ok());
-        if let (b'\\', Some(code)) = (bytes[i], octal) {
-            out.push(code);
-            i += 4;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -350,14 +321,6 @@ mod tests {
                 PathBuf::from("/dev/input/event2")
             ]
         );
-    }
-
-    #[test]
-    fn mount_targets_in_order_with_escapes() {
-        let mounts = "none / rootfs rw 0 0\n\
-                      proc /proc proc rw 0 0\n\
-                      /dev/vdd /data\\040dir ext4 rw 0 0\n";
-        assert_eq!(mount_targets(mounts), ["/", "/proc", "/data dir"]);
     }
 
     use crate::mode_exec;
