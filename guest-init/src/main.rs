@@ -10,12 +10,15 @@
 //! and its write of `printk_devkmsg`; the PCI scan and firmware copy in `drivers` (tested on
 //! fixture trees); the logger's `/dev/console` and `/dev/kmsg`; the PATH
 //! lookup in `command` (tested on fixture trees); the sysfs scan for power keys in `shutdown`
-//! (tested on a fixture tree).
+//! (tested on a fixture tree); the initramfs walk in `initramfs`, reached through
+//! `Syscalls::free_initramfs` (tested on a temporary tree).
 
 mod command;
 mod config;
 mod drivers;
 mod error;
+mod image_path;
+mod initramfs;
 mod logger;
 mod mode_exec;
 mod mode_systemd;
@@ -84,11 +87,15 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
     let options = boot_options()?;
     DEBUG_SHELL.store(options.debug_shell, Ordering::SeqCst);
 
-    load_modules(sys)?;
+    let loaded = load_modules(sys)?;
     timings.mark("modules");
-    // Right after the button/evdev drivers load: a press before the device is open is lost.
+    // Right after the button/evdev drivers load and before the phase's first line: a press
+    // before the device is open is lost, so the devices are open before anything is announced.
     // A press during boot stays pending as SIGPWR and is honoured once the app runs.
     let watchers = shutdown::watch_power_button(sys, Path::new(shutdown::SYS_CLASS_INPUT));
+    for line in loaded {
+        info!("modules", "{line}");
+    }
     if watchers.devices.is_empty() {
         info!(
             "shutdown",
@@ -122,6 +129,7 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
 
     let layout = root::mount_overlay_root(sys, &options.rootfs, &options.writable)
         .map_err(|e| Fatal::new("root", ExitReason::Rootfs, e))?;
+    shutdown::remember_hidden_mounts(&layout.hidden);
     info!(
         "root",
         "{} ({}) read-only under overlay, writable layer on {}",
@@ -129,13 +137,17 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
         layout.rootfs_type,
         layout.writable
     );
-    volumes::mount_all(
+    let mounted = volumes::mount_all(
         sys,
         &config.volume_mounts,
         Path::new(root::NEW_ROOT),
         options.device_timeout,
     )
-    .map_err(|e| Fatal::new("volumes", ExitReason::Mount, e))?;
+    .map_err(|e| Fatal::new("volumes", e.class(), e))?;
+    shutdown::remember_hidden_mounts(&mounted.hidden);
+    for line in &mounted.described {
+        info!("volumes", "{line}");
+    }
     root::switch_root(sys, Path::new(root::NEW_ROOT))
         .map_err(|e| Fatal::new("root", ExitReason::Rootfs, e))?;
     timings.mark("root");
@@ -189,17 +201,16 @@ fn boot_options() -> Result<BootOptions, Fatal> {
     Ok(options)
 }
 
-fn load_modules(sys: &dyn Syscalls) -> Result<(), Fatal> {
+/// Load the initrd's modules; returns the lines to log (logged once the power key is watched).
+fn load_modules(sys: &dyn Syscalls) -> Result<Vec<String>, Fatal> {
     let path = Path::new(modules::LOAD_ORDER);
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            info!(
-                "modules",
+            return Ok(vec![format!(
                 "no {}: drivers are built into the kernel",
                 path.display()
-            );
-            return Ok(());
+            )]);
         }
         Err(source) => {
             let err = modules::ModuleError::ReadLoadOrder {
@@ -213,13 +224,14 @@ fn load_modules(sys: &dyn Syscalls) -> Result<(), Fatal> {
         .map_err(|e| Fatal::new("modules", ExitReason::Modules, e))?;
     let outcomes =
         modules::load_all(sys, &list).map_err(|e| Fatal::new("modules", ExitReason::Modules, e))?;
-    for (module, outcome) in list.iter().zip(&outcomes) {
-        if *outcome != modules::Outcome::Loaded {
-            info!("modules", "{}: {outcome:?}", module.display());
-        }
-    }
-    info!("modules", "{} modules from {}", list.len(), path.display());
-    Ok(())
+    let mut lines: Vec<String> = list
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, outcome)| **outcome != modules::Outcome::Loaded)
+        .map(|(module, outcome)| format!("{}: {outcome:?}", module.display()))
+        .collect();
+    lines.push(format!("{} modules from {}", list.len(), path.display()));
+    Ok(lines)
 }
 
 fn read_config(sys: &dyn Syscalls, options: &BootOptions) -> Result<Config, Fatal> {
@@ -243,10 +255,10 @@ fn read_config(sys: &dyn Syscalls, options: &BootOptions) -> Result<Config, Fata
     if config.debug_shell {
         DEBUG_SHELL.store(true, Ordering::SeqCst);
     }
+    volumes::check(&config.volume_mounts, options)
+        .map_err(|e| Fatal::new("volumes", e.class(), e))?;
     network::check_supported(&config)
         .map_err(|e| Fatal::new("network", ExitReason::Unsupported, e))?;
-    volumes::check_supported(&config)
-        .map_err(|e| Fatal::new("volumes", ExitReason::Unsupported, e))?;
     info!(
         "config",
         "{} from {}: argv {:?}, mode {:?}",
@@ -267,13 +279,7 @@ fn write_exit_line(line: ExitLine) {
 /// Log the failure with its cause chain, print the exit line, optionally a debug shell,
 /// then power off. Never returns: PID 1 exiting panics the kernel.
 fn fail(sys: &dyn Kernel, fatal: Fatal) -> ! {
-    let mut message = fatal.source.to_string();
-    let mut cause = fatal.source.source();
-    while let Some(inner) = cause {
-        message.push_str(&format!(": {inner}"));
-        cause = inner.source();
-    }
-    info!(fatal.phase, "FATAL ({}): {message}", fatal.class);
+    info!(fatal.phase, "FATAL ({}): {}", fatal.class, fatal.message());
     write_exit_line(fatal.exit_line());
     debug_shell_then_power_off(sys)
 }

@@ -6,6 +6,7 @@ use guest_protocol::Config;
 
 use crate::command;
 use crate::error::{ExitReason, Fatal};
+use crate::reaper;
 use crate::syscalls::{ChildStep, Process, Spawn};
 
 const PHASE: &str = "systemd";
@@ -36,6 +37,11 @@ pub fn hand_over(sys: &dyn Process, config: &Config) -> Fatal {
         in_child: vec![ChildStep::UnblockSignals],
     };
     let err = sys.exec(&init).into_io();
+    // A failed exec ran the child steps in PID 1 itself: block the signals again, or the
+    // fatal path's waits would miss them.
+    if let Err(block) = reaper::block_signals(sys) {
+        crate::info!(PHASE, "re-blocking signals after the failed exec: {block}");
+    }
     Fatal::new(
         PHASE,
         ExitReason::Spawn,
@@ -71,6 +77,11 @@ mod tests {
             !calls
                 .iter()
                 .any(|call| matches!(call, Call::InChild(ChildStep::NewSession)))
+        );
+        // PID 1 ran UnblockSignals before the exec failed: it must block them again.
+        assert_eq!(
+            calls.last(),
+            Some(&Call::BlockSignals(reaper::HANDLED.to_vec()))
         );
     }
 }

@@ -21,6 +21,36 @@ pub enum MountError {
          the virtio modules in the initrd's load order, or raise guest_init.device_timeout_ms"
     )]
     DeviceTimeout { device: PathBuf, timeout_ms: u128 },
+    /// Every filesystem type was tried once; each one's answer is kept.
+    #[error("cannot mount {device} on {target}: {}", describe_attempts(.attempts))]
+    NoFilesystem {
+        device: PathBuf,
+        target: PathBuf,
+        attempts: Vec<Attempt>,
+    },
+}
+
+/// One filesystem type tried on a device, and why it did not mount.
+#[derive(Debug)]
+pub struct Attempt {
+    pub fstype: &'static str,
+    pub error: io::Error,
+}
+
+/// `ext4: <why>; vfat: <why>`, with ENODEV (no such filesystem type in this kernel) said in
+/// words: the usual cause is a module the initrd does not carry.
+fn describe_attempts(attempts: &[Attempt]) -> String {
+    let described: Vec<String> = attempts
+        .iter()
+        .map(|attempt| match attempt.error.raw_os_error() {
+            Some(libc::ENODEV) => format!(
+                "{}: filesystem type not supported by this kernel (module missing?)",
+                attempt.fstype
+            ),
+            _ => format!("{}: {}", attempt.fstype, attempt.error),
+        })
+        .collect();
+    described.join("; ")
 }
 
 /// One filesystem to mount at boot.
@@ -138,7 +168,8 @@ pub fn wait_for_device(
     }
 }
 
-/// Mount a block device trying each filesystem type in turn; returns the type that worked.
+/// Mount a block device trying each filesystem type once, in turn; returns the type that
+/// worked.
 pub fn mount_device(
     sys: &dyn Syscalls,
     device: &Path,
@@ -152,22 +183,48 @@ pub fn mount_device(
             source,
         })?;
     let source_name = device.to_string_lossy();
-    let mut last = None;
+    let mut attempts = Vec::new();
     for fstype in fstypes {
         match sys.mount(&source_name, target, fstype, flags, "") {
             Ok(()) => return Ok(fstype),
-            Err(err) => last = Some(err),
+            Err(error) => attempts.push(Attempt { fstype, error }),
         }
     }
-    Err(MountError::Mount {
-        fstype: fstypes.join(" or "),
+    Err(MountError::NoFilesystem {
+        device: device.to_owned(),
         target: target.to_owned(),
-        source: io::Error::other(format!(
-            "{} ({})",
-            source_name,
-            last.map(|e| e.to_string()).unwrap_or_default()
-        )),
+        attempts,
     })
+}
+
+/// Mount points from /proc/self/mounts, in mount order (octal escapes decoded).
+pub fn mount_targets(mounts: &str) -> Vec<String> {
+    mounts
+        .lines()
+        .filter_map(|line| line.split(' ').nth(1))
+        .map(unescape_mount_path)
+        .collect()
+}
+
+/// A path from /proc/self/mounts or mountinfo, its `\ooo` octal escapes decoded.
+pub fn unescape_mount_path(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .and_then(|digits| std::str::from_utf8(digits).ok())
+            .and_then(|digits| u8::from_str_radix(digits, 8).ok());
+        if let (b'\\', Some(code)) = (bytes[i], octal) {
+            out.push(code);
+            i += 4;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -256,5 +313,34 @@ mod tests {
         assert_eq!(mounts.len(), 2);
         assert_eq!(mounts[1].0, "/dev/vda");
         assert_eq!(mounts[1].3, MountFlags::RDONLY);
+    }
+
+    #[test]
+    fn a_type_the_kernel_lacks_is_named_and_each_type_is_tried_once() {
+        let sys = Recorder::default();
+        sys.fail(Op::mount("/cfg", "ext4"), libc::EINVAL);
+        sys.fail(Op::mount("/cfg", "vfat"), libc::ENODEV);
+        let err = mount_device(
+            &sys,
+            Path::new("/dev/vdc"),
+            Path::new("/cfg"),
+            &["ext4", "vfat"],
+            MountFlags::RDONLY,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot mount /dev/vdc on /cfg: ext4: Invalid argument (os error 22); vfat: \
+             filesystem type not supported by this kernel (module missing?)"
+        );
+        assert_eq!(sys.mounts().len(), 2);
+    }
+
+    #[test]
+    fn mount_targets_in_order_with_escapes() {
+        let mounts = "none / rootfs rw 0 0\n\
+                      proc /proc proc rw 0 0\n\
+                      /dev/vdd /data\\040dir ext4 rw 0 0\n";
+        assert_eq!(mount_targets(mounts), ["/", "/proc", "/data dir"]);
     }
 }

@@ -1,8 +1,9 @@
 //! The new root: the read-only image as overlay lower, a writable upper, then switch root.
 //!
 //! `pivot_root` fails with EINVAL when the old root is the initramfs, so we use switch_root
-//! semantics: move the API filesystems into the new root, move the new root onto `/`,
-//! `chroot(".")`, `chdir("/")`.
+//! semantics: move the API filesystems into the new root, delete the initramfs's files, move
+//! the new root onto `/`, `chroot(".")`, `chdir("/")`. The overlay's layers stay mounted under
+//! the covered initramfs; a handle on it lets the power off reach them.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -42,6 +43,8 @@ pub enum RootError {
 pub struct RootLayout {
     pub rootfs_type: &'static str,
     pub writable: String,
+    /// The layers' mounts, in mount order: hidden under the new root once it is `/`.
+    pub hidden: Vec<PathBuf>,
 }
 
 pub fn mount_overlay_root(
@@ -113,10 +116,13 @@ pub fn mount_overlay_root(
     Ok(RootLayout {
         rootfs_type,
         writable: writable_desc,
+        hidden: vec![PathBuf::from(LOWER), PathBuf::from(WRITABLE)],
     })
 }
 
-/// Make `new_root` the root of this process (and of everything it starts).
+/// Make `new_root` the root of this process (and of everything it starts). The initramfs's
+/// files are deleted on the way, and what that freed is logged (a failure there is logged, not
+/// fatal).
 pub fn switch_root(sys: &dyn Syscalls, new_root: &Path) -> Result<(), RootError> {
     let step = |step: String| move |source| RootError::Switch { step, source };
     sys.make_rprivate(Path::new("/"))
@@ -127,8 +133,28 @@ pub fn switch_root(sys: &dyn Syscalls, new_root: &Path) -> Result<(), RootError>
         sys.mount_move(Path::new(mount), &inside)
             .map_err(step(format!("move {mount} to {}", inside.display())))?;
     }
+    if let Err(err) = sys.hold_initramfs() {
+        crate::info!(
+            "root",
+            "cannot hold the initramfs root ({err}): at power off the writable disk is only \
+             synced, and its journal replays on the next mount"
+        );
+    }
     sys.chdir(new_root)
         .map_err(step(format!("chdir {}", new_root.display())))?;
+    // After the moves, so that /dev, /proc, /sys and /run are out of the walk's way.
+    let start = sys.now();
+    // /proc is inside the new root by now.
+    match sys.free_initramfs(&new_root.join("proc/self/mountinfo")) {
+        Ok(freed) => crate::info!(
+            "root",
+            "initramfs freed: {} KiB in {} files ({} ms)",
+            freed.bytes / 1024,
+            freed.files,
+            (sys.now() - start).as_millis()
+        ),
+        Err(err) => crate::info!("root", "initramfs not freed: {err}"),
+    }
     sys.mount_move(new_root, Path::new("/"))
         .map_err(step(format!("move {} to /", new_root.display())))?;
     sys.chroot(Path::new("."))
@@ -160,6 +186,10 @@ mod tests {
         .unwrap();
         assert_eq!(layout.rootfs_type, "ext4");
         assert_eq!(layout.writable, "/dev/vdb (ext4)");
+        assert_eq!(
+            layout.hidden,
+            [PathBuf::from(LOWER), PathBuf::from(WRITABLE)]
+        );
         let mounts = sys.mounts();
         assert_eq!(
             mounts,
@@ -230,7 +260,10 @@ mod tests {
             });
         }
         expected.extend([
+            Call::HoldInitramfs,
             Call::Chdir(root.clone()),
+            // Deleted while `/` is the initramfs and the new root is a mount point in it.
+            Call::FreeInitramfs(root.join("proc/self/mountinfo")),
             Call::MountMove {
                 from: root,
                 to: PathBuf::from("/"),
@@ -239,6 +272,15 @@ mod tests {
             Call::Chdir(PathBuf::from("/")),
         ]);
         assert_eq!(sys.calls(), expected);
+    }
+
+    #[test]
+    fn a_failure_to_free_or_hold_the_initramfs_is_not_fatal() {
+        let sys = Recorder::default();
+        sys.fail(Op::HoldInitramfs, libc::EMFILE);
+        sys.fail(Op::FreeInitramfs, libc::EPERM);
+        switch_root(&sys, Path::new(NEW_ROOT)).unwrap();
+        assert_eq!(sys.calls().last(), Some(&Call::Chdir(PathBuf::from("/"))));
     }
 
     #[test]

@@ -7,9 +7,11 @@
 
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::mount;
 use crate::reaper;
 use crate::syscalls::{Kernel, Machine, MountFlags, Power, Syscalls};
 
@@ -18,6 +20,19 @@ pub const SYS_CLASS_INPUT: &str = "/sys/class/input";
 
 /// How long the kill of everything may take to reap before power off.
 pub const REAP_AT_SHUTDOWN: Duration = Duration::from_secs(2);
+
+/// How long an input device's node may take to appear in /dev after its sysfs entry (devtmpfs
+/// creates nodes asynchronously).
+pub const INPUT_NODE_WAIT: Duration = Duration::from_secs(1);
+
+/// Mounts the root switch hides under the new root (the overlay layers), in mount order.
+static HIDDEN_MOUNTS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Remember mounts the power off cannot find in /proc/self/mounts once the root switched.
+pub fn remember_hidden_mounts(mounts: &[PathBuf]) {
+    let mut hidden = HIDDEN_MOUNTS.lock().unwrap_or_else(|p| p.into_inner());
+    hidden.extend_from_slice(mounts);
+}
 
 pub const EV_KEY: u16 = 1;
 pub const KEY_POWER: u16 = 116;
@@ -115,30 +130,43 @@ impl Watchers {
     }
 }
 
-/// Start one watcher thread per power key device listed under `sys_class_input`.
+/// Open every power key device listed under `sys_class_input`, then start one watcher thread
+/// per device. The devices are open when this returns: a press from then on is not lost, so
+/// the caller announces its phase only afterwards.
 pub fn watch_power_button(sys: &'static (dyn Kernel + Sync), sys_class_input: &Path) -> Watchers {
-    let devices = power_key_devices(sys_class_input);
+    let mut devices = Vec::new();
     let mut threads = Vec::new();
-    for device in &devices {
-        let device = device.clone();
+    for device in power_key_devices(sys_class_input) {
+        let events = match open_when_present(sys, &device) {
+            Ok(events) => events,
+            Err(err) => {
+                crate::info!(
+                    "shutdown",
+                    "cannot open {}: {err}; power button ignored",
+                    device.display()
+                );
+                continue;
+            }
+        };
+        let watched = device.clone();
         let spawned = std::thread::Builder::new()
             .name("power-button".into())
-            .spawn(move || watch(sys, &device));
+            .spawn(move || watch(sys, &watched, events));
         threads.extend(spawned.ok());
+        devices.push(device);
     }
     Watchers { devices, threads }
 }
 
-/// Read `device` until it goes away; each power key press asks PID 1 to shut down.
-pub fn watch(sys: &dyn Kernel, device: &Path) {
-    let Ok(mut events) = sys.open_input(device) else {
-        crate::info!(
-            "shutdown",
-            "cannot open {}: power button ignored",
-            device.display()
-        );
-        return;
-    };
+/// Open `device`, waiting up to [`INPUT_NODE_WAIT`] for devtmpfs to create its node.
+fn open_when_present(sys: &dyn Kernel, device: &Path) -> io::Result<Box<dyn Read + Send>> {
+    // A missing node is reported by the open itself.
+    let _ = crate::mount::wait_for_device(sys, device, INPUT_NODE_WAIT);
+    sys.open_input(device)
+}
+
+/// Read `device`'s events until it goes away; each power key press asks PID 1 to shut down.
+pub fn watch(sys: &dyn Kernel, device: &Path, mut events: Box<dyn Read + Send>) {
     let mut buf = vec![0u8; INPUT_EVENT_SIZE * 16];
     loop {
         let n = match events.read(&mut buf) {
@@ -161,21 +189,28 @@ pub fn disable_ctrl_alt_del(sys: &dyn Machine) {
     let _ = sys.reboot(Power::CtrlAltDelOff);
 }
 
-/// Kill what is left, sync, unmount (best effort, reverse order), power off. Returns only
-/// when the power off failed (the real one does not return on success).
-pub fn shut_down(sys: &dyn Kernel) -> io::Result<()> {
+/// Kill what is left, sync, make read-only and unmount in reverse order, then the `hidden`
+/// mounts under the initramfs the same way, power off. Every filesystem ends
+/// unmounted or read-only, so ext4 journals are clean. Returns only when the power off failed
+/// (the real one does not return on success).
+pub fn shut_down(sys: &dyn Kernel, hidden: &[PathBuf]) -> io::Result<()> {
     // kill(-1) reaches every process but PID 1 itself.
     reaper::send(sys, -1, libc::SIGKILL);
     reaper::reap_remaining(sys, REAP_AT_SHUTDOWN);
     sys.sync();
     unmount_all(sys);
+    unmount_hidden(sys, hidden);
     sys.sync();
     sys.reboot(Power::PowerOff)
 }
 
 /// [`shut_down`], and if the power off fails, halt here: PID 1 must never exit.
 pub fn power_off(sys: &dyn Kernel) -> ! {
-    if let Err(err) = shut_down(sys) {
+    let hidden = HIDDEN_MOUNTS
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|p| p.into_inner().clone());
+    if let Err(err) = shut_down(sys, &hidden) {
         crate::info!("shutdown", "power off failed: {err}; halting here");
     }
     loop {
@@ -187,42 +222,45 @@ fn unmount_all(sys: &dyn Syscalls) {
     let mounts = sys
         .read_to_string(Path::new("/proc/self/mounts"))
         .unwrap_or_default();
-    for target in mount_targets(&mounts).iter().rev() {
+    for target in mount::mount_targets(&mounts).iter().rev() {
         if target != "/" {
-            let _ = sys.unmount(Path::new(target));
+            read_only_then_unmount(sys, Path::new(target));
         }
     }
-    // The root itself cannot be unmounted: make it read-only so the upper disk is clean.
+    // The root itself cannot be unmounted: make it read-only.
     let _ = sys.remount(Path::new("/"), MountFlags::RDONLY);
 }
 
-/// Mount points from /proc/self/mounts, in mount order (octal escapes decoded).
-pub fn mount_targets(mounts: &str) -> Vec<String> {
-    mounts
-        .lines()
-        .filter_map(|line| line.split(' ').nth(1))
-        .map(unescape_mount_path)
-        .collect()
+/// The overlay layers under the covered initramfs, reached by relative paths from its root.
+/// The root overlay still holds its upper disk, so that one ends read-only, which is enough
+/// for ext4 to mark its journal clean.
+fn unmount_hidden(sys: &dyn Syscalls, hidden: &[PathBuf]) {
+    if hidden.is_empty() {
+        return;
+    }
+    if let Err(err) = sys.chdir_initramfs() {
+        // Before the root switch they are in /proc/self/mounts and already unmounted.
+        crate::info!("shutdown", "initramfs root not reachable ({err})");
+        return;
+    }
+    for mount in hidden.iter().rev() {
+        read_only_then_unmount(sys, mount.strip_prefix("/").unwrap_or(mount));
+    }
 }
 
-fn unescape_mount_path(raw: &str) -> String {
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .and_then(|digits| std::str::from_utf8(digits).ok())
-            .and_then(|digits| u8::from_str_radix(digits, 8).ok());
-        if let (b'\\', Some(code)) = (bytes[i], octal) {
-            out.push(code);
-            i += 4;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
+/// Read-only first: unmounting a mount whose filesystem another mount still uses (an overlay
+/// holds its layers through private mounts) succeeds without ever closing the filesystem, while
+/// a read-only remount acts on the filesystem itself and leaves an ext4 journal clean.
+fn read_only_then_unmount(sys: &dyn Syscalls, target: &Path) {
+    let read_only = sys.remount(target, MountFlags::RDONLY);
+    let unmounted = sys.unmount(target);
+    if let (Err(read_only), Err(unmount)) = (read_only, unmounted) {
+        crate::info!(
+            "shutdown",
+            "{} stays writable: read-only remount: {read_only}; unmount: {unmount}",
+            target.display()
+        );
     }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -285,14 +323,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn mount_targets_in_order_with_escapes() {
-        let mounts = "none / rootfs rw 0 0\n\
-                      proc /proc proc rw 0 0\n\
-                      /dev/vdd /data\\040dir ext4 rw 0 0\n";
-        assert_eq!(mount_targets(mounts), ["/", "/proc", "/data dir"]);
-    }
-
     use crate::mode_exec;
     use crate::syscalls::fake::{Call, ChildState, FIRST_CHILD_PID, Op, Recorder};
     use crate::syscalls::{AppExit, Clock};
@@ -321,7 +351,7 @@ mod tests {
         sys.add_file("/proc/self/mounts", MOUNTS);
         sys.add_child(100, ChildState::running());
         sys.add_child(101, ChildState::Exited(AppExit::Exited(0)));
-        shut_down(&sys).unwrap();
+        shut_down(&sys, &[]).unwrap();
         assert_eq!(
             power_calls(&sys),
             [
@@ -330,7 +360,15 @@ mod tests {
                     signal: libc::SIGKILL
                 },
                 Call::Sync,
+                Call::Remount {
+                    target: PathBuf::from("/data"),
+                    flags: MountFlags::RDONLY
+                },
                 Call::Unmount(PathBuf::from("/data")),
+                Call::Remount {
+                    target: PathBuf::from("/proc"),
+                    flags: MountFlags::RDONLY
+                },
                 Call::Unmount(PathBuf::from("/proc")),
                 Call::Remount {
                     target: PathBuf::from("/"),
@@ -347,7 +385,7 @@ mod tests {
     fn a_stuck_process_delays_the_power_off_by_the_bound_only() {
         let sys = Recorder::default();
         sys.add_child(100, ChildState::Stuck);
-        shut_down(&sys).unwrap();
+        shut_down(&sys, &[]).unwrap();
         assert_eq!(sys.now(), REAP_AT_SHUTDOWN);
         assert_eq!(
             power_calls(&sys).last(),
@@ -368,7 +406,7 @@ mod tests {
         );
         sys.fail(Op::Remount { target: "/".into() }, libc::EBUSY);
         sys.fail(Op::Reboot(Power::PowerOff), libc::EPERM);
-        let err = shut_down(&sys).unwrap_err();
+        let err = shut_down(&sys, &[]).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EPERM));
         let calls = power_calls(&sys);
         assert!(calls.contains(&Call::Unmount(PathBuf::from("/proc"))));
@@ -376,10 +414,71 @@ mod tests {
 
         // Without /proc/self/mounts: nothing to unmount, still read-only root and power off.
         let sys = Recorder::default();
-        shut_down(&sys).unwrap();
+        shut_down(&sys, &[]).unwrap();
         let calls = power_calls(&sys);
         assert!(!calls.iter().any(|call| matches!(call, Call::Unmount(_))));
         assert!(calls.contains(&Call::Reboot(Power::PowerOff)));
+    }
+
+    #[test]
+    fn filesystems_go_read_only_before_unmount_and_hidden_layers_are_reached_from_the_initramfs() {
+        let sys = Recorder::default();
+        sys.add_file("/proc/self/mounts", MOUNTS);
+        let busy = |target: &str| Op::Unmount {
+            target: target.into(),
+        };
+        sys.fail(busy("/data"), libc::EBUSY);
+        // The root overlay still holds its image.
+        sys.fail(busy(".guest-init/lower"), libc::EBUSY);
+        let hidden = [
+            PathBuf::from("/.guest-init/lower"),
+            PathBuf::from("/.guest-init/rw"),
+            PathBuf::from("/.guest-init/volumes/0/lower"),
+            PathBuf::from("/.guest-init/volumes/0/rw"),
+        ];
+        shut_down(&sys, &hidden).unwrap();
+        let read_only = |target: &str| Call::Remount {
+            target: target.into(),
+            flags: MountFlags::RDONLY,
+        };
+        let unmount = |target: &str| Call::Unmount(target.into());
+        let calls = sys.calls_where(|call| {
+            matches!(
+                call,
+                Call::Unmount(_) | Call::Remount { .. } | Call::ChdirInitramfs
+            )
+        });
+        assert_eq!(
+            calls,
+            [
+                read_only("/data"),
+                unmount("/data"),
+                read_only("/proc"),
+                unmount("/proc"),
+                read_only("/"),
+                Call::ChdirInitramfs,
+                read_only(".guest-init/volumes/0/rw"),
+                unmount(".guest-init/volumes/0/rw"),
+                read_only(".guest-init/volumes/0/lower"),
+                unmount(".guest-init/volumes/0/lower"),
+                // Unmounting it alone would leave the upper disk's filesystem open under the
+                // overlay: the read-only remount is what makes its journal clean.
+                read_only(".guest-init/rw"),
+                unmount(".guest-init/rw"),
+                read_only(".guest-init/lower"),
+                unmount(".guest-init/lower"),
+            ]
+        );
+
+        // Without a held initramfs (a failure before the switch) the hidden step is skipped.
+        let sys = Recorder::default();
+        sys.fail(Op::ChdirInitramfs, libc::ENOENT);
+        shut_down(&sys, &hidden).unwrap();
+        assert!(
+            !power_calls(&sys)
+                .iter()
+                .any(|c| matches!(c, Call::Unmount(_)))
+        );
     }
 
     #[test]
@@ -396,8 +495,11 @@ mod tests {
         let mut events = event_bytes(EV_KEY, KEY_POWER, 1);
         events.extend(event_bytes(EV_KEY, KEY_POWER, 0)); // release
         events.extend(event_bytes(EV_KEY, 115, 1)); // another key
-        sys.add_input("/dev/input/event0", events);
-        watch(&sys, Path::new("/dev/input/event0"));
+        watch(
+            &sys,
+            Path::new("/dev/input/event0"),
+            Box::new(std::io::Cursor::new(events)),
+        );
         let shutdown = Call::Kill {
             pid: reaper::INIT_PID,
             signal: reaper::SHUTDOWN_SIGNAL,
@@ -406,28 +508,49 @@ mod tests {
             sys.calls_where(|call| matches!(call, Call::Kill { .. })),
             [shutdown]
         );
+    }
 
-        let sys = Recorder::default();
-        sys.fail(
-            Op::OpenInput {
-                device: "/dev/input/event1".into(),
-            },
-            libc::EACCES,
+    fn power_button_fixture(inputs: &[(&str, &str)]) -> tempfile::TempDir {
+        let fixture = tempfile::tempdir().unwrap();
+        for (input, event) in inputs {
+            let input = fixture.path().join(input);
+            std::fs::create_dir_all(input.join("capabilities")).unwrap();
+            std::fs::create_dir_all(input.join(event)).unwrap();
+            std::fs::write(input.join("name"), "Power Button\n").unwrap();
+            std::fs::write(input.join("capabilities/key"), "10000000000000 0\n").unwrap();
+        }
+        fixture
+    }
+
+    #[test]
+    fn devices_are_open_when_the_watch_starts_even_when_their_node_comes_late() {
+        let fixture = power_button_fixture(&[("input0", "event0"), ("input1", "event1")]);
+        let sys: &'static Recorder = Box::leak(Box::new(Recorder::default()));
+        // devtmpfs creates the node a little after the sysfs entry.
+        sys.appear_at("/dev/input/event0", Duration::from_millis(30));
+        sys.add_input("/dev/input/event0", event_bytes(EV_KEY, KEY_POWER, 0));
+        // event1's node never appears: skipped after the bounded wait.
+        let watchers = watch_power_button(sys, fixture.path());
+        // Open before returning, so the phase announced next cannot race a press.
+        let opened = sys.calls_where(|call| matches!(call, Call::OpenInput(_)));
+        assert_eq!(
+            opened,
+            [
+                Call::OpenInput("/dev/input/event0".into()),
+                Call::OpenInput("/dev/input/event1".into())
+            ]
         );
-        watch(&sys, Path::new("/dev/input/event1"));
-        assert_eq!(sys.calls().len(), 1);
+        assert_eq!(watchers.devices, [PathBuf::from("/dev/input/event0")]);
+        assert!(sys.now() >= Duration::from_millis(30) + INPUT_NODE_WAIT);
+        watchers.join();
     }
 
     #[test]
     fn power_button_press_sends_sigterm_to_the_application() {
-        let fixture = tempfile::tempdir().unwrap();
-        let input = fixture.path().join("input0");
-        std::fs::create_dir_all(input.join("capabilities")).unwrap();
-        std::fs::create_dir_all(input.join("event0")).unwrap();
-        std::fs::write(input.join("name"), "Power Button\n").unwrap();
-        std::fs::write(input.join("capabilities/key"), "10000000000000 0\n").unwrap();
+        let fixture = power_button_fixture(&[("input0", "event0")]);
         // Watcher threads need a seam that outlives them, as in PID 1.
-        let sys: &'static Recorder = Box::leak(Box::new(Recorder::default()));
+        let sys: &'static Recorder =
+            Box::leak(Box::new(Recorder::with_existing(&["/dev/input/event0"])));
         sys.add_input("/dev/input/event0", event_bytes(EV_KEY, KEY_POWER, 1));
         sys.add_child(FIRST_CHILD_PID, ChildState::running());
 

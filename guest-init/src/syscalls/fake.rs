@@ -52,6 +52,9 @@ pub enum Call {
     Sethostname(String),
     ReadFile(PathBuf),
     Sync,
+    HoldInitramfs,
+    ChdirInitramfs,
+    FreeInitramfs(PathBuf),
     BlockSignals(Vec<i32>),
     WaitSignal(Option<Duration>),
     Kill {
@@ -88,6 +91,9 @@ pub enum Op {
     MknodChar { path: PathBuf },
     Sethostname,
     ReadFile { path: PathBuf },
+    HoldInitramfs,
+    ChdirInitramfs,
+    FreeInitramfs,
     BlockSignals,
     WaitSignal,
     Kill { pid: i32 },
@@ -160,6 +166,7 @@ struct State {
     failures: Vec<Failure>,
     clock: Duration,
     files: HashMap<PathBuf, String>,
+    links: HashMap<PathBuf, PathBuf>,
     inputs: HashMap<PathBuf, Vec<u8>>,
     interfaces: HashMap<String, i16>,
     /// Pid and state, in creation order.
@@ -219,7 +226,13 @@ impl Recorder {
         self.state().files.insert(PathBuf::from(path), text.into());
     }
 
-    /// Bytes an input device yields, then end of file.
+    /// A symbolic link at `path` pointing to `target`.
+    pub fn add_link(&self, path: &str, target: &str) {
+        self.state().links.insert(path.into(), target.into());
+    }
+
+    /// Bytes an input device yields, then end of file. Its node must exist too
+    /// ([`Recorder::with_existing`], [`Recorder::appear_at`]).
     pub fn add_input(&self, device: &str, events: Vec<u8>) {
         self.state().inputs.insert(PathBuf::from(device), events);
     }
@@ -465,8 +478,37 @@ impl Syscalls for Recorder {
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
     }
 
+    fn read_link(&self, path: &Path) -> io::Result<PathBuf> {
+        let s = self.state();
+        if let Some(target) = s.links.get(path) {
+            return Ok(target.clone());
+        }
+        let exists = s.existing.contains(path) || s.files.contains_key(path);
+        Err(io::Error::from_raw_os_error(if exists {
+            libc::EINVAL
+        } else {
+            libc::ENOENT
+        }))
+    }
+
     fn sync(&self) {
         self.state().calls.push(Call::Sync);
+    }
+
+    fn hold_initramfs(&self) -> io::Result<()> {
+        self.call(Call::HoldInitramfs, Op::HoldInitramfs)
+    }
+
+    fn chdir_initramfs(&self) -> io::Result<()> {
+        self.call(Call::ChdirInitramfs, Op::ChdirInitramfs)
+    }
+
+    fn free_initramfs(&self, mountinfo: &Path) -> io::Result<Freed> {
+        self.call(Call::FreeInitramfs(mountinfo.to_owned()), Op::FreeInitramfs)?;
+        Ok(Freed {
+            files: 3,
+            bytes: 4096,
+        })
     }
 }
 
@@ -594,6 +636,9 @@ impl Machine for Recorder {
             device: device.to_owned(),
         };
         self.call(Call::OpenInput(device.to_owned()), op)?;
+        if !self.exists(device) {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        }
         match self.state().inputs.get(device) {
             Some(bytes) => Ok(Box::new(Cursor::new(bytes.clone()))),
             None => Err(io::Error::from_raw_os_error(libc::ENOENT)),

@@ -4,15 +4,17 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use rustix::process::{Gid, Uid};
 
 use super::{
-    AppExit, ChildStep, Clock, Machine, MountFlags, Power, Process, Reaped, Received, Spawn,
+    AppExit, ChildStep, Clock, Freed, Machine, MountFlags, Power, Process, Reaped, Received, Spawn,
     SpawnError, Syscalls, WaitMode,
 };
 
@@ -21,12 +23,15 @@ const SI_KERNEL: i32 = 0x80;
 
 pub struct Linux {
     epoch: Instant,
+    /// The initramfs root, held from before the root switch until power off.
+    initramfs: OnceLock<OwnedFd>,
 }
 
 impl Linux {
     pub fn new() -> Self {
         Linux {
             epoch: Instant::now(),
+            initramfs: OnceLock::new(),
         }
     }
 }
@@ -124,8 +129,36 @@ impl Syscalls for Linux {
         std::fs::read_to_string(path)
     }
 
+    fn read_link(&self, path: &Path) -> io::Result<std::path::PathBuf> {
+        std::fs::read_link(path)
+    }
+
     fn sync(&self) {
         rustix::fs::sync();
+    }
+
+    fn hold_initramfs(&self) -> io::Result<()> {
+        use rustix::fs::{Mode, OFlags};
+        let root = rustix::fs::open(
+            "/",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        // A second hold keeps the first handle: it is the one taken before the switch.
+        let _ = self.initramfs.set(root);
+        Ok(())
+    }
+
+    fn chdir_initramfs(&self) -> io::Result<()> {
+        let root = self.initramfs.get().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "the initramfs root was not held")
+        })?;
+        rustix::process::fchdir(root)?;
+        Ok(())
+    }
+
+    fn free_initramfs(&self, mountinfo: &Path) -> io::Result<Freed> {
+        crate::initramfs::free_root(mountinfo)
     }
 }
 

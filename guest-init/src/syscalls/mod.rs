@@ -58,8 +58,27 @@ pub trait Syscalls: Clock {
     fn sethostname(&self, name: &str) -> io::Result<()>;
     fn exists(&self, path: &Path) -> bool;
     fn read_to_string(&self, path: &Path) -> io::Result<String>;
+    /// The target of a symbolic link (`EINVAL`: not a link, `ENOENT`: nothing there).
+    fn read_link(&self, path: &Path) -> io::Result<PathBuf>;
     /// Write every dirty buffer to disk.
     fn sync(&self);
+    /// Keep a handle on the current root (the initramfs) before the new root covers it, so
+    /// that the power off can still reach the mounts left under it (the overlay's layers).
+    fn hold_initramfs(&self) -> io::Result<()>;
+    /// `fchdir` to the held initramfs root: relative paths then name the mounts under it.
+    fn chdir_initramfs(&self) -> io::Result<()>;
+    /// switch_root's delete step: remove the initramfs's files (not crossing mount points,
+    /// keeping subtrees `mountinfo` shows bind-mounted elsewhere) while `/` is still the
+    /// initramfs. Refuses when `/` is not a ramfs/tmpfs.
+    fn free_initramfs(&self, mountinfo: &Path) -> io::Result<Freed>;
+}
+
+/// What deleting the initramfs gave back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Freed {
+    pub files: u64,
+    /// The sizes of the deleted regular files.
+    pub bytes: u64,
 }
 
 /// A signal taken from the pending set.

@@ -59,6 +59,19 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "busybox-static",
         "the VM tests' rootfs has a shell and tools",
     ),
+    (
+        "erofs-utils",
+        "mkfs.erofs makes the erofs rootfs and volume images the VM tests boot",
+    ),
+    (
+        "dosfstools",
+        "mkfs.vfat makes the vfat config disk of a VM test",
+    ),
+    (
+        "mtools",
+        "mcopy puts config.json on that vfat disk without root",
+    ),
+    ("genisoimage", "makes the iso9660 config disk of a VM test"),
 ];
 
 pub fn apt_packages(sh: &Shell) -> anyhow::Result<()> {
