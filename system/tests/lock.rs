@@ -229,5 +229,8 @@ fn a_kernel_url_is_http_or_an_absolute_file_url() {
     assert_eq!(path, r#"kernels."ch-release-v6.16.9-20260508".x86_64.url"#);
     assert!(message.contains("file:///path"), "{message}");
     let (_, message) = error_of(&with_url("ftp://e.invalid/k"));
-    assert!(message.contains("not an http(s) or file:/// URL"), "{message}");
+    assert!(
+        message.contains("not an http(s) or file:/// URL"),
+        "{message}"
+    );
 }

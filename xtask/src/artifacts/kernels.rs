@@ -256,10 +256,20 @@ fn copy_local(store: &StoreWriter, entry: &Entry, path: &Path) -> anyhow::Result
         )
     })?;
     let mut writer = store.blob_writer()?;
-    io::copy(&mut file, &mut writer)
-        .with_context(|| format!("{}: copying {} into the store", entry.name(), path.display()))?;
+    io::copy(&mut file, &mut writer).with_context(|| {
+        format!(
+            "{}: copying {} into the store",
+            entry.name(),
+            path.display()
+        )
+    })?;
     let blob = store
-        .commit(writer, Some(&entry.file.sha256), entry.file.size, &entry.name())
+        .commit(
+            writer,
+            Some(&entry.file.sha256),
+            entry.file.size,
+            &entry.name(),
+        )
         .map_err(|e| {
             anyhow::anyhow!(
                 "{} from {}: {e:#}\nnext step: the file is not the pinned one; restore the \
