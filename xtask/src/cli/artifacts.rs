@@ -49,6 +49,11 @@ pub struct Artifacts {
     /// lock's digests must still match.
     #[arg(long, value_name = "NAME=SOURCE", value_parser = parse_base_source)]
     pub base_source: Vec<(Version, String)>,
+    /// Install prebuilt artifacts from DIST (a `cargo xtask dist` tarball or a directory of
+    /// them; repeatable) instead of downloading and building: blobs the lock records are taken,
+    /// verified, and linked; anything else is refused.
+    #[arg(long, value_name = "DIST")]
+    pub from: Vec<PathBuf>,
 }
 
 impl Artifacts {
@@ -68,6 +73,7 @@ impl Artifacts {
             modules_dir: self.modules_dir,
             modules: self.modules,
             base_sources: self.base_source.into_iter().collect(),
+            from: self.from.iter().map(|p| from_workspace(p)).collect(),
         })
     }
 }

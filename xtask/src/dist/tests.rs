@@ -424,3 +424,96 @@ fn install_takes_verified_blobs_and_a_bad_one_leaves_nothing() {
     let left: Vec<_> = fs::read_dir(store.layout().blobs()).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+fn artifacts_from(fx: &Fixture, data_dir: &Path, from: PathBuf) -> crate::artifacts::Options {
+    crate::artifacts::Options {
+        lock: fx.dir.path().join("artifacts.lock"),
+        data_dir: data_dir.to_owned(),
+        workspace: fx.dir.path().join("no-checkout-needed"),
+        arches: vec![],
+        kernels: vec![],
+        initrds: vec![],
+        offline: false,
+        locked: true,
+        transfer: crate::fetch::Options::default(),
+        mirrors: Default::default(),
+        stages: vec![],
+        modules_dir: None,
+        modules: None,
+        base_sources: Default::default(),
+        from: vec![from],
+    }
+}
+
+#[test]
+fn artifacts_from_a_dist_installs_links_and_builds_nothing() {
+    let fx = Fixture::new();
+    run(&fx.options("out")).unwrap();
+    let host = tempfile::tempdir().unwrap();
+    let lock_before = fs::read(fx.dir.path().join("artifacts.lock")).unwrap();
+    // `workspace` points nowhere and the lock's URLs are unreachable: only the dist can serve.
+    crate::artifacts::run(&artifacts_from(&fx, host.path(), fx.dir.path().join("out"))).unwrap();
+    assert_eq!(
+        fs::read(fx.dir.path().join("artifacts.lock")).unwrap(),
+        lock_before
+    );
+    let store = Store::with_lock(host.path(), fx.lock.clone());
+    assert_eq!(store.verify_all(Check::Full).unwrap().len(), 4);
+
+    // Narrowed to one initrd version the dist lacks: named.
+    let mut options = artifacts_from(&fx, host.path(), fx.dir.path().join("out"));
+    options.initrds = vec![v("i-2")];
+    let err = format!("{:#}", crate::artifacts::run(&options).unwrap_err());
+    assert!(err.contains("--initrd i-2"), "{err}");
+}
+
+#[test]
+fn artifacts_from_a_corrupt_or_foreign_dist_leaves_the_store_empty() {
+    let fx = Fixture::new();
+    run(&fx.options("out")).unwrap();
+    let tarball = fx.tarball("out", Arch::Aarch64);
+    let kernel = bytes("kernel", Arch::Aarch64);
+    edit_tar(&tarball, |tar| {
+        let at = memchr::memmem::find(tar, &kernel[..64]).unwrap() + 7;
+        tar[at] ^= 0x02;
+    });
+    let host = tempfile::tempdir().unwrap();
+    let err = format!(
+        "{:#}",
+        crate::artifacts::run(&artifacts_from(&fx, host.path(), tarball)).unwrap_err()
+    );
+    let mut flipped = kernel.clone();
+    flipped[7] ^= 0x02;
+    assert!(
+        err.contains(&system::hash::sha256_bytes(&kernel).hex()),
+        "{err}"
+    );
+    assert!(
+        err.contains(&system::hash::sha256_bytes(&flipped).hex()),
+        "{err}"
+    );
+    let layout = Layout::new(host.path());
+    assert_eq!(fs::read_dir(layout.blobs()).unwrap().count(), 0);
+    assert!(!layout.root().join("kernel").exists() && !layout.lock_file().exists());
+
+    // A dist made for another lock: its digests are refused.
+    let mut other_lock = fx.lock.clone();
+    let k = other_lock.kernels.get_mut(&v(KERNEL)).unwrap();
+    let sha = k[&Arch::X86_64].sha256;
+    k.get_mut(&Arch::X86_64).unwrap().sha256 = system::hash::sha256_bytes(b"not this one");
+    crate::lock::write(&fx.dir.path().join("artifacts.lock"), &other_lock).unwrap();
+    let err = format!(
+        "{:#}",
+        crate::artifacts::run(&artifacts_from(
+            &fx,
+            host.path(),
+            fx.tarball("out", Arch::X86_64)
+        ))
+        .unwrap_err()
+    );
+    assert!(
+        err.contains(&format!("sha256:{sha} is not recorded")),
+        "{err}"
+    );
+    assert_eq!(fs::read_dir(layout.blobs()).unwrap().count(), 0);
+}

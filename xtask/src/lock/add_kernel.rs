@@ -480,6 +480,7 @@ mod tests {
                 modules_dir: None,
                 modules: None,
                 base_sources: Default::default(),
+                from: vec![],
             };
             std::thread::spawn(move || crate::artifacts::run(&options))
         };
