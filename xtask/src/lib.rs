@@ -23,6 +23,7 @@ pub mod rootfs;
 pub mod store;
 pub mod test_suite;
 pub mod toolchain;
+pub mod vm;
 
 use std::path::PathBuf;
 

@@ -7,6 +7,7 @@ mod dist;
 mod lock;
 mod test;
 mod test_initrd;
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,6 +30,7 @@ enum Command {
     Lock(lock::LockCmd),
     Test(test::Test),
     TestInitrd(test_initrd::TestInitrd),
+    Vm(vm::Vm),
 }
 
 impl Cli {
@@ -40,6 +42,7 @@ impl Cli {
             Command::Lock(cmd) => cmd.run(),
             Command::Test(cmd) => cmd.run(),
             Command::TestInitrd(cmd) => cmd.run(),
+            Command::Vm(cmd) => cmd.run(),
         }
     }
 }
