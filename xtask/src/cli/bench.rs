@@ -29,6 +29,9 @@ enum Case {
     /// Boot guest-init 10 times under QEMU: PID 1 start → entrypoint exec (median), plus the
     /// sizes of guest-init and the minimal initrd.
     Boot,
+    /// `dist` vs `tar -czf` of the same store files (time and size), and `artifacts --from`
+    /// vs `tar -xzf` + a full verify.
+    Dist,
 }
 
 impl Bench {
@@ -39,6 +42,7 @@ impl Bench {
             Case::Download => "download",
             Case::Initrd => "initrd",
             Case::Boot => "boot",
+            Case::Dist => "dist",
         };
         let sh = Shell::new()?;
         sh.change_dir(xtask::workspace_root());
