@@ -119,7 +119,7 @@ fn from_options(lock: &Path, data_dir: &Path, dist: &Path) -> xtask::artifacts::
         modules_dir: None,
         modules: None,
         base_sources: Default::default(),
-        from: vec![dist.to_owned()],
+        from: vec![xtask::dist::install::DistSource::Path(dist.to_owned())],
     }
 }
 

@@ -1,6 +1,7 @@
 //! The path as one, booted: lock → `cargo xtask artifacts` → store → `system` resolve → boot;
 //! then `cargo xtask dist` → plain `tar -xzf` into another data dir → resolve → boot; then
-//! `artifacts --from` the dist into a third data dir → the same digests.
+//! `artifacts --from` the dist into a third data dir → the same digests; then `dist push` to a
+//! registry on 127.0.0.1, `skopeo inspect --raw`, and `--from REF@sha256:…` into a fourth.
 //!
 //! The lock is made here from Debian's cloud kernel on this machine (a `file://` URL and its
 //! sha256; Debian's vmlinuz is a bzImage, which QEMU's `-kernel` boots) and an initrd entry
@@ -13,6 +14,7 @@ use std::process::{Command, Output};
 
 use serde_json::json;
 use system::{Arch, Check, InitrdVersion, KernelVersion, Layout, Lock, Store};
+use testkit::oci::DockerRegistry;
 use testkit::vm::{Kernel, busybox_rootfs};
 use xtask::test_suite::prepare::arm64_guest_dir;
 
@@ -207,6 +209,53 @@ fn lock_to_booted_vm_and_back_through_dist(arch: Arch) {
     ]);
     assert_eq!(fs::read(&lock_path).unwrap(), before);
     assert_eq!(resolve(&third, &lock, arch), digests);
+
+    // 4. dist push to a registry on 127.0.0.1 → skopeo reads it → --from REF@digest → same.
+    let registry = DockerRegistry::start();
+    let reference = format!("{}/microvm/system:e2e-{arch}", registry.host());
+    let pushed = xtask_ok(&[
+        "dist",
+        "push",
+        &reference,
+        "--lock",
+        s(&lock_path),
+        "--data-dir",
+        s(&first),
+        "--arch",
+        arch.as_str(),
+    ]);
+    let pinned = String::from_utf8(pushed.stdout).unwrap().trim().to_owned();
+    assert!(pinned.contains("@sha256:"), "{pinned}");
+    let raw = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .output()
+        .unwrap();
+    assert!(
+        raw.status.success(),
+        "{}",
+        String::from_utf8_lossy(&raw.stderr)
+    );
+    let index: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    let manifest = &index["manifests"][0];
+    assert_eq!(manifest["artifactType"], xtask::dist::oci::ARTIFACT_TYPE);
+    assert_eq!(manifest["platform"]["architecture"], arch.oci_arch());
+    let fourth = work.path().join("fourth");
+    xtask_ok(&[
+        "artifacts",
+        "--lock",
+        s(&lock_path),
+        "--data-dir",
+        s(&fourth),
+        "--from",
+        &pinned,
+        "--locked",
+    ]);
+    assert_eq!(resolve(&fourth, &lock, arch), digests);
 }
 
 #[test]

@@ -55,7 +55,7 @@ pub struct Options {
     pub base_sources: BTreeMap<Version, String>,
     /// Install prebuilt artifacts from these dist tarballs (or directories of them) instead of
     /// fetching and building; empty means build.
-    pub from: Vec<PathBuf>,
+    pub from: Vec<crate::dist::install::DistSource>,
 }
 
 /// A stage of `cargo xtask artifacts`, for `--only`.

@@ -20,7 +20,7 @@ pub fn install_prebuilt(
     options: &Options,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let installed = install::install(&options.from, lock, &options.lock, store)?;
+    let installed = install::install(&options.from, lock, &options.lock, store, &options.transfer)?;
     let known = recorded(lock);
     let name = |sha| {
         known
@@ -82,11 +82,7 @@ pub fn install_prebuilt(
         bail!(msg);
     }
     if linked == 0 {
-        let sources: Vec<String> = options
-            .from
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
+        let sources: Vec<String> = options.from.iter().map(|p| p.to_string()).collect();
         bail!(
             "--from {}: nothing the selection asks for is in it (it holds {} blob(s) this lock \
              records); check --kernel/--initrd/--arch and the lock ({})",

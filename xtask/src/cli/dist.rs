@@ -14,6 +14,16 @@ use super::from_workspace;
 pub struct Dist {
     #[command(subcommand)]
     pub command: Option<DistCommand>,
+    #[command(flatten)]
+    pub set: SetArgs,
+    /// Where to write the tarballs, dist.json and SHA256SUMS.
+    #[arg(long, value_name = "DIR", default_value = "target/dist")]
+    pub out: PathBuf,
+}
+
+/// Which artifacts, from which lock and store.
+#[derive(clap::Args)]
+pub struct SetArgs {
     /// Only this kernel version (repeatable). Default: the lock's default kernel.
     #[arg(long)]
     pub kernel: Vec<Version>,
@@ -23,9 +33,6 @@ pub struct Dist {
     /// Only this architecture (repeatable). Default: every arch the selected versions all have.
     #[arg(long)]
     pub arch: Vec<Arch>,
-    /// Where to write the tarballs, dist.json and SHA256SUMS.
-    #[arg(long, value_name = "DIR", default_value = "target/dist")]
-    pub out: PathBuf,
     /// The lock whose artifacts are packed (relative paths are taken from the workspace root).
     #[arg(long, default_value = "artifacts.lock")]
     pub lock: PathBuf,
@@ -42,22 +49,47 @@ pub enum DistCommand {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// Push the set to an OCI registry as an artifact (an index with one manifest per arch, one
+    /// layer per blob) under REF (`REGISTRY/REPO:TAG`); prints `REF@sha256:<index digest>`.
+    Push {
+        #[arg(value_name = "REF")]
+        reference: String,
+        #[command(flatten)]
+        set: SetArgs,
+    },
+}
+
+impl SetArgs {
+    fn options(self, out: PathBuf) -> anyhow::Result<Options> {
+        Ok(Options {
+            lock: from_workspace(&self.lock),
+            data_dir: from_workspace(&self.data_dir),
+            out: from_workspace(&out),
+            kernels: self.kernel,
+            initrds: self.initrd,
+            arches: self.arch,
+            mtime: xtask::initrd::cpio::mtime_from_env()?.into(),
+        })
+    }
 }
 
 impl Dist {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
             Some(DistCommand::Verify { files }) => verify(&files),
+            Some(DistCommand::Push { reference, set }) => {
+                let options = set.options(PathBuf::new())?;
+                let digest =
+                    dist::oci::push(&options, &reference, &xtask::fetch::Options::default())?;
+                let repo = reference
+                    .rsplit_once(':')
+                    .filter(|(_, tag)| !tag.contains('/'))
+                    .map_or(reference.as_str(), |(repo, _)| repo);
+                println!("{repo}@{digest}");
+                Ok(())
+            }
             None => {
-                let written = dist::run(&Options {
-                    lock: from_workspace(&self.lock),
-                    data_dir: from_workspace(&self.data_dir),
-                    out: from_workspace(&self.out),
-                    kernels: self.kernel,
-                    initrds: self.initrd,
-                    arches: self.arch,
-                    mtime: xtask::initrd::cpio::mtime_from_env()?.into(),
-                })?;
+                let written = dist::run(&self.set.options(self.out)?)?;
                 for path in written {
                     println!("{}", path.display());
                 }

@@ -26,6 +26,39 @@ pub struct Installed {
     pub present: Vec<(Sha256, PathBuf)>,
 }
 
+/// Where prebuilt artifacts come from (`artifacts --from`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DistSource {
+    /// A tarball, or a directory of them.
+    Path(PathBuf),
+    /// An OCI artifact pushed by `dist push`: `REF`, `REF@sha256:…`.
+    Registry(String),
+}
+
+impl DistSource {
+    /// `oci:REF` and `REF@sha256:…` (when no such file exists) are registry references; anything
+    /// else is a path, relative ones taken from `base`.
+    pub fn parse(text: &str, base: &Path) -> DistSource {
+        if let Some(reference) = text.strip_prefix("oci:") {
+            return DistSource::Registry(reference.to_owned());
+        }
+        let path = base.join(text);
+        if text.contains("@sha256:") && !path.exists() {
+            return DistSource::Registry(text.to_owned());
+        }
+        DistSource::Path(path)
+    }
+}
+
+impl std::fmt::Display for DistSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DistSource::Path(path) => write!(f, "{}", path.display()),
+            DistSource::Registry(reference) => write!(f, "oci:{reference}"),
+        }
+    }
+}
+
 /// The tarballs `source` names: itself, or every `*.tar.gz` in it (sorted).
 pub fn tarballs(source: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let meta = fs::metadata(source).with_context(|| format!("--from {}", source.display()))?;
@@ -50,18 +83,26 @@ pub fn tarballs(source: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(found)
 }
 
-/// Takes every blob of the tarballs in `sources` that `lock` records into `store`.
+/// Takes every blob of `sources` that `lock` records into `store`.
 pub fn install(
-    sources: &[PathBuf],
+    sources: &[DistSource],
     lock: &Lock,
     lock_path: &Path,
     store: &StoreWriter,
+    transfer: &crate::fetch::Options,
 ) -> anyhow::Result<Installed> {
     let known = recorded(lock);
     let mut installed = Installed::default();
     for source in sources {
-        for tarball in tarballs(source)? {
-            install_one(&tarball, &known, lock_path, store, &mut installed)?;
+        match source {
+            DistSource::Path(path) => {
+                for tarball in tarballs(path)? {
+                    install_one(&tarball, &known, lock_path, store, &mut installed)?;
+                }
+            }
+            DistSource::Registry(reference) => {
+                super::oci::pull(reference, lock, store, transfer, &mut installed)?;
+            }
         }
     }
     Ok(installed)

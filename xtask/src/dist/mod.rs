@@ -12,6 +12,7 @@
 //! without installing it; [`install`] takes its blobs into a store for `artifacts --from`.
 
 pub mod install;
+pub mod oci;
 mod read;
 pub mod tarball;
 pub mod verify;

@@ -371,10 +371,11 @@ fn verify_refuses_entries_outside_system_escaping_links_and_unrecorded_blobs() {
     let err = format!(
         "{:#}",
         install::install(
-            &[dest.clone()],
+            &[install::DistSource::Path(dest.clone())],
             &fx.lock,
             Path::new("artifacts.lock"),
-            &store
+            &store,
+            &Default::default(),
         )
         .unwrap_err()
     );
@@ -391,13 +392,27 @@ fn install_takes_verified_blobs_and_a_bad_one_leaves_nothing() {
     let out = fx.dir.path().join("out");
 
     let (_dir, store) = crate::store::temp_store();
-    let installed = install::install(&[out.clone()], &fx.lock, Path::new("l"), &store).unwrap();
+    let installed = install::install(
+        &[install::DistSource::Path(out.clone())],
+        &fx.lock,
+        Path::new("l"),
+        &store,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(installed.written.len(), 4);
     for (sha, _, _) in &installed.written {
         assert!(store.has_verified_blob(sha, None).unwrap());
     }
     // Again: everything is present, nothing is written.
-    let again = install::install(&[out.clone()], &fx.lock, Path::new("l"), &store).unwrap();
+    let again = install::install(
+        &[install::DistSource::Path(out.clone())],
+        &fx.lock,
+        Path::new("l"),
+        &store,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!((again.written.len(), again.present.len()), (0, 4));
 
     // One corrupt blob: both digests named, nothing of the tarball stored.
@@ -410,7 +425,14 @@ fn install_takes_verified_blobs_and_a_bad_one_leaves_nothing() {
     let (_dir, store) = crate::store::temp_store();
     let err = format!(
         "{:#}",
-        install::install(&[tarball], &fx.lock, Path::new("l"), &store).unwrap_err()
+        install::install(
+            &[install::DistSource::Path(tarball)],
+            &fx.lock,
+            Path::new("l"),
+            &store,
+            &Default::default()
+        )
+        .unwrap_err()
     );
     let pinned = system::hash::sha256_bytes(&initrd);
     let mut flipped = initrd.clone();
@@ -441,7 +463,7 @@ fn artifacts_from(fx: &Fixture, data_dir: &Path, from: PathBuf) -> crate::artifa
         modules_dir: None,
         modules: None,
         base_sources: Default::default(),
-        from: vec![from],
+        from: vec![install::DistSource::Path(from)],
     }
 }
 
@@ -516,4 +538,23 @@ fn artifacts_from_a_corrupt_or_foreign_dist_leaves_the_store_empty() {
         "{err}"
     );
     assert_eq!(fs::read_dir(layout.blobs()).unwrap().count(), 0);
+}
+
+#[test]
+fn a_from_argument_is_a_path_or_a_registry_reference() {
+    use install::DistSource;
+    let base = Path::new("/checkout");
+    assert_eq!(
+        DistSource::parse("target/dist", base),
+        DistSource::Path("/checkout/target/dist".into())
+    );
+    assert_eq!(
+        DistSource::parse("oci:127.0.0.1:5000/sys:v1", base),
+        DistSource::Registry("127.0.0.1:5000/sys:v1".into())
+    );
+    let pinned = format!("ghcr.io/o/sys@sha256:{}", "a".repeat(64));
+    assert_eq!(
+        DistSource::parse(&pinned, base),
+        DistSource::Registry(pinned.clone())
+    );
 }
