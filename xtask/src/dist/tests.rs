@@ -558,3 +558,58 @@ fn a_from_argument_is_a_path_or_a_registry_reference() {
         DistSource::Registry(pinned.clone())
     );
 }
+
+#[test]
+fn a_pushed_artifact_pulls_back_by_digest_and_a_foreign_lock_refuses_it() {
+    let fx = Fixture::new();
+    let registry = testkit::oci::DockerRegistry::start();
+    let transfer = crate::fetch::tests::options();
+    let reference = format!("{}/microvm/system:unit", registry.host());
+    let index = oci::push(&fx.options("unused"), &reference, &transfer).unwrap();
+    // Pushing the same set again gives the same index: the manifests are deterministic.
+    assert_eq!(
+        oci::push(&fx.options("unused"), &reference, &transfer).unwrap(),
+        index
+    );
+    let pinned = format!("{}/microvm/system@{index}", registry.host());
+
+    let (_dir, store) = crate::store::temp_store();
+    let mut installed = install::Installed::default();
+    oci::pull(&pinned, &fx.lock, &store, &transfer, &mut installed).unwrap();
+    assert_eq!(installed.written.len(), 4, "{installed:?}");
+    for arch in Arch::ALL {
+        for what in ["kernel", "initrd"] {
+            let sha = system::hash::sha256_bytes(&bytes(what, arch));
+            assert_eq!(
+                fs::read(store.layout().blob(&sha)).unwrap(),
+                bytes(what, arch)
+            );
+        }
+    }
+
+    let mut other = fx.lock.clone();
+    other
+        .initrds
+        .get_mut(&v(INITRD))
+        .unwrap()
+        .outputs
+        .remove(&Arch::X86_64);
+    let (_dir, store) = crate::store::temp_store();
+    let err = format!(
+        "{:#}",
+        oci::pull(
+            &pinned,
+            &other,
+            &store,
+            &transfer,
+            &mut install::Installed::default()
+        )
+        .unwrap_err()
+    );
+    let refused = system::hash::sha256_bytes(&bytes("initrd", Arch::X86_64));
+    assert!(
+        err.contains(&format!("sha256:{refused} is not recorded")),
+        "{err}"
+    );
+    assert!(!store.layout().blob(&refused).exists());
+}
