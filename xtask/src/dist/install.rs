@@ -61,7 +61,13 @@ impl std::fmt::Display for DistSource {
 
 /// The tarballs `source` names: itself, or every `*.tar.gz` in it (sorted).
 pub fn tarballs(source: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let meta = fs::metadata(source).with_context(|| format!("--from {}", source.display()))?;
+    let meta = fs::metadata(source).map_err(|e| {
+        anyhow::anyhow!(
+            "--from {}: {e}; expected a `cargo xtask dist` tarball, a directory of them, or an \
+             OCI artifact (`oci:REGISTRY/REPO:TAG`, `REGISTRY/REPO@sha256:…`)",
+            source.display()
+        )
+    })?;
     if !meta.is_dir() {
         return Ok(vec![source.to_owned()]);
     }
