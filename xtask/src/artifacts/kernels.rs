@@ -12,8 +12,7 @@
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::ffi::OsStringExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use system::lock::{KernelFile, Version};
@@ -97,7 +96,7 @@ pub fn sync_kernels(
                 .reused
                 .push(format!("{} sha256:{} ({size} bytes)", entry.name(), digest));
             size
-        } else if let Some(path) = local_path(&entry.file.url) {
+        } else if let Some(path) = crate::fetch::local_path(&entry.file.url) {
             // A local file needs no network, so `--offline` allows it.
             match copy_local(store, entry, &path) {
                 Ok(size) => {
@@ -214,31 +213,6 @@ fn fetch(store: &StoreWriter, fetcher: &Fetcher, entry: &Entry) -> Result<Downlo
         )
         .map_err(FetchError::Local)?;
     Ok(download)
-}
-
-/// The local path of a `file:///…` URL (percent-escapes decoded), or `None` for other schemes.
-fn local_path(url: &str) -> Option<PathBuf> {
-    let path = url.strip_prefix("file://")?;
-    let bytes = path.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                decoded.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                decoded.push(byte);
-                i += 1;
-            }
-        }
-    }
-    Some(PathBuf::from(std::ffi::OsString::from_vec(decoded)))
 }
 
 /// Copies a `file://` kernel into the store through a blob writer: hashed as it is copied, and

@@ -13,6 +13,7 @@
 
 mod download;
 mod error;
+mod local;
 mod mirror;
 mod progress;
 mod retry;
@@ -24,6 +25,7 @@ use std::time::Duration;
 
 pub use download::{Download, Expected, Sink};
 pub use error::FetchError;
+pub use local::local_path;
 pub use mirror::{Mirror, Mirrors};
 pub use transport::{Authorizer, Request, Transport};
 
