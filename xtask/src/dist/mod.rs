@@ -242,7 +242,7 @@ fn pack_arch(
 ) -> anyhow::Result<(Entries, TarballManifest)> {
     let inside = Layout::new("");
     let mut entries = Entries::default();
-    let mut add = |kind: &str, version: &Version, link: PathBuf, blob: PathBuf| {
+    let mut add = |version: &Version, link: PathBuf, blob: PathBuf| {
         let sha = blob_digest(&blob)?;
         let size = fs::metadata(&blob)
             .with_context(|| format!("reading {}", blob.display()))?
@@ -262,7 +262,6 @@ fn pack_arch(
             size,
             path: link.display().to_string(),
         })
-        .with_context(|| format!("packing {kind} {version} ({arch})"))
     };
     let not_in_store = |e: system::Error| {
         anyhow::anyhow!(
@@ -276,7 +275,7 @@ fn pack_arch(
             .kernel_path(&KernelVersion::new(version.as_str()), arch)
             .map_err(not_in_store)?;
         let link = inside.kernel_link(version.as_str(), arch);
-        kernels.push(add("kernel", version, link, blob)?);
+        kernels.push(add(version, link, blob)?);
     }
     let mut initrds = Vec::new();
     for version in &selection.initrds {
@@ -284,7 +283,7 @@ fn pack_arch(
             .initrd_path(&InitrdVersion::new(version.as_str()), arch)
             .map_err(not_in_store)?;
         let link = inside.initrd_link(version.as_str(), arch);
-        initrds.push(add("initrd", version, link, blob)?);
+        initrds.push(add(version, link, blob)?);
     }
     let reduced = reduce(lock, &selection.kernels, &selection.initrds, arch)?.to_json();
     let lock_sha256 = system::hash::sha256_bytes(reduced.as_bytes());
