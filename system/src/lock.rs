@@ -46,6 +46,7 @@ pub struct Defaults {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KernelFile {
+    /// `https://`, `http://`, or `file:///` (a local file: air-gapped hosts, local builds).
     pub url: String,
     pub sha256: Sha256,
     /// Bytes; recorded on the first verified download when the publisher does not state it.
@@ -204,10 +205,18 @@ impl Lock {
                 );
             }
             for (arch, file) in files.iter() {
-                if !(file.url.starts_with("https://") || file.url.starts_with("http://")) {
+                let url = &file.url;
+                let local = url.strip_prefix("file://");
+                if local.is_some_and(|path| !path.starts_with('/')) {
                     return fail(
                         format!("kernels.{}.{arch}.url", key(version.as_str())),
-                        format!("`{}` is not an http(s) URL", file.url),
+                        format!("`{url}` is not an absolute file URL; expected file:///path"),
+                    );
+                }
+                if !(url.starts_with("https://") || url.starts_with("http://") || local.is_some()) {
+                    return fail(
+                        format!("kernels.{}.{arch}.url", key(version.as_str())),
+                        format!("`{url}` is not an http(s) or file:/// URL"),
                     );
                 }
             }

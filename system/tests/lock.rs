@@ -314,3 +314,24 @@ fn module_groups_need_patterns_modules_and_plain_firmware_paths() {
     );
     assert!(message.contains("unknown field `module`"), "{message}");
 }
+
+#[test]
+fn a_kernel_url_is_http_or_an_absolute_file_url() {
+    let with_url = |url: &str| {
+        lock_with(
+            &format!(
+                r#"{{ "ch-release-v6.16.9-20260508": {{ "x86_64": {{ "url": "{url}", "sha256": "{KERNEL_SHA}" }} }} }}"#
+            ),
+            DEFAULTS,
+        )
+    };
+    assert!(Lock::parse(&with_url("file:///boot/vmlinuz")).is_ok());
+    let (path, message) = error_of(&with_url("file://boot/vmlinuz"));
+    assert_eq!(path, r#"kernels."ch-release-v6.16.9-20260508".x86_64.url"#);
+    assert!(message.contains("file:///path"), "{message}");
+    let (_, message) = error_of(&with_url("ftp://e.invalid/k"));
+    assert!(
+        message.contains("not an http(s) or file:/// URL"),
+        "{message}"
+    );
+}

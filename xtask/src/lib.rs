@@ -5,6 +5,7 @@
 //! lock ─► oci ─► rootfs ─► initrd ─► store
 //!                                  base image → layers → Tree (+ guest-init, modules) → newc+gzip
 //! artifacts: composes the stages for `cargo xtask artifacts` and records the outcome in the lock
+//! store ─► dist                  release tarballs of a store subtree, verified and installed back
 //! ```
 //!
 //! `store` is the floor every stage writes through (verified-before-visible blobs, atomic files);
@@ -13,6 +14,7 @@
 
 pub mod artifacts;
 pub mod compression;
+pub mod dist;
 pub mod fetch;
 pub mod initrd;
 pub mod lock;
@@ -21,6 +23,7 @@ pub mod rootfs;
 pub mod store;
 pub mod test_suite;
 pub mod toolchain;
+pub mod vm;
 
 use std::path::PathBuf;
 

@@ -1,7 +1,8 @@
 //! The kernel stage: every kernel file the lock selects, verified in the store and named
 //! `kernel/<version>/<arch>/vmlinux|Image`.
 //!
-//! A blob already present is re-hashed and reused without any request. A missing one is
+//! A blob already present is re-hashed and reused without any request. A `file:///…` URL is
+//! copied from the local file (also under `--offline`), with the same checks. A missing one is
 //! downloaded ([`crate::fetch`]) into a resumable store blob writer (a killed run's partial is
 //! continued with `Range` + `If-Range`), and becomes visible only once its sha256 (and size,
 //! when recorded) match the lock. A lock entry without a size gets the verified size recorded,
@@ -10,9 +11,11 @@
 //! end listing every failure with its next step (as `--offline` lists every missing file).
 
 use std::fmt::Write as _;
-use std::fs;
+use std::fs::{self, File};
+use std::io;
+use std::path::Path;
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use system::lock::{KernelFile, Version};
 use system::{Arch, Lock};
 
@@ -94,6 +97,23 @@ pub fn sync_kernels(
                 .reused
                 .push(format!("{} sha256:{} ({size} bytes)", entry.name(), digest));
             size
+        } else if let Some(path) = crate::fetch::local_path(&entry.file.url) {
+            // A local file needs no network, so `--offline` allows it.
+            match copy_local(store, entry, &path) {
+                Ok(size) => {
+                    report.fetched.push(format!(
+                        "{} sha256:{} ({size} bytes, from {})",
+                        entry.name(),
+                        digest,
+                        path.display()
+                    ));
+                    size
+                }
+                Err(e) => {
+                    failed.push(e);
+                    continue;
+                }
+            }
         } else if plan.offline {
             missing.push(entry);
             continue;
@@ -201,6 +221,50 @@ fn fetch(store: &StoreWriter, fetcher: &Fetcher, entry: &Entry) -> Result<Downlo
         )
         .map_err(FetchError::Local)?;
     Ok(download)
+}
+
+/// Copies a `file://` kernel into the store through a blob writer: hashed as it is copied, and
+/// visible only once it matches the lock, exactly like a download.
+fn copy_local(store: &StoreWriter, entry: &Entry, path: &Path) -> anyhow::Result<u64> {
+    let url = &entry.file.url;
+    let mut file = File::open(path).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: cannot read {} ({url}): {e}\nnext step: put the pinned file there, or fix \
+             kernels.\"{}\".{}.url in the lock",
+            entry.name(),
+            path.display(),
+            entry.version,
+            entry.arch
+        )
+    })?;
+    let mut writer = store.blob_writer()?;
+    io::copy(&mut file, &mut writer).with_context(|| {
+        format!(
+            "{}: copying {} into the store",
+            entry.name(),
+            path.display()
+        )
+    })?;
+    let blob = store
+        .commit(
+            writer,
+            Some(&entry.file.sha256),
+            entry.file.size,
+            &entry.name(),
+        )
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{} from {}: {e:#}\nnext step: the file is not the pinned one; restore the \
+                 pinned file, or re-pin kernels.\"{}\".{} with its sha256 (`sha256sum {}`) after \
+                 checking where it came from",
+                entry.name(),
+                path.display(),
+                entry.version,
+                entry.arch,
+                path.display()
+            )
+        })?;
+    Ok(blob.size)
 }
 
 /// The lock's kernel files the plan selects, in a stable order.

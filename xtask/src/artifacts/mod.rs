@@ -4,10 +4,12 @@
 //! build guest-init), all under the store's writer lock, each recording what it did in a
 //! [`Report`]. The lock file is written once at the end, and only when something in it changed
 //! (merged into the file as it is then: [`crate::lock::update`]); after a successful run the
-//! store keeps a copy of the lock this run satisfied (`<store>/artifacts.lock`).
+//! store keeps a copy of the lock this run satisfied (`<store>/artifacts.lock`). With `--from`,
+//! the stages are replaced by installing a dist's prebuilt blobs ([`prebuilt`]).
 
 pub mod initrds;
 pub mod kernels;
+mod prebuilt;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -53,6 +55,9 @@ pub struct Options {
     pub modules: Option<Vec<String>>,
     /// Sources that replace a base's lock reference, by base name.
     pub base_sources: BTreeMap<Version, String>,
+    /// Install prebuilt artifacts from these dist tarballs (or directories of them) instead of
+    /// fetching and building; empty means build.
+    pub from: Vec<crate::dist::install::DistSource>,
 }
 
 /// A stage of `cargo xtask artifacts`, for `--only`.
@@ -99,7 +104,11 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let mut lock = original.clone();
     let mut report = Report::default();
 
-    let outcome = stages(&mut lock, &store, options, &mut report);
+    let outcome = if options.from.is_empty() {
+        stages(&mut lock, &store, options, &mut report)
+    } else {
+        prebuilt::install_prebuilt(&lock, &store, options, &mut report)
+    };
     // Record what finished even when a later stage failed: it is verified and in the store.
     // Merged into the file as it is now, so a concurrent `lock add-kernel` is not undone.
     if lock != original {

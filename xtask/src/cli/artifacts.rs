@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use system::Arch;
 use system::lock::Version;
 use xtask::artifacts::{Options, Stage};
+use xtask::dist::install::DistSource;
 
 use super::{TransferArgs, from_workspace};
 
@@ -53,6 +54,12 @@ pub struct Artifacts {
     /// lock's digests must still match.
     #[arg(long, value_name = "NAME=SOURCE", value_parser = parse_base_source)]
     pub base_source: Vec<(Version, String)>,
+    /// Install prebuilt artifacts from DIST instead of downloading and building (repeatable): a
+    /// `cargo xtask dist` tarball, a directory of them, or an artifact pushed by `dist push`
+    /// (`oci:REGISTRY/REPO:TAG` or `REGISTRY/REPO@sha256:…`). Blobs the lock records are taken,
+    /// verified, and linked; anything else is refused.
+    #[arg(long, value_name = "DIST")]
+    pub from: Vec<String>,
 }
 
 impl Artifacts {
@@ -73,6 +80,11 @@ impl Artifacts {
             firmware_dir: self.firmware_dir,
             modules: self.modules,
             base_sources: self.base_source.into_iter().collect(),
+            from: self
+                .from
+                .iter()
+                .map(|text| DistSource::parse(text, &xtask::workspace_root()))
+                .collect(),
         })
     }
 }

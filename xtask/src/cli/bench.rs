@@ -35,18 +35,22 @@ enum Case {
     /// Boot guest-init 10 times under QEMU: PID 1 start → entrypoint exec (median), plus the
     /// sizes of guest-init and the minimal initrd.
     Boot,
+    /// `dist` vs `tar -czf` of the same store files (time and size), and `artifacts --from`
+    /// vs `tar -xzf` + a full verify.
+    Dist,
     /// Every case above in turn, then one table of every figure next to its same-run baseline
     /// and its target.
     All,
 }
 
 impl Case {
-    const EACH: [Case; 5] = [
+    const EACH: [Case; 6] = [
         Case::Verify,
         Case::Layers,
         Case::Download,
         Case::Initrd,
         Case::Boot,
+        Case::Dist,
     ];
 
     fn bench_target(self) -> &'static str {
@@ -56,6 +60,7 @@ impl Case {
             Case::Download => "download",
             Case::Initrd => "initrd",
             Case::Boot => "boot",
+            Case::Dist => "dist",
             Case::All => unreachable!("`all` runs the others"),
         }
     }

@@ -3,9 +3,11 @@
 
 mod artifacts;
 mod bench;
+mod dist;
 mod lock;
 mod test;
 mod test_initrd;
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,9 +26,11 @@ pub struct Cli {
 enum Command {
     Artifacts(artifacts::Artifacts),
     Bench(bench::Bench),
+    Dist(dist::Dist),
     Lock(lock::LockCmd),
     Test(test::Test),
     TestInitrd(test_initrd::TestInitrd),
+    Vm(vm::Vm),
 }
 
 impl Cli {
@@ -34,9 +38,11 @@ impl Cli {
         match self.command {
             Command::Artifacts(cmd) => cmd.run(),
             Command::Bench(cmd) => cmd.run(),
+            Command::Dist(cmd) => cmd.run(),
             Command::Lock(cmd) => cmd.run(),
             Command::Test(cmd) => cmd.run(),
             Command::TestInitrd(cmd) => cmd.run(),
+            Command::Vm(cmd) => cmd.run(),
         }
     }
 }

@@ -15,6 +15,7 @@
 mod download;
 mod error;
 mod floor;
+mod local;
 mod mirror;
 mod progress;
 mod retry;
@@ -26,6 +27,7 @@ use std::time::Duration;
 
 pub use download::{Download, Expected, Sink};
 pub use error::FetchError;
+pub use local::local_path;
 pub use mirror::{Mirror, Mirrors};
 pub use transport::{Authorizer, Request, Transport};
 

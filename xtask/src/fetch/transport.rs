@@ -20,6 +20,8 @@ pub struct Request {
     pub method: reqwest::Method,
     pub url: String,
     pub headers: HeaderMap,
+    /// What to send (a registry push); shared, because every retry sends it again.
+    pub body: Option<std::sync::Arc<Vec<u8>>>,
 }
 
 impl Request {
@@ -28,6 +30,20 @@ impl Request {
             method: reqwest::Method::GET,
             url: url.into(),
             headers: HeaderMap::new(),
+            body: None,
+        }
+    }
+
+    /// A request of another method (`POST`, `PUT`) with `body`.
+    pub fn with_body(
+        method: reqwest::Method,
+        url: impl Into<String>,
+        body: std::sync::Arc<Vec<u8>>,
+    ) -> Request {
+        Request {
+            method,
+            body: Some(body),
+            ..Request::get(url)
         }
     }
 
@@ -154,6 +170,9 @@ impl Transport {
             .headers(extra.clone());
         if let Some(authorization) = auth.and_then(|a| a.authorization()) {
             builder = builder.header(AUTHORIZATION, authorization);
+        }
+        if let Some(body) = &request.body {
+            builder = builder.body(body.as_ref().clone());
         }
         builder
             .send()

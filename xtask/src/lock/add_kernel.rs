@@ -34,8 +34,14 @@ impl FromStr for ArchUrl {
             .split_once('=')
             .ok_or_else(|| format!("`{text}`: expected ARCH=URL, e.g. x86_64=https://..."))?;
         let arch: Arch = arch.parse().map_err(|e| format!("`{text}`: {e}"))?;
-        if !(url.starts_with("https://") || url.starts_with("http://")) {
-            return Err(format!("`{text}`: `{url}` is not an http(s) URL"));
+        let local = url.strip_prefix("file://");
+        if !(url.starts_with("https://")
+            || url.starts_with("http://")
+            || local.is_some_and(|path| path.starts_with('/')))
+        {
+            return Err(format!(
+                "`{text}`: `{url}` is not an http(s) URL or an absolute file:/// URL"
+            ));
         }
         Ok(ArchUrl {
             arch,
@@ -148,6 +154,28 @@ fn obtain(
     refresh: bool,
     label: &str,
 ) -> Result<(Sha256, u64), FetchError> {
+    // A local file may have been rebuilt in place: always read it again.
+    if let Some(path) = crate::fetch::local_path(url) {
+        let mut writer = store.blob_writer().map_err(FetchError::Local)?;
+        let copied = fs::File::open(&path)
+            .and_then(|mut file| std::io::copy(&mut file, &mut writer))
+            .map_err(|e| {
+                FetchError::Local(anyhow::anyhow!(
+                    "{label}: cannot read {} ({url}): {e}",
+                    path.display()
+                ))
+            })?;
+        let blob = store
+            .commit(writer, None, Some(copied), label)
+            .map_err(FetchError::Local)?;
+        eprintln!(
+            "{label}: read {} ({} bytes, sha256:{})",
+            path.display(),
+            blob.size,
+            blob.sha256
+        );
+        return Ok((blob.sha256, blob.size));
+    }
     if !refresh {
         for (digest, size) in known_digests(lock, store, url) {
             if store
@@ -483,6 +511,7 @@ mod tests {
                 modules: None,
                 base_sources: Default::default(),
                 firmware_dir: None,
+                from: vec![],
             };
             std::thread::spawn(move || crate::artifacts::run(&options))
         };
@@ -543,5 +572,39 @@ mod tests {
         assert!("riscv=https://h/k".parse::<ArchUrl>().is_err());
         assert!("x86_64".parse::<ArchUrl>().is_err());
         assert!("x86_64=ftp://h/k".parse::<ArchUrl>().is_err());
+    }
+
+    #[test]
+    fn add_kernel_pins_a_local_file_and_reads_it_again_every_time() {
+        let f = fixture();
+        let image = f.dir.path().join("vmlinuz");
+        fs::write(&image, b"local build 1").unwrap();
+        let url = format!("x86_64=file://{}", image.display());
+        let req = request("local-1", std::slice::from_ref(&url));
+        add_kernel(&f.lock, &f.store, &test_fetcher(), &req).unwrap();
+        let pinned = |f: &Fixture| {
+            crate::lock::read(&f.lock).unwrap().kernels["local-1"][&Arch::X86_64].clone()
+        };
+        assert_eq!(
+            pinned(&f).sha256,
+            system::hash::sha256_bytes(b"local build 1")
+        );
+        assert_eq!(pinned(&f).url, format!("file://{}", image.display()));
+
+        // Rebuilt in place: the new content is pinned, not the blob the URL gave before.
+        fs::write(&image, b"local build 2").unwrap();
+        add_kernel(&f.lock, &f.store, &test_fetcher(), &req).unwrap();
+        assert_eq!(
+            pinned(&f).sha256,
+            system::hash::sha256_bytes(b"local build 2")
+        );
+
+        fs::remove_file(&image).unwrap();
+        let err = format!(
+            "{:#}",
+            add_kernel(&f.lock, &f.store, &test_fetcher(), &req).unwrap_err()
+        );
+        assert!(err.contains(&image.display().to_string()), "{err}");
+        assert!("x86_64=file://relative/k".parse::<ArchUrl>().is_err());
     }
 }

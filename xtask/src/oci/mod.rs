@@ -22,6 +22,7 @@ pub mod layers;
 pub mod plain_http;
 pub mod platform;
 mod pull;
+mod push;
 pub mod reference;
 pub mod registry;
 #[cfg(test)]

@@ -39,9 +39,9 @@ pub struct FetchedManifest {
 
 /// A client for one repository on one registry.
 pub struct Registry {
-    transport: Transport,
+    pub(super) transport: Transport,
     base: Url,
-    auth: RegistryAuth,
+    pub(super) auth: RegistryAuth,
 }
 
 impl Registry {
@@ -91,7 +91,7 @@ impl Registry {
         &self.auth.host
     }
 
-    fn url(&self, kind: &str, reference: &str) -> anyhow::Result<Url> {
+    pub(super) fn url(&self, kind: &str, reference: &str) -> anyhow::Result<Url> {
         self.base
             .join(&format!("v2/{}/{kind}/{reference}", self.auth.repository))
             .context("building a registry URL")
@@ -172,7 +172,7 @@ impl Registry {
     }
 
     /// Sends a request (a `401` answered once by [`RegistryAuth`]) and insists on success.
-    fn send(
+    pub(super) fn send(
         &mut self,
         request: &Request,
         what: &str,
@@ -197,7 +197,7 @@ impl Registry {
     }
 
     /// A transport error as a message naming the registry, repository and next step.
-    fn explain(&self, error: FetchError, what: &str) -> anyhow::Error {
+    pub(super) fn explain(&self, error: FetchError, what: &str) -> anyhow::Error {
         let repo = format!("{}/{}", self.auth.host, self.auth.repository);
         let (user, password, host) = (auth::USER_ENV, auth::PASSWORD_ENV, &self.auth.host);
         match error {

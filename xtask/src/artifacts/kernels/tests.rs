@@ -385,3 +385,58 @@ fn two_concurrent_runs_leave_one_consistent_store() {
         .collect();
     assert_eq!(names.len(), 1, "one blob, no leftovers: {names:?}");
 }
+
+#[test]
+fn a_file_url_is_copied_verified_and_allowed_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = content(70_000);
+    let path = dir.path().join("my kernel");
+    fs::write(&path, bytes.as_slice()).unwrap();
+    let url = "file://".to_owned() + &dir.path().join("my%20kernel").display().to_string();
+    let mut lock = lock_for(&[(Arch::X86_64, &url, &bytes, None)]);
+    let (_store_dir, store) = temp_store();
+    let plan = Plan {
+        offline: true,
+        ..Plan::default()
+    };
+    let report = sync(&mut lock, &store, &plan).unwrap();
+    assert_kernel(&store, Arch::X86_64, &bytes);
+    assert_eq!(report.fetched.len(), 1, "{report}");
+    assert_eq!(
+        lock.kernels[&Version::new(V).unwrap()][&Arch::X86_64].size,
+        Some(70_000)
+    );
+}
+
+#[test]
+fn a_missing_file_url_fails_naming_the_path_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vmlinuz-gone");
+    let url = format!("file://{}", path.display());
+    let mut lock = lock_for(&[(Arch::X86_64, &url, b"k", None)]);
+    let (_store_dir, store) = temp_store();
+    let err = sync(&mut lock, &store, &Plan::default()).unwrap_err();
+    let text = format!("{err:#}");
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(text.contains("No such file"), "{text}");
+    assert!(text.contains("next step"), "{text}");
+    assert_store_empty(&store);
+}
+
+#[test]
+fn a_file_url_with_other_content_fails_naming_both_digests_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vmlinuz");
+    fs::write(&path, b"not the pinned kernel").unwrap();
+    let url = format!("file://{}", path.display());
+    let mut lock = lock_for(&[(Arch::X86_64, &url, b"the pinned kernel", None)]);
+    let (_store_dir, store) = temp_store();
+    let err = sync(&mut lock, &store, &Plan::default()).unwrap_err();
+    let text = format!("{err:#}");
+    let pinned = system::hash::sha256_bytes(b"the pinned kernel");
+    let actual = system::hash::sha256_bytes(b"not the pinned kernel");
+    assert!(text.contains(&pinned.hex()), "{text}");
+    assert!(text.contains(&actual.hex()), "{text}");
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert_store_empty(&store);
+}

@@ -1,0 +1,120 @@
+//! QEMU for microVM guests: the accelerator that works here, the machine and console per arch,
+//! and the command line that boots a kernel + initrd with virtio disks.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use system::Arch;
+
+/// The accelerator for guests of `arch`: KVM only when the guest runs the host's architecture
+/// and `/dev/kvm` can really run guests; TCG otherwise. A paravirtual KVM (`kvm_pvm`) opens
+/// fine but hangs or fails real guests, so it counts as unusable.
+pub fn accelerator(arch: Arch) -> &'static str {
+    let usable_kvm = arch == Arch::host()
+        && !Path::new("/sys/module/kvm_pvm").exists()
+        && fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+    if usable_kvm { "kvm" } else { "tcg" }
+}
+
+/// The QEMU binary, its Debian package, the machine and the kernel console for `arch`.
+pub fn machine(arch: Arch) -> (&'static str, &'static str, &'static str, &'static str) {
+    match arch {
+        Arch::X86_64 => ("qemu-system-x86_64", "qemu-system-x86", "pc", "ttyS0"),
+        Arch::Aarch64 => ("qemu-system-aarch64", "qemu-system-arm", "virt", "ttyAMA0"),
+    }
+}
+
+/// One boot: kernel, initrd, disks in virtio order (vda, vdb, ...).
+#[derive(Debug, Clone)]
+pub struct Boot {
+    pub arch: Arch,
+    pub accel: String,
+    pub memory_mib: u32,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub disks: Vec<PathBuf>,
+    /// Appended to `console=<tty> panic=-1 loglevel=4`.
+    pub append: String,
+}
+
+impl Boot {
+    /// The QEMU command: no display, no network, serial console on stdout, no reboot (a guest
+    /// power-off or reset ends QEMU).
+    pub fn command(&self) -> Command {
+        let (qemu, _, machine, console) = machine(self.arch);
+        let mut cmd = Command::new(qemu);
+        cmd.args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args(["-M", machine, "-accel", &self.accel])
+        .args(["-m", &self.memory_mib.to_string()]);
+        if self.arch == Arch::Aarch64 {
+            cmd.args([
+                "-cpu",
+                if self.accel == "kvm" {
+                    "host"
+                } else {
+                    "cortex-a57"
+                },
+            ]);
+        }
+        cmd.args(["-serial", "stdio", "-net", "none"])
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&self.initrd)
+            .arg("-append")
+            .arg(format!("console={console} panic=-1 loglevel=4 {}", self.append).trim_end());
+        for disk in &self.disks {
+            cmd.arg("-drive")
+                .arg(format!("file={},if=virtio,format=raw", disk.display()));
+        }
+        cmd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_boots_kernel_initrd_and_disks_in_order() {
+        let boot = Boot {
+            arch: Arch::Aarch64,
+            accel: "tcg".into(),
+            memory_mib: 256,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            disks: vec!["/a.img".into(), "/b.img".into()],
+            append: String::new(),
+        };
+        let cmd = boot.command();
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let text = args.join(" ");
+        assert_eq!(cmd.get_program(), "qemu-system-aarch64");
+        assert!(
+            text.contains("-M virt -accel tcg -m 256 -cpu cortex-a57"),
+            "{text}"
+        );
+        assert!(text.contains("-kernel /k -initrd /i -append console=ttyAMA0 panic=-1 loglevel=4 -drive file=/a.img,if=virtio,format=raw -drive file=/b.img"), "{text}");
+        // A guest of another architecture is always emulated.
+        let foreign = if Arch::host() == Arch::X86_64 {
+            Arch::Aarch64
+        } else {
+            Arch::X86_64
+        };
+        assert_eq!(accelerator(foreign), "tcg");
+    }
+}
