@@ -8,10 +8,13 @@
 //! - [`cmdline`]: the `guest_init.<key>=` parameters ([`CmdlineKey`], [`BootOptions`]).
 //! - [`exit`]: [`ExitReason`] (every `reason=` with its code), [`ExitLine`] and
 //!   [`parse_exit_line`].
+//! - [`user`]: `user` (name, uid, name:group, uid:gid) resolved against an image's
+//!   /etc/passwd and /etc/group; guest-init and the guest agent both use it.
 
 pub mod cmdline;
 pub mod config;
 pub mod exit;
+pub mod user;
 
 pub use cmdline::{BootOptions, CmdlineKey, Writable};
 pub use config::{Config, ConfigError, InitMode, Network, VolumeMode, VolumeMount};
