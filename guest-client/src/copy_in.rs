@@ -110,7 +110,8 @@ impl Client {
             }
         }
         grpc::send_message(&mut send, &request(Request::End(CopyToGuestEnd {}))).await?;
-        send.send_data(Bytes::new(), true)?;
+        // The agent may already have answered and closed the call: its answer says how.
+        let _ = send.send_data(Bytes::new(), true);
         let mut reader = self.response(response).await?;
         let answer: CopyToGuestResponse = reader
             .next()
