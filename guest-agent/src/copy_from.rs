@@ -33,7 +33,10 @@ pub(crate) async fn serve(mut reader: MessageReader, mut respond: SendResponse<B
     };
     let (tx, mut rx) = mpsc::channel(4);
     let walker = tokio::task::spawn_blocking(move || {
-        let mut sink = Sink { tx, pending_end: false };
+        let mut sink = Sink {
+            tx,
+            pending_end: false,
+        };
         walk_root(Path::new(&request.path), request.follow_links, &mut sink);
         sink.close();
     });
@@ -145,7 +148,9 @@ fn walk(path: &Path, rel: &str, metadata: &Metadata, sink: &mut Sink) -> Result<
             Ok(entries) => entries,
             Err(err) => return sink.error(rel, format!("{}: {err}", path.display())),
         };
-        let mut names: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.file_name())).collect();
+        let mut names: Vec<_> = entries
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect();
         names.sort();
         sink.begin_entry(header)?;
         sink.end_entry();

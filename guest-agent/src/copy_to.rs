@@ -29,7 +29,9 @@ pub(crate) async fn serve(mut reader: MessageReader, respond: SendResponse<Bytes
     let mut cut = None;
     loop {
         match reader.next::<CopyToGuestRequest>().await {
-            Ok(Some(CopyToGuestRequest { request: Some(request) })) => {
+            Ok(Some(CopyToGuestRequest {
+                request: Some(request),
+            })) => {
                 if tx.send(request).await.is_err() {
                     break;
                 }
@@ -50,7 +52,11 @@ pub(crate) async fn serve(mut reader: MessageReader, respond: SendResponse<Bytes
         return;
     }
     let Ok(response) = writer.await else {
-        return crate::server::trailers_only(&mut respond, Code::Internal, "the copy's writer failed");
+        return crate::server::trailers_only(
+            &mut respond,
+            Code::Internal,
+            "the copy's writer failed",
+        );
     };
     let Ok(mut stream) = respond.send_response(response_head(), false) else {
         return;
@@ -305,7 +311,10 @@ impl PendingFile {
         file.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(|e| format!("chmod: {e}"))?;
         if self.start.mtime != 0 {
-            set_mtime(&Ok(file.try_clone().map_err(|e| e.to_string())?), self.start.mtime)?;
+            set_mtime(
+                &Ok(file.try_clone().map_err(|e| e.to_string())?),
+                self.start.mtime,
+            )?;
         }
         file.sync_all().map_err(|e| format!("fsync: {e}"))?;
         std::fs::rename(&self.temp, &self.path).map_err(|e| format!("rename into place: {e}"))?;
@@ -364,5 +373,6 @@ fn set_mtime(file: &Result<File, String>, mtime: i64) -> Result<(), String> {
     } else {
         SystemTime::UNIX_EPOCH - Duration::from_secs(mtime.unsigned_abs())
     };
-    file.set_modified(time).map_err(|e| format!("setting mtime: {e}"))
+    file.set_modified(time)
+        .map_err(|e| format!("setting mtime: {e}"))
 }

@@ -123,11 +123,19 @@ pub(crate) async fn single_request<M: prost::Message + Default>(
     match reader.next::<M>().await {
         Ok(Some(msg)) => Some(msg),
         Ok(None) => {
-            trailers_only(respond, Code::InvalidArgument, "the call carried no request message");
+            trailers_only(
+                respond,
+                Code::InvalidArgument,
+                "the call carried no request message",
+            );
             None
         }
         Err(err) => {
-            trailers_only(respond, Code::InvalidArgument, &format!("reading the request: {err}"));
+            trailers_only(
+                respond,
+                Code::InvalidArgument,
+                &format!("reading the request: {err}"),
+            );
             None
         }
     }

@@ -69,12 +69,16 @@ pub fn check_link_target(components: &[&str], target: &str) -> Result<(), Reason
         match part {
             "" | "." => {}
             ".." if descended => {
-                return Err(format!("link target {target:?} climbs after a name (`..` only as a prefix)"));
+                return Err(format!(
+                    "link target {target:?} climbs after a name (`..` only as a prefix)"
+                ));
             }
             ".." => {
                 depth -= 1;
                 if depth < 0 {
-                    return Err(format!("link target {target:?} leads outside the destination"));
+                    return Err(format!(
+                        "link target {target:?} leads outside the destination"
+                    ));
                 }
             }
             _ => descended = true,
@@ -132,7 +136,14 @@ impl Destination {
 
     /// Mode, owner and mtime of a directory: applied after its contents are written (a
     /// read-only mode would stop them, and writing them changes the mtime).
-    pub fn finish_dir(&self, components: &[&str], mode: u32, uid: u32, gid: u32, mtime: i64) -> Result<(), Reason> {
+    pub fn finish_dir(
+        &self,
+        components: &[&str],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        mtime: i64,
+    ) -> Result<(), Reason> {
         let parent = self.parent(components)?;
         let dir = open_dir(&parent, components[components.len() - 1], false)?;
         self.apply(&dir, mode, uid, gid, mtime)
@@ -158,13 +169,25 @@ impl Destination {
         })
     }
 
-    pub fn commit_file(&self, mut file: PendingFile, mode: u32, uid: u32, gid: u32, mtime: i64) -> Result<(), Reason> {
+    pub fn commit_file(
+        &self,
+        mut file: PendingFile,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        mtime: i64,
+    ) -> Result<(), Reason> {
         let handle = file.file.take().expect("open until committed");
         self.apply(&handle.as_fd(), mode, uid, gid, mtime)?;
         handle.sync_all().map_err(|e| format!("fsync: {e}"))?;
         drop(handle);
-        rustix::fs::renameat(&file.parent, file.temp.as_str(), &file.parent, file.name.as_str())
-            .map_err(|e| errno("renaming into place", e))?;
+        rustix::fs::renameat(
+            &file.parent,
+            file.temp.as_str(),
+            &file.parent,
+            file.name.as_str(),
+        )
+        .map_err(|e| errno("renaming into place", e))?;
         file.temp.clear();
         let _ = rustix::fs::fsync(&file.parent);
         Ok(())
@@ -182,10 +205,21 @@ impl Destination {
         })
     }
 
-    fn apply(&self, fd: &impl AsFd, mode: u32, uid: u32, gid: u32, mtime: i64) -> Result<(), Reason> {
+    fn apply(
+        &self,
+        fd: &impl AsFd,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        mtime: i64,
+    ) -> Result<(), Reason> {
         if self.preserve_owner {
-            rustix::fs::fchown(fd, Some(rustix::fs::Uid::from_raw(uid)), Some(rustix::fs::Gid::from_raw(gid)))
-                .map_err(|e| errno("chown", e))?;
+            rustix::fs::fchown(
+                fd,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+            )
+            .map_err(|e| errno("chown", e))?;
         }
         rustix::fs::fchmod(fd, Mode::from_raw_mode(mode & 0o777)).map_err(|e| errno("chmod", e))?;
         let time = Timespec {
@@ -256,7 +290,16 @@ mod tests {
     #[test]
     fn paths_must_be_relative_and_not_climb() {
         assert_eq!(check_path("a/b/c").unwrap(), ["a", "b", "c"]);
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a/./b", "a//b", "a/", "a\0b"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a/./b",
+            "a//b",
+            "a/",
+            "a\0b",
+        ] {
             assert!(check_path(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use guest_agent_proto::grpc::{self, CHUNK_SIZE};
 use guest_agent_proto::pb::copy_to_guest_request::Request;
-use guest_agent_proto::pb::{CopyToGuestEnd, CopyToGuestRequest, CopyToGuestResponse, CopyToGuestStart};
+use guest_agent_proto::pb::{
+    CopyToGuestEnd, CopyToGuestRequest, CopyToGuestResponse, CopyToGuestStart,
+};
 use tokio::io::AsyncReadExt;
 
 use crate::{Client, ClientError};
@@ -63,55 +65,14 @@ impl Client {
         let mut entries = Vec::new();
         walk(src, dest.to_owned(), &mut entries)?;
         let (mut send, response) = self.start_call(grpc::method::COPY_TO_GUEST).await?;
-        for entry in &entries {
-            let metadata = &entry.metadata;
-            let file_type = metadata.file_type();
-            let mut start = CopyToGuestStart {
-                path: entry.dest.clone(),
-                mode: metadata.permissions().mode() & 0o7777,
-                is_dir: file_type.is_dir(),
-                size: 0,
-                mtime: metadata.mtime(),
-                uid: metadata.uid(),
-                gid: metadata.gid(),
-                is_symlink: file_type.is_symlink(),
-                link_target: String::new(),
+        let sent = send_entries(&mut send, &entries).await;
+        if let Err(err) = sent {
+            // The agent may have stopped the call: its status explains better than ours.
+            return match self.response(response).await {
+                Err(answer) => Err(answer),
+                Ok(_) => Err(err),
             };
-            if file_type.is_symlink() {
-                let target = std::fs::read_link(&entry.path).map_err(|e| local_error(&entry.path, e))?;
-                start.link_target = target.to_string_lossy().into_owned();
-                grpc::send_message(&mut send, &request(Request::Start(start))).await?;
-            } else if file_type.is_dir() {
-                grpc::send_message(&mut send, &request(Request::Start(start))).await?;
-            } else if file_type.is_file() {
-                let mut file = tokio::fs::File::open(&entry.path).await.map_err(|e| local_error(&entry.path, e))?;
-                start.size = metadata.size() as i64;
-                grpc::send_message(&mut send, &request(Request::Start(start))).await?;
-                let mut remaining = metadata.size();
-                let mut buf = vec![0u8; CHUNK_SIZE];
-                while remaining > 0 {
-                    let want = buf.len().min(remaining as usize);
-                    let n = file.read(&mut buf[..want]).await.map_err(|e| local_error(&entry.path, e))?;
-                    if n == 0 {
-                        // Dropping the call without `end` makes the agent discard the file.
-                        return Err(ClientError::Local {
-                            path: entry.path.clone(),
-                            message: "the file shrank while being copied".into(),
-                        });
-                    }
-                    remaining -= n as u64;
-                    grpc::send_message(&mut send, &request(Request::Data(buf[..n].to_vec()))).await?;
-                }
-            } else {
-                return Err(ClientError::Local {
-                    path: entry.path.clone(),
-                    message: "not a file, directory or symlink".into(),
-                });
-            }
         }
-        grpc::send_message(&mut send, &request(Request::End(CopyToGuestEnd {}))).await?;
-        // The agent may already have answered and closed the call: its answer says how.
-        let _ = send.send_data(Bytes::new(), true);
         let mut reader = self.response(response).await?;
         let answer: CopyToGuestResponse = reader
             .next()
@@ -124,8 +85,73 @@ impl Client {
             // An agent without the per-path extension: its one error string.
             vec![(String::new(), answer.error)]
         } else {
-            answer.errors.into_iter().map(|e| (e.path, e.message)).collect()
+            answer
+                .errors
+                .into_iter()
+                .map(|e| (e.path, e.message))
+                .collect()
         };
         Err(ClientError::PathErrors(errors))
     }
+}
+
+async fn send_entries(
+    send: &mut h2::SendStream<Bytes>,
+    entries: &[LocalEntry],
+) -> Result<(), ClientError> {
+    for entry in entries {
+        let metadata = &entry.metadata;
+        let file_type = metadata.file_type();
+        let mut start = CopyToGuestStart {
+            path: entry.dest.clone(),
+            mode: metadata.permissions().mode() & 0o7777,
+            is_dir: file_type.is_dir(),
+            size: 0,
+            mtime: metadata.mtime(),
+            uid: metadata.uid(),
+            gid: metadata.gid(),
+            is_symlink: file_type.is_symlink(),
+            link_target: String::new(),
+        };
+        if file_type.is_symlink() {
+            let target =
+                std::fs::read_link(&entry.path).map_err(|e| local_error(&entry.path, e))?;
+            start.link_target = target.to_string_lossy().into_owned();
+            grpc::send_message(send, &request(Request::Start(start))).await?;
+        } else if file_type.is_dir() {
+            grpc::send_message(send, &request(Request::Start(start))).await?;
+        } else if file_type.is_file() {
+            let mut file = tokio::fs::File::open(&entry.path)
+                .await
+                .map_err(|e| local_error(&entry.path, e))?;
+            start.size = metadata.size() as i64;
+            grpc::send_message(send, &request(Request::Start(start))).await?;
+            let mut remaining = metadata.size();
+            let mut buf = vec![0u8; CHUNK_SIZE];
+            while remaining > 0 {
+                let want = buf.len().min(remaining as usize);
+                let n = file
+                    .read(&mut buf[..want])
+                    .await
+                    .map_err(|e| local_error(&entry.path, e))?;
+                if n == 0 {
+                    // Dropping the call without `end` makes the agent discard the file.
+                    return Err(ClientError::Local {
+                        path: entry.path.clone(),
+                        message: "the file shrank while being copied".into(),
+                    });
+                }
+                remaining -= n as u64;
+                grpc::send_message(send, &request(Request::Data(buf[..n].to_vec()))).await?;
+            }
+        } else {
+            return Err(ClientError::Local {
+                path: entry.path.clone(),
+                message: "not a file, directory or symlink".into(),
+            });
+        }
+    }
+    grpc::send_message(send, &request(Request::End(CopyToGuestEnd {}))).await?;
+    send.send_data(Bytes::new(), true)?;
+    Ok(())
 }

@@ -7,7 +7,6 @@ use std::path::Path;
 use guest_agent_proto::grpc;
 use guest_agent_proto::pb::copy_from_guest_response::Response;
 use guest_agent_proto::pb::{CopyFromGuestHeader, CopyFromGuestRequest, CopyFromGuestResponse};
-use bytes::Bytes;
 
 use crate::confined::{Destination, PendingFile, check_path};
 use crate::{Client, ClientError};
@@ -55,9 +54,7 @@ impl Client {
             path: src.to_owned(),
             follow_links,
         };
-        grpc::send_message(&mut send, &request).await?;
-        // The agent may already have answered and closed the call: its answer says how.
-        let _ = send.send_data(Bytes::new(), true);
+        crate::send_only_message(&mut send, &request).await;
         let mut reader = self.response(response).await?;
 
         let limits = self.limits;
@@ -68,10 +65,20 @@ impl Client {
         while let Some(CopyFromGuestResponse { response }) = reader.next().await? {
             match response {
                 Some(Response::Header(header)) => {
-                    if let Current::File { header: open, received, .. } = &current {
+                    if let Current::File {
+                        header: open,
+                        received,
+                        ..
+                    } = &current
+                    {
                         if *received != open.size as u64 {
-                            return Err(refused(&open.path, format!(
-                                "a new entry began after {received} of its {} bytes", open.size)));
+                            return Err(refused(
+                                &open.path,
+                                format!(
+                                    "a new entry began after {received} of its {} bytes",
+                                    open.size
+                                ),
+                            ));
                         }
                         return Err(refused(&open.path, "a new entry began before its end"));
                     }
@@ -82,18 +89,23 @@ impl Client {
                             limit: limits.max_copy_entries,
                         });
                     }
-                    let components = check_path(&header.path).map_err(|r| refused(&header.path, r))?;
+                    let components =
+                        check_path(&header.path).map_err(|r| refused(&header.path, r))?;
                     current = if header.is_symlink {
                         dest.create_symlink(&components, &header.link_target)
                             .map_err(|r| refused(&header.path, r))?;
                         Current::Entry
                     } else if header.is_dir {
-                        dest.create_dir(&components).map_err(|r| refused(&header.path, r))?;
+                        dest.create_dir(&components)
+                            .map_err(|r| refused(&header.path, r))?;
                         dirs.push(header);
                         Current::Entry
                     } else {
                         if header.size < 0 {
-                            return Err(refused(&header.path, format!("negative size {}", header.size)));
+                            return Err(refused(
+                                &header.path,
+                                format!("negative size {}", header.size),
+                            ));
                         }
                         if report.bytes + header.size as u64 > limits.max_copy_bytes {
                             return Err(ClientError::TooLarge {
@@ -101,7 +113,9 @@ impl Client {
                                 limit: limits.max_copy_bytes,
                             });
                         }
-                        let pending = dest.create_file(&components).map_err(|r| refused(&header.path, r))?;
+                        let pending = dest
+                            .create_file(&components)
+                            .map_err(|r| refused(&header.path, r))?;
                         Current::File {
                             header,
                             pending,
@@ -110,30 +124,57 @@ impl Client {
                     };
                 }
                 Some(Response::Data(bytes)) => {
-                    let Current::File { header, pending, received } = &mut current else {
-                        return Err(refused("", format!("{} bytes of data outside any file", bytes.len())));
+                    let Current::File {
+                        header,
+                        pending,
+                        received,
+                    } = &mut current
+                    else {
+                        return Err(refused(
+                            "",
+                            format!("{} bytes of data outside any file", bytes.len()),
+                        ));
                     };
                     let new_total = *received + bytes.len() as u64;
                     if new_total > header.size as u64 {
-                        return Err(refused(&header.path, format!(
-                            "more bytes than the {} its header announced; nothing was written",
-                            header.size
-                        )));
+                        return Err(refused(
+                            &header.path,
+                            format!(
+                                "more bytes than the {} its header announced; nothing was written",
+                                header.size
+                            ),
+                        ));
                     }
-                    pending.write(&bytes).map_err(|r| refused(&header.path, r))?;
+                    pending
+                        .write(&bytes)
+                        .map_err(|r| refused(&header.path, r))?;
                     *received = new_total;
                     report.bytes += bytes.len() as u64;
                 }
                 Some(Response::End(_)) => {
-                    if let Current::File { header, pending, received } = std::mem::replace(&mut current, Current::None) {
+                    if let Current::File {
+                        header,
+                        pending,
+                        received,
+                    } = std::mem::replace(&mut current, Current::None)
+                    {
                         if received != header.size as u64 {
-                            return Err(refused(&header.path, format!(
-                                "ended after {received} of its {} bytes; nothing was written",
-                                header.size
-                            )));
+                            return Err(refused(
+                                &header.path,
+                                format!(
+                                    "ended after {received} of its {} bytes; nothing was written",
+                                    header.size
+                                ),
+                            ));
                         }
-                        dest.commit_file(pending, header.mode, header.uid, header.gid, header.mtime)
-                            .map_err(|r| refused(&header.path, r))?;
+                        dest.commit_file(
+                            pending,
+                            header.mode,
+                            header.uid,
+                            header.gid,
+                            header.mtime,
+                        )
+                        .map_err(|r| refused(&header.path, r))?;
                     }
                 }
                 Some(Response::Error(error)) => {
@@ -144,16 +185,28 @@ impl Client {
                 None => {}
             }
         }
-        if let Current::File { header, received, .. } = &current {
-            return Err(refused(&header.path, format!(
-                "the copy ended after {received} of its {} bytes; nothing was written",
-                header.size
-            )));
+        if let Current::File {
+            header, received, ..
+        } = &current
+        {
+            return Err(refused(
+                &header.path,
+                format!(
+                    "the copy ended after {received} of its {} bytes; nothing was written",
+                    header.size
+                ),
+            ));
         }
         // Deepest first: a parent's mode could forbid finishing its children.
         for header in dirs.iter().rev() {
             let components = check_path(&header.path).map_err(|r| refused(&header.path, r))?;
-            if let Err(reason) = dest.finish_dir(&components, header.mode, header.uid, header.gid, header.mtime) {
+            if let Err(reason) = dest.finish_dir(
+                &components,
+                header.mode,
+                header.uid,
+                header.gid,
+                header.mtime,
+            ) {
                 errors.push((header.path.clone(), reason));
             }
         }
@@ -164,4 +217,3 @@ impl Client {
         }
     }
 }
-

@@ -123,7 +123,11 @@ impl Client {
                             exit_code,
                         });
                     }
-                    None => return Err(ClientError::Truncated("the exec ended without an exit code")),
+                    None => {
+                        return Err(ClientError::Truncated(
+                            "the exec ended without an exit code",
+                        ));
+                    }
                 }
                 if stdout.len() + stderr.len() > limit {
                     return Err(ClientError::TooLarge {

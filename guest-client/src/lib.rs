@@ -16,8 +16,8 @@ use std::path::Path;
 use bytes::Bytes;
 use guest_agent_proto::grpc::{self, MessageReader};
 use guest_agent_proto::pb::{StatPathRequest, StatPathResponse};
-use h2::client::{ResponseFuture, SendRequest};
 use h2::SendStream;
+use h2::client::{ResponseFuture, SendRequest};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
@@ -61,18 +61,21 @@ impl Client {
     /// Connects through a hybrid vsock socket (Cloud Hypervisor's `--vsock socket=PATH`):
     /// `CONNECT <port>\n`, then `OK <port>\n`, then the stream is the agent's.
     pub async fn connect(socket: &Path, port: u32) -> Result<Client, ClientError> {
-        let stream = UnixStream::connect(socket).await.map_err(|source| {
-            ClientError::Connect {
-                socket: socket.to_owned(),
-                message: format!("{source} (is the VM running with a vsock device on this socket?)"),
-            }
-        })?;
-        let stream = hybrid_handshake(stream, port)
+        let stream = UnixStream::connect(socket)
             .await
-            .map_err(|message| ClientError::Connect {
+            .map_err(|source| ClientError::Connect {
                 socket: socket.to_owned(),
-                message,
+                message: format!(
+                    "{source} (is the VM running with a vsock device on this socket?)"
+                ),
             })?;
+        let stream =
+            hybrid_handshake(stream, port)
+                .await
+                .map_err(|message| ClientError::Connect {
+                    socket: socket.to_owned(),
+                    message,
+                })?;
         Client::handshake(stream, Limits::default()).await
     }
 
@@ -100,15 +103,17 @@ impl Client {
         self
     }
 
-    pub async fn stat(&self, path: &str, follow_links: bool) -> Result<StatPathResponse, ClientError> {
+    pub async fn stat(
+        &self,
+        path: &str,
+        follow_links: bool,
+    ) -> Result<StatPathResponse, ClientError> {
         let (mut send, response) = self.start_call(grpc::method::STAT_PATH).await?;
         let request = StatPathRequest {
             path: path.to_owned(),
             follow_links,
         };
-        grpc::send_message(&mut send, &request).await?;
-        // The agent may already have answered and closed the call: its answer says how.
-        let _ = send.send_data(Bytes::new(), true);
+        send_only_message(&mut send, &request).await;
         let mut reader = self.response(response).await?;
         reader
             .next::<StatPathResponse>()
@@ -116,7 +121,10 @@ impl Client {
             .ok_or(ClientError::Truncated("StatPath returned no response"))
     }
 
-    async fn start_call(&self, method: &str) -> Result<(SendStream<Bytes>, ResponseFuture), ClientError> {
+    async fn start_call(
+        &self,
+        method: &str,
+    ) -> Result<(SendStream<Bytes>, ResponseFuture), ClientError> {
         let mut h2 = self.h2.clone().ready().await?;
         let request = http::Request::builder()
             .method(http::Method::POST)
@@ -138,7 +146,19 @@ impl Client {
             ))));
         }
         grpc::check_status(response.headers())?;
-        Ok(MessageReader::new(response.into_body(), self.limits.max_message))
+        Ok(MessageReader::new(
+            response.into_body(),
+            self.limits.max_message,
+        ))
+    }
+}
+
+/// The one request message of a unary or server-streaming call, then the half-close. A
+/// failure here is not reported: the agent may already have answered and closed the call,
+/// and reading its answer says what happened.
+async fn send_only_message<M: prost::Message>(send: &mut SendStream<Bytes>, message: &M) {
+    if grpc::send_message(send, message).await.is_ok() {
+        let _ = send.send_data(Bytes::new(), true);
     }
 }
 

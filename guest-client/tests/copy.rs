@@ -13,7 +13,8 @@ use guest_agent_proto::pb::{CopyToGuestRequest, CopyToGuestStart};
 
 fn set_mtime(path: &Path, secs: u64) {
     let file = std::fs::File::open(path).unwrap();
-    file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)).unwrap();
+    file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+        .unwrap();
 }
 
 fn noise(len: usize, seed: u64) -> Vec<u8> {
@@ -34,7 +35,11 @@ fn make_tree(root: &Path) {
     std::fs::write(root.join("a.txt"), b"alpha\n").unwrap();
     std::fs::write(root.join("sub/b.bin"), noise(3 << 20, 7)).unwrap();
     std::fs::set_permissions(root.join("a.txt"), std::fs::Permissions::from_mode(0o640)).unwrap();
-    std::fs::set_permissions(root.join("sub/b.bin"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        root.join("sub/b.bin"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     symlink("a.txt", root.join("link")).unwrap();
     set_mtime(&root.join("a.txt"), 1_000_000_000);
     set_mtime(&root.join("sub/b.bin"), 1_100_000_000);
@@ -46,10 +51,17 @@ fn make_tree(root: &Path) {
 fn assert_same_tree(a: &Path, b: &Path) {
     for rel in ["", "a.txt", "sub", "sub/b.bin", "link"] {
         let (pa, pb) = (a.join(rel), b.join(rel));
-        let (ma, mb) = (std::fs::symlink_metadata(&pa).unwrap(), std::fs::symlink_metadata(&pb).unwrap());
+        let (ma, mb) = (
+            std::fs::symlink_metadata(&pa).unwrap(),
+            std::fs::symlink_metadata(&pb).unwrap(),
+        );
         assert_eq!(ma.file_type(), mb.file_type(), "{rel}: type");
         if ma.file_type().is_symlink() {
-            assert_eq!(std::fs::read_link(&pa).unwrap(), std::fs::read_link(&pb).unwrap(), "{rel}: target");
+            assert_eq!(
+                std::fs::read_link(&pa).unwrap(),
+                std::fs::read_link(&pb).unwrap(),
+                "{rel}: target"
+            );
             continue;
         }
         assert_eq!(ma.mode() & 0o7777, mb.mode() & 0o7777, "{rel}: mode");
@@ -57,7 +69,10 @@ fn assert_same_tree(a: &Path, b: &Path) {
             assert_eq!(ma.mtime(), mb.mtime(), "{rel}: mtime");
         }
         if ma.is_file() {
-            assert!(std::fs::read(&pa).unwrap() == std::fs::read(&pb).unwrap(), "{rel}: bytes");
+            assert!(
+                std::fs::read(&pa).unwrap() == std::fs::read(&pb).unwrap(),
+                "{rel}: bytes"
+            );
         }
     }
 }
@@ -70,12 +85,18 @@ async fn copy_a_tree_in_and_out() {
     make_tree(&src);
 
     let guest = dir.path().join("guest/tree");
-    let written = client.copy_to_guest(&src, guest.to_str().unwrap()).await.unwrap();
+    let written = client
+        .copy_to_guest(&src, guest.to_str().unwrap())
+        .await
+        .unwrap();
     assert_eq!(written, 6 + (3 << 20));
     assert_same_tree(&src, &guest);
 
     let out = dir.path().join("out");
-    let report = client.copy_from_guest(guest.to_str().unwrap(), &out, false, false).await.unwrap();
+    let report = client
+        .copy_from_guest(guest.to_str().unwrap(), &out, false, false)
+        .await
+        .unwrap();
     assert_eq!(report.entries, 5);
     assert_eq!(report.bytes, 6 + (3 << 20));
     assert_same_tree(&src, &out.join("tree"));
@@ -88,15 +109,27 @@ async fn copy_a_single_file_and_report_missing_paths() {
     let src = dir.path().join("one.bin");
     std::fs::write(&src, noise(50 << 20, 3)).unwrap();
     let guest = dir.path().join("guest-one.bin");
-    client.copy_to_guest(&src, guest.to_str().unwrap()).await.unwrap();
+    client
+        .copy_to_guest(&src, guest.to_str().unwrap())
+        .await
+        .unwrap();
     let out = dir.path().join("out");
-    client.copy_from_guest(guest.to_str().unwrap(), &out, false, false).await.unwrap();
+    client
+        .copy_from_guest(guest.to_str().unwrap(), &out, false, false)
+        .await
+        .unwrap();
     assert!(std::fs::read(&src).unwrap() == std::fs::read(out.join("guest-one.bin")).unwrap());
 
     let missing = dir.path().join("nope");
-    let err = client.copy_from_guest(missing.to_str().unwrap(), &out, false, false).await.unwrap_err();
+    let err = client
+        .copy_from_guest(missing.to_str().unwrap(), &out, false, false)
+        .await
+        .unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("nope") && text.contains("No such file"), "{text}");
+    assert!(
+        text.contains("nope") && text.contains("No such file"),
+        "{text}"
+    );
 }
 
 /// A transfer cut in the middle of a file (the host's stream reset) leaves neither the file
@@ -129,8 +162,12 @@ async fn a_cut_copy_leaves_no_file() {
         ..Default::default()
     };
     let msg = |r| CopyToGuestRequest { request: Some(r) };
-    grpc::send_message(&mut send, &msg(Request::Start(start))).await.unwrap();
-    grpc::send_message(&mut send, &msg(Request::Data(vec![7; 64 << 10]))).await.unwrap();
+    grpc::send_message(&mut send, &msg(Request::Start(start)))
+        .await
+        .unwrap();
+    grpc::send_message(&mut send, &msg(Request::Data(vec![7; 64 << 10])))
+        .await
+        .unwrap();
     // The temporary exists while the transfer runs...
     for _ in 0..200 {
         if std::fs::read_dir(&target_dir).unwrap().count() == 1 {
@@ -138,7 +175,11 @@ async fn a_cut_copy_leaves_no_file() {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert_eq!(std::fs::read_dir(&target_dir).unwrap().count(), 1, "the temporary file");
+    assert_eq!(
+        std::fs::read_dir(&target_dir).unwrap().count(),
+        1,
+        "the temporary file"
+    );
     // ...and the connection is cut.
     drop(send);
     drop(h2);
@@ -149,7 +190,10 @@ async fn a_cut_copy_leaves_no_file() {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let left: Vec<_> = std::fs::read_dir(&target_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(&target_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
@@ -166,7 +210,10 @@ async fn stat_file_dir_symlink_and_missing() {
     assert!(s.exists && s.is_file && !s.is_dir && !s.is_symlink);
     assert_eq!((s.size, s.mode), (5, 0o604));
 
-    let s = client.stat(dir.path().to_str().unwrap(), false).await.unwrap();
+    let s = client
+        .stat(dir.path().to_str().unwrap(), false)
+        .await
+        .unwrap();
     assert!(s.exists && s.is_dir && !s.is_file);
 
     let link = dir.path().join("l");
@@ -176,6 +223,9 @@ async fn stat_file_dir_symlink_and_missing() {
     let s = client.stat(link.to_str().unwrap(), true).await.unwrap();
     assert!(s.exists && s.is_file && !s.is_symlink);
 
-    let s = client.stat(dir.path().join("missing").to_str().unwrap(), false).await.unwrap();
+    let s = client
+        .stat(dir.path().join("missing").to_str().unwrap(), false)
+        .await
+        .unwrap();
     assert!(!s.exists && s.error.is_empty());
 }

@@ -42,7 +42,10 @@ async fn outputs_exit_codes_env_cwd_and_default_shell() {
 
     // An empty command is /bin/sh, reading its script from stdin.
     let out = run(&client, ExecSpec::default(), b"echo from-sh; exit 3\n").await;
-    assert_eq!((out.stdout.as_slice(), out.exit_code), (&b"from-sh\n"[..], 3));
+    assert_eq!(
+        (out.stdout.as_slice(), out.exit_code),
+        (&b"from-sh\n"[..], 3)
+    );
 
     let out = run(&client, ExecSpec::command(["/nonexistent/tool"]), b"").await;
     assert_eq!(out.exit_code, 127);
@@ -94,11 +97,20 @@ async fn output_arrives_while_the_process_runs() {
     let dir = common::temp_dir();
     let client = common::connect(&common::agent_socket(dir.path())).await;
     // The process cannot go on until we answer: its first line must reach us before that.
-    let mut exec = client.exec(sh("echo first; read reply; echo second $reply")).await.unwrap();
-    assert_eq!(exec.output.next().await.unwrap(), Some(ExecEvent::Stdout(b"first\n".to_vec())));
+    let mut exec = client
+        .exec(sh("echo first; read reply; echo second $reply"))
+        .await
+        .unwrap();
+    assert_eq!(
+        exec.output.next().await.unwrap(),
+        Some(ExecEvent::Stdout(b"first\n".to_vec()))
+    );
     exec.input.write(b"go\n").await.unwrap();
     exec.input.close().await.unwrap();
-    assert_eq!(exec.output.next().await.unwrap(), Some(ExecEvent::Stdout(b"second go\n".to_vec())));
+    assert_eq!(
+        exec.output.next().await.unwrap(),
+        Some(ExecEvent::Stdout(b"second go\n".to_vec()))
+    );
     assert_eq!(exec.output.next().await.unwrap(), Some(ExecEvent::Exit(0)));
 }
 
@@ -107,7 +119,9 @@ async fn collect(exec: &mut guest_client::Exec) -> (String, i32) {
     loop {
         match exec.output.next().await.unwrap() {
             Some(ExecEvent::Stdout(bytes)) | Some(ExecEvent::Stderr(bytes)) => text.extend(bytes),
-            Some(ExecEvent::Exit(code)) => return (String::from_utf8_lossy(&text).into_owned(), code),
+            Some(ExecEvent::Exit(code)) => {
+                return (String::from_utf8_lossy(&text).into_owned(), code);
+            }
             None => panic!("exec ended without an exit code"),
         }
     }
@@ -118,7 +132,10 @@ async fn read_until(exec: &mut guest_client::Exec, needle: &str) -> String {
     while !String::from_utf8_lossy(&text).contains(needle) {
         match exec.output.next().await.unwrap() {
             Some(ExecEvent::Stdout(bytes)) => text.extend(bytes),
-            other => panic!("waiting for {needle:?}, got {other:?} after {:?}", String::from_utf8_lossy(&text)),
+            other => panic!(
+                "waiting for {needle:?}, got {other:?} after {:?}",
+                String::from_utf8_lossy(&text)
+            ),
         }
     }
     String::from_utf8_lossy(&text).into_owned()
@@ -186,7 +203,12 @@ async fn timeout_kills_and_reports_124_and_signals_reach_the_group() {
 fn alive(pid: u32) -> bool {
     // A zombie is dead: it only waits for its parent to reap it.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -247,7 +269,10 @@ async fn sixteen_concurrent_execs_on_one_connection() {
     let mut seen = Vec::new();
     while let Some(done) = calls.join_next().await {
         let (i, out) = done.unwrap();
-        assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("exec-{i}-ok\n"));
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            format!("exec-{i}-ok\n")
+        );
         assert_eq!(out.exit_code, 0);
         seen.push(i);
     }

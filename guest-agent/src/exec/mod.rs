@@ -252,7 +252,10 @@ async fn read_requests(
                 Ok(())
             }
             Some(Request::Resize(size)) => {
-                let size = (size.rows.min(u16::MAX as u32) as u16, size.cols.min(u16::MAX as u32) as u16);
+                let size = (
+                    size.rows.min(u16::MAX as u32) as u16,
+                    size.cols.min(u16::MAX as u32) as u16,
+                );
                 control.send(Control::Resize(size)).await
             }
             Some(Request::Signal(signal)) => control.send(Control::Signal(signal)).await,
@@ -300,7 +303,11 @@ async fn pump_pipe<R: AsyncRead + Unpin>(
         match pipe.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                if tx.send(wrap(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                if tx
+                    .send(wrap(Bytes::copy_from_slice(&buf[..n])))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -314,7 +321,11 @@ async fn pump_pty(pty: Arc<Pty>, tx: mpsc::Sender<Output>) {
         match pty.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                if tx.send(Output::Stdout(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                if tx
+                    .send(Output::Stdout(Bytes::copy_from_slice(&buf[..n])))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -101,9 +101,16 @@ pub(crate) fn spawn(start: &ExecStart) -> Result<Process, SpawnError> {
         }
     }
     command.envs(&start.env);
-    command.current_dir(if start.cwd.is_empty() { "/" } else { &start.cwd });
+    command.current_dir(if start.cwd.is_empty() {
+        "/"
+    } else {
+        &start.cwd
+    });
 
-    let groups: Vec<libc::gid_t> = credentials.as_ref().map(|c| c.groups.clone()).unwrap_or_default();
+    let groups: Vec<libc::gid_t> = credentials
+        .as_ref()
+        .map(|c| c.groups.clone())
+        .unwrap_or_default();
     let ids = credentials.as_ref().map(|c| (c.uid, c.gid));
     let exec_error = |source| SpawnError::Exec {
         argv0: argv[0].clone(),

@@ -30,7 +30,10 @@ where
                 }
                 line.push(byte[0]);
             }
-            assert_eq!(line, b"CONNECT 2222\n", "the client's hybrid vsock handshake");
+            assert_eq!(
+                line, b"CONNECT 2222\n",
+                "the client's hybrid vsock handshake"
+            );
             stream.write_all(b"OK 2222\n").await.unwrap();
             tokio::spawn(serve(stream));
         }
