@@ -376,3 +376,90 @@ fn set_mtime(file: &Result<File, String>, mtime: i64) -> Result<(), String> {
     file.set_modified(time)
         .map_err(|e| format!("setting mtime: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &Path, size: i64) -> CopyToGuestStart {
+        CopyToGuestStart {
+            path: path.to_str().unwrap().to_owned(),
+            mode: 0o640,
+            size,
+            mtime: 1_000_000_000,
+            ..Default::default()
+        }
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_file_appears_only_when_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut writer = Writer::default();
+        writer.start(file(&path, 6));
+        writer.data(b"abc");
+        assert!(!path.exists(), "no half file under the final name");
+        writer.data(b"def");
+        assert_eq!(std::fs::read(&path).unwrap(), b"abcdef");
+        let meta = std::fs::metadata(&path).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!((meta.mode() & 0o777, meta.mtime()), (0o640, 1_000_000_000));
+        writer.end();
+        let response = writer.finish();
+        assert!(response.success, "{}", response.error);
+        assert_eq!(response.bytes_written, 6);
+    }
+
+    #[test]
+    fn a_cut_transfer_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut writer = Writer::default();
+        writer.start(file(&path, 100));
+        writer.data(&[1; 40]);
+        assert_eq!(entries(dir.path()).len(), 1, "the temporary");
+        let response = writer.finish();
+        assert!(entries(dir.path()).is_empty());
+        assert!(!response.success);
+        assert_eq!(response.errors.len(), 1);
+        assert_eq!(response.errors[0].path, path.to_str().unwrap());
+        assert!(
+            response.errors[0].message.contains("40 of its 100"),
+            "{}",
+            response.error
+        );
+    }
+
+    #[test]
+    fn errors_are_per_path_and_the_transfer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let over = dir.path().join("over");
+        let blocked = dir.path().join("blocker/inner");
+        std::fs::write(dir.path().join("blocker"), b"a file, not a dir").unwrap();
+        let good = dir.path().join("good");
+        let mut writer = Writer::default();
+        writer.start(file(&over, 2));
+        writer.data(b"too long");
+        writer.start(file(&blocked, 1));
+        writer.data(b"x");
+        writer.start(file(&good, 2));
+        writer.data(b"ok");
+        writer.end();
+        let response = writer.finish();
+        let failed: Vec<_> = response.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(failed, [over.to_str().unwrap(), blocked.to_str().unwrap()]);
+        assert!(response.error.contains("more bytes than the 2 announced"));
+        assert_eq!(std::fs::read(&good).unwrap(), b"ok");
+        assert!(!over.exists());
+        assert_eq!(entries(dir.path()), ["blocker", "good"]);
+    }
+}
