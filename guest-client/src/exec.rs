@@ -140,10 +140,10 @@ impl Client {
         let (fed, collected) = tokio::join!(feed, collect);
         let collected = collected?;
         // A process that exits without reading all its stdin is not an error.
-        if let Err(err) = fed {
-            if !matches!(err, ClientError::Grpc(_)) {
-                return Err(err);
-            }
+        if let Err(err) = fed
+            && !matches!(err, ClientError::Grpc(_))
+        {
+            return Err(err);
         }
         Ok(collected)
     }

@@ -66,7 +66,7 @@ async fn serve_fake(stream: UnixStream, fake: Arc<Fake>, sent: Arc<AtomicU64>) {
                         }
                     }
                     Fake::EndlessEntries => {
-                        if n % 2 == 0 {
+                        if n.is_multiple_of(2) {
                             grpc::encode(&send(Response::Header(file(&format!("f{n}"), 0))))
                         } else {
                             grpc::encode(&send(Response::End(CopyFromGuestEnd { r#final: false })))

@@ -240,10 +240,10 @@ async fn read_requests(
         };
         let sent = match request.request {
             Some(Request::Stdin(bytes)) => {
-                if let Some(tx) = &stdin {
-                    if tx.send(Bytes::from(bytes)).await.is_err() {
-                        stdin = None; // the process closed its stdin: drop what comes
-                    }
+                if let Some(tx) = &stdin
+                    && tx.send(Bytes::from(bytes)).await.is_err()
+                {
+                    stdin = None; // the process closed its stdin: drop what comes
                 }
                 Ok(())
             }

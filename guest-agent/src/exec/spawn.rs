@@ -95,10 +95,10 @@ pub(crate) fn spawn(start: &ExecStart) -> Result<Process, SpawnError> {
     };
     let mut command = Command::new(&argv[0]);
     command.args(&argv[1..]);
-    if let Some(credentials) = &credentials {
-        if !start.env.contains_key("HOME") {
-            command.env("HOME", &credentials.home);
-        }
+    if let Some(credentials) = &credentials
+        && !start.env.contains_key("HOME")
+    {
+        command.env("HOME", &credentials.home);
     }
     command.envs(&start.env);
     command.current_dir(if start.cwd.is_empty() {
