@@ -481,6 +481,9 @@ mod tests {
             "system",
             "guest-protocol",
             "guest-init",
+            "guest-agent-proto",
+            "guest-agent",
+            "guest-client",
             "xtask",
             "testkit",
         ] {
