@@ -50,6 +50,13 @@ async fn outputs_exit_codes_env_cwd_and_default_shell() {
     let out = run(&client, ExecSpec::command(["/nonexistent/tool"]), b"").await;
     assert_eq!(out.exit_code, 127);
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tool"));
+
+    let mut spec = ExecSpec::command(["true"]);
+    spec.cwd = "/nonexistent/dir".to_owned();
+    let out = run(&client, spec, b"").await;
+    assert_eq!(out.exit_code, 126);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cwd \"/nonexistent/dir\""), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,6 +40,8 @@ pub(crate) enum SpawnError {
     Pty(io::Error),
     #[error("{0}")]
     User(#[from] UserError),
+    #[error("cwd {cwd:?} is not a directory in the guest: {reason}")]
+    Cwd { cwd: String, reason: String },
 }
 
 impl SpawnError {
@@ -101,11 +103,22 @@ pub(crate) fn spawn(start: &ExecStart) -> Result<Process, SpawnError> {
         command.env("HOME", &credentials.home);
     }
     command.envs(&start.env);
-    command.current_dir(if start.cwd.is_empty() {
+    let cwd = if start.cwd.is_empty() {
         "/"
     } else {
         &start.cwd
-    });
+    };
+    // Checked here: a failed chdir in the child would read as "command not found".
+    let not_a_dir = |reason: String| SpawnError::Cwd {
+        cwd: cwd.to_owned(),
+        reason,
+    };
+    match std::fs::metadata(cwd) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(not_a_dir("not a directory".into())),
+        Err(err) => return Err(not_a_dir(err.to_string())),
+    }
+    command.current_dir(cwd);
 
     let groups: Vec<libc::gid_t> = credentials
         .as_ref()
