@@ -286,3 +286,32 @@ async fn sixteen_concurrent_execs_on_one_connection() {
     seen.sort();
     assert_eq!(seen, (0..16).collect::<Vec<_>>());
 }
+
+/// A host that does not read holds the process back (a full pipe), not the agent's memory:
+/// 64 MiB of output cannot all be produced while nobody reads, and all of it arrives later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_is_held_back_by_a_host_that_does_not_read() {
+    let dir = common::temp_dir();
+    let client = common::connect(&common::agent_socket(dir.path())).await;
+    let marker = dir.path().join("all-written");
+    let script = format!("head -c 67108864 /dev/zero; touch {}", marker.display());
+    let mut exec = client.exec(sh(&script)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !marker.exists(),
+        "64 MiB were written while nobody read: the agent buffered them"
+    );
+    let mut received = 0usize;
+    loop {
+        match exec.output.next().await.unwrap() {
+            Some(ExecEvent::Stdout(bytes)) => received += bytes.len(),
+            Some(ExecEvent::Exit(code)) => {
+                assert_eq!(code, 0);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(received, 64 << 20);
+    assert!(marker.exists());
+}

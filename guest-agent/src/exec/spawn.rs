@@ -62,6 +62,18 @@ pub(crate) struct ProcessGroup {
 }
 
 impl ProcessGroup {
+    /// The group a just-spawned child leads. Never pgid 0 or less: `kill(0)` would hit the
+    /// agent's own group.
+    fn led_by(child: &Child) -> ProcessGroup {
+        match child.id().and_then(|pid| i32::try_from(pid).ok()) {
+            Some(pgid) if pgid > 0 => ProcessGroup { pgid, armed: true },
+            _ => ProcessGroup {
+                pgid: 0,
+                armed: false,
+            },
+        }
+    }
+
     pub(crate) fn signal(&self, signal: i32) {
         if self.armed {
             // SAFETY: kill has no memory effects; ESRCH (group gone) is fine to ignore.
@@ -151,10 +163,10 @@ pub(crate) fn spawn(start: &ExecStart) -> Result<Process, SpawnError> {
         }
         let child = command.spawn().map_err(exec_error)?;
         drop(command); // closes our copies of the slave: EOF on the master once the process exits
-        let pgid = child.id().unwrap_or(0) as i32;
+        let group = ProcessGroup::led_by(&child);
         Ok(Process {
             child,
-            group: ProcessGroup { pgid, armed: true },
+            group,
             io: Io::Tty(Arc::new(pty)),
         })
     } else {
@@ -167,17 +179,13 @@ pub(crate) fn spawn(start: &ExecStart) -> Result<Process, SpawnError> {
             command.pre_exec(move || become_user(ids, &groups));
         }
         let mut child = command.spawn().map_err(exec_error)?;
-        let pgid = child.id().unwrap_or(0) as i32;
+        let group = ProcessGroup::led_by(&child);
         let io = Io::Pipes {
             stdin: child.stdin.take().expect("stdin is piped"),
             stdout: child.stdout.take().expect("stdout is piped"),
             stderr: child.stderr.take().expect("stderr is piped"),
         };
-        Ok(Process {
-            child,
-            group: ProcessGroup { pgid, armed: true },
-            io,
-        })
+        Ok(Process { child, group, io })
     }
 }
 
