@@ -57,6 +57,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "busybox-static",
         "the VM tests' rootfs has a shell and tools",
     ),
+    (
+        "python3-grpcio",
+        "an independent gRPC client (Python) checks the guest agent's wire contract",
+    ),
+    (
+        "python3-grpc-tools",
+        "generates that client's stubs from guest.proto",
+    ),
 ];
 
 /// The targets rust-toolchain.toml lists, added with rustup (a no-op when present).
