@@ -27,6 +27,20 @@ enum Current {
     },
 }
 
+/// A guest's text, at most 1 KiB of it.
+fn shorten(mut text: String) -> String {
+    const MAX: usize = 1024;
+    if text.len() > MAX {
+        let mut end = MAX;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 fn refused(path: &str, reason: impl Into<String>) -> ClientError {
     ClientError::Refused {
         path: path.to_owned(),
@@ -179,8 +193,17 @@ impl Client {
                 }
                 Some(Response::Error(error)) => {
                     // The guest could not read this path; a file in progress is discarded.
+                    // Errors count as entries, and their text is cut short, so a guest
+                    // cannot grow this list without bound.
                     current = Current::None;
-                    errors.push((error.path, error.message));
+                    report.entries += 1;
+                    if report.entries > limits.max_copy_entries {
+                        return Err(ClientError::TooLarge {
+                            what: "entries",
+                            limit: limits.max_copy_entries,
+                        });
+                    }
+                    errors.push((shorten(error.path), shorten(error.message)));
                 }
                 None => {}
             }

@@ -12,7 +12,7 @@ use guest_agent_proto::grpc;
 use guest_agent_proto::pb::copy_from_guest_response::Response;
 use guest_agent_proto::pb::exec_response;
 use guest_agent_proto::pb::{
-    CopyFromGuestEnd, CopyFromGuestHeader, CopyFromGuestResponse, ExecResponse,
+    CopyFromGuestEnd, CopyFromGuestError, CopyFromGuestHeader, CopyFromGuestResponse, ExecResponse,
 };
 use guest_client::{Client, ClientError, ExecSpec, Limits};
 use tokio::net::UnixStream;
@@ -25,6 +25,8 @@ enum Fake {
     Oversized { announced: i64, total: u64 },
     /// Empty files, forever.
     EndlessEntries,
+    /// Per-path errors with long messages, forever.
+    EndlessErrors,
     /// Exec output, forever.
     EndlessStdout,
     /// One 5 MiB message.
@@ -71,6 +73,12 @@ async fn serve_fake(stream: UnixStream, fake: Arc<Fake>, sent: Arc<AtomicU64>) {
                         } else {
                             grpc::encode(&send(Response::End(CopyFromGuestEnd { r#final: false })))
                         }
+                    }
+                    Fake::EndlessErrors => {
+                        grpc::encode(&send(Response::Error(CopyFromGuestError {
+                            message: "e".repeat(1 << 20),
+                            path: format!("f{n}"),
+                        })))
                     }
                     Fake::EndlessStdout => grpc::encode(&ExecResponse {
                         response: Some(exec_response::Response::Stdout(vec![b'y'; 32 << 10])),
@@ -330,6 +338,24 @@ async fn announced_sizes_and_entry_counts_are_capped() {
 
     let dir = common::temp_dir();
     let (client, _) = fake_client(dir.path(), Fake::EndlessEntries, limits).await;
+    let err = client
+        .copy_from_guest("/x", &dir.path().join("dest"), false, false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::TooLarge {
+                what: "entries",
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    // Errors count as entries: 1 MiB messages, forever, are cut off at the same limit.
+    let dir = common::temp_dir();
+    let (client, _) = fake_client(dir.path(), Fake::EndlessErrors, limits).await;
     let err = client
         .copy_from_guest("/x", &dir.path().join("dest"), false, false)
         .await
