@@ -6,6 +6,7 @@ mod bench;
 mod lock;
 mod test;
 mod test_initrd;
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -27,6 +28,7 @@ enum Command {
     Lock(lock::LockCmd),
     Test(test::Test),
     TestInitrd(test_initrd::TestInitrd),
+    Vm(vm::Vm),
 }
 
 impl Cli {
@@ -37,6 +39,7 @@ impl Cli {
             Command::Lock(cmd) => cmd.run(),
             Command::Test(cmd) => cmd.run(),
             Command::TestInitrd(cmd) => cmd.run(),
+            Command::Vm(cmd) => cmd.run(),
         }
     }
 }
