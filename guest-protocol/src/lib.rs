@@ -10,11 +10,14 @@
 //!   [`parse_exit_line`].
 //! - [`module_groups`]: drivers on demand: PCI patterns and the initrd's groups file, written
 //!   by the initrd builder and read by guest-init.
+//! - [`user`]: `user` (name, uid, name:group, uid:gid) resolved against an image's
+//!   /etc/passwd and /etc/group; guest-init and the guest agent both use it.
 
 pub mod cmdline;
 pub mod config;
 pub mod exit;
 pub mod module_groups;
+pub mod user;
 
 pub use cmdline::{BootOptions, CmdlineKey, Writable};
 pub use config::{Config, ConfigError, InitMode, Network, VolumeMode, VolumeMount};

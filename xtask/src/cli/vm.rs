@@ -1,13 +1,22 @@
-use std::path::PathBuf;
+//! `cargo xtask vm run|exec|cp`: boot the store's artifacts under QEMU (`xtask::vm`), and a
+//! developer's hands on a running VM's guest agent, through Cloud Hypervisor's hybrid vsock
+//! socket (`--vsock socket=PATH`). All the protocol work is `guest-client`'s; this file only
+//! moves bytes between it and the terminal.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::{Context, bail};
+use guest_client::{Client, ExecEvent, ExecSpec};
 use system::Arch;
 use system::lock::Version;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xtask::vm::{RunOptions, run};
 
 use super::from_workspace;
 
-/// Boot artifacts from the store under QEMU.
 #[derive(clap::Args)]
 pub struct Vm {
     #[command(subcommand)]
@@ -19,6 +28,13 @@ enum VmCommand {
     /// Boot a kernel + initrd version from the store (resolved and verified through `system`)
     /// with a rootfs and a command; print the console and exit with the app's exit code.
     Run(Run),
+    /// Run a command in the guest: `cargo xtask vm exec --socket vsock.sock -- ls -l /`.
+    /// Stdin, stdout and stderr are streamed; the exit code is the command's.
+    Exec(Exec),
+    /// Copy between host and guest; the guest side is written `guest:PATH`:
+    /// `cargo xtask vm cp --socket vsock.sock ./dir guest:/srv/dir`, or
+    /// `cargo xtask vm cp --socket vsock.sock guest:/var/log ./out` (lands in ./out/log).
+    Cp(Cp),
 }
 
 #[derive(clap::Args)]
@@ -56,9 +72,64 @@ struct Run {
     command: Vec<String>,
 }
 
+#[derive(clap::Args)]
+struct Exec {
+    /// The VM's hybrid vsock Unix socket.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Run on a terminal (raw mode here, the local window size there).
+    #[arg(long, short)]
+    tty: bool,
+    /// User in the guest: name, uid, name:group or uid:gid.
+    #[arg(long, short, default_value = "")]
+    user: String,
+    /// Working directory in the guest.
+    #[arg(long, short = 'w', default_value = "")]
+    cwd: String,
+    /// KEY=VALUE over the application's environment (repeatable).
+    #[arg(long, short, value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Seconds before the command's process group is killed (exit code 124); 0: none.
+    #[arg(long, default_value_t = 0)]
+    timeout: i32,
+    /// The command; none runs /bin/sh.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct Cp {
+    #[arg(long)]
+    socket: PathBuf,
+    /// Apply the guest's owners when copying out (needs root here).
+    #[arg(long)]
+    preserve_owner: bool,
+    src: String,
+    dst: String,
+}
+
 impl Vm {
     pub fn run(self) -> anyhow::Result<()> {
-        let VmCommand::Run(args) = self.command;
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")
+        };
+        match self.command {
+            VmCommand::Run(args) => args.run(),
+            VmCommand::Exec(exec) => {
+                let code = runtime()?.block_on(exec.run())?;
+                std::process::exit(code);
+            }
+            VmCommand::Cp(cp) => runtime()?.block_on(cp.run()),
+        }
+    }
+}
+
+impl Run {
+    fn run(self) -> anyhow::Result<()> {
+        let args = self;
         let outcome = run(&RunOptions {
             data_dir: from_workspace(&args.data_dir),
             lock: args.lock.as_deref().map(from_workspace),
@@ -79,5 +150,143 @@ impl Vm {
             outcome.initrd.display()
         );
         std::process::exit(i32::from(outcome.exit.code))
+    }
+}
+
+async fn connect(socket: &Path) -> anyhow::Result<Client> {
+    Ok(Client::connect(socket, guest_client::AGENT_PORT).await?)
+}
+
+impl Exec {
+    async fn run(self) -> anyhow::Result<i32> {
+        let mut env = HashMap::new();
+        for pair in &self.env {
+            let Some((key, value)) = pair.split_once('=') else {
+                bail!("--env {pair:?} is not KEY=VALUE");
+            };
+            env.insert(key.to_owned(), value.to_owned());
+        }
+        let window_size = self
+            .tty
+            .then(|| rustix::termios::tcgetwinsize(std::io::stdout()).ok())
+            .flatten()
+            .map(|w| (w.ws_row, w.ws_col));
+        let spec = ExecSpec {
+            command: self.command,
+            tty: self.tty,
+            env,
+            cwd: self.cwd,
+            timeout_seconds: self.timeout,
+            user: self.user,
+            window_size,
+        };
+        let client = connect(&self.socket).await?;
+        let _raw = if self.tty && std::io::stdin().is_terminal() {
+            Some(RawMode::enter()?)
+        } else {
+            None
+        };
+        let guest_client::Exec {
+            mut input,
+            mut output,
+        } = client.exec(spec).await?;
+        let feed = async move {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = vec![0u8; 32 << 10];
+            loop {
+                let n = stdin.read(&mut buf).await?;
+                if n == 0 {
+                    return input.close_stdin().await.map_err(anyhow::Error::from);
+                }
+                input.write(&buf[..n]).await?;
+            }
+        };
+        let drain = async move {
+            let (mut stdout, mut stderr) = (tokio::io::stdout(), tokio::io::stderr());
+            loop {
+                match output.next().await? {
+                    Some(ExecEvent::Stdout(bytes)) => {
+                        stdout.write_all(&bytes).await?;
+                        stdout.flush().await?;
+                    }
+                    Some(ExecEvent::Stderr(bytes)) => {
+                        stderr.write_all(&bytes).await?;
+                        stderr.flush().await?;
+                    }
+                    Some(ExecEvent::Exit(code)) => return anyhow::Ok(code),
+                    None => bail!("the agent ended the exec without an exit code"),
+                }
+            }
+        };
+        tokio::pin!(feed, drain);
+        let mut feeding = true;
+        loop {
+            tokio::select! {
+                fed = &mut feed, if feeding => {
+                    feeding = false;
+                    // The command may exit without reading all of stdin: not an error.
+                    let _ = fed;
+                }
+                code = &mut drain => return code,
+            }
+        }
+    }
+}
+
+/// The local terminal in raw mode while a tty exec runs (keys go to the guest as typed).
+struct RawMode(rustix::termios::Termios);
+
+impl RawMode {
+    fn enter() -> anyhow::Result<RawMode> {
+        let stdin = std::io::stdin();
+        let saved = rustix::termios::tcgetattr(&stdin).context("reading the terminal's mode")?;
+        let mut raw = saved.clone();
+        raw.make_raw();
+        rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &raw)
+            .context("setting the terminal to raw mode")?;
+        Ok(RawMode(saved))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = rustix::termios::tcsetattr(
+            std::io::stdin(),
+            rustix::termios::OptionalActions::Now,
+            &self.0,
+        );
+    }
+}
+
+impl Cp {
+    async fn run(self) -> anyhow::Result<()> {
+        let client = connect(&self.socket).await?;
+        match (
+            self.src.strip_prefix("guest:"),
+            self.dst.strip_prefix("guest:"),
+        ) {
+            (None, Some(guest_dst)) => {
+                let bytes = client
+                    .copy_to_guest(Path::new(&self.src), guest_dst)
+                    .await?;
+                eprintln!("copied {} to guest:{guest_dst} ({bytes} bytes)", self.src);
+            }
+            (Some(guest_src), None) => {
+                let report = client
+                    .copy_from_guest(guest_src, Path::new(&self.dst), false, self.preserve_owner)
+                    .await?;
+                eprintln!(
+                    "copied guest:{guest_src} into {} ({} entries, {} bytes)",
+                    self.dst, report.entries, report.bytes
+                );
+            }
+            _ => bail!(
+                "exactly one of SRC and DST must be a guest path, written guest:PATH \
+                 (got {:?} and {:?})",
+                self.src,
+                self.dst
+            ),
+        }
+        Ok(())
     }
 }

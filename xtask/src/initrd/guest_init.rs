@@ -542,6 +542,9 @@ mod tests {
             "system",
             "guest-protocol",
             "guest-init",
+            "guest-agent-proto",
+            "guest-agent",
+            "guest-client",
             "xtask",
             "testkit",
         ] {

@@ -72,6 +72,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "mcopy puts config.json on that vfat disk without root",
     ),
     ("genisoimage", "makes the iso9660 config disk of a VM test"),
+    (
+        "python3-grpcio",
+        "an independent gRPC client (Python) checks the guest agent's wire contract",
+    ),
+    (
+        "python3-grpc-tools",
+        "generates that client's stubs from guest.proto",
+    ),
 ];
 
 pub fn apt_packages(sh: &Shell) -> anyhow::Result<()> {

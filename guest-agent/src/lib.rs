@@ -1,0 +1,15 @@
+//! The guest agent: hosts run commands (pipes or a tty), copy files in and out and stat paths
+//! in a running microVM through gRPC on vsock port 2222, wire-compatible with the original
+//! hosts (`guest-agent-proto`). See README.md for the protocol, its extensions and the
+//! security model.
+//!
+//! [`serve_connection`] serves one connection on any byte stream; the binary hands it vsock
+//! connections only (tests hand it Unix sockets).
+
+mod copy_from;
+mod copy_to;
+mod exec;
+mod server;
+mod stat;
+
+pub use server::serve_connection;

@@ -1,0 +1,110 @@
+//! `cargo xtask vm exec|cp` against the real agent behind a stand-in for Cloud Hypervisor's
+//! hybrid vsock socket (`CONNECT 2222` → `OK 2222`), the agent in this test process.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
+
+fn hybrid_agent_socket(dir: &Path) -> PathBuf {
+    let path = dir.join("vsock.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut line = [0u8; 13];
+            stream.read_exact(&mut line).await.unwrap();
+            assert_eq!(&line, b"CONNECT 2222\n");
+            stream.write_all(b"OK 2222\n").await.unwrap();
+            tokio::spawn(guest_agent::serve_connection(stream));
+        }
+    });
+    path
+}
+
+async fn xtask(args: &[&str], stdin: &[u8]) -> std::process::Output {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin).await.unwrap();
+    drop(input);
+    child.wait_with_output().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_exec_streams_and_returns_the_exit_code_and_vm_cp_copies_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = hybrid_agent_socket(dir.path());
+    let socket = socket.to_str().unwrap();
+
+    let out = xtask(
+        &[
+            "vm",
+            "exec",
+            "--socket",
+            socket,
+            "-e",
+            "WHO=dev",
+            "--",
+            "sh",
+            "-c",
+            "cat; echo $WHO; echo oops >&2; exit 3",
+        ],
+        b"from stdin\n",
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from stdin\ndev\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
+    assert_eq!(out.status.code(), Some(3));
+
+    let src = dir.path().join("src.txt");
+    std::fs::write(&src, b"payload").unwrap();
+    let guest = dir.path().join("guest/copy.txt");
+    let out = xtask(
+        &[
+            "vm",
+            "cp",
+            "--socket",
+            socket,
+            src.to_str().unwrap(),
+            &format!("guest:{}", guest.display()),
+        ],
+        b"",
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&guest).unwrap(), b"payload");
+
+    let back = dir.path().join("back");
+    let out = xtask(
+        &[
+            "vm",
+            "cp",
+            "--socket",
+            socket,
+            &format!("guest:{}", guest.display()),
+            back.to_str().unwrap(),
+        ],
+        b"",
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(back.join("copy.txt")).unwrap(), b"payload");
+
+    let out = xtask(&["vm", "cp", "--socket", socket, "a", "b"], b"").await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("guest:PATH"));
+}
