@@ -68,6 +68,9 @@ exit_reasons! {
     Internal = "internal", Some(249);
     /// A panic inside guest-init (same code as `internal`).
     Panic = "panic", Some(249);
+    /// The network interface could not be configured (none found, MTU, address, link up,
+    /// default route), or `/etc/resolv.conf`, `/etc/hostname`, `/etc/hosts` not written.
+    Network = "network", Some(250);
 }
 
 impl ExitReason {
@@ -205,13 +208,14 @@ mod tests {
         assert_eq!(failures.len(), ExitReason::ALL.len() - 1);
         let mut codes: Vec<u8> = failures.iter().filter_map(|r| r.code()).collect();
         assert_eq!(codes.len(), failures.len());
-        assert!(codes.iter().all(|c| (240..=249).contains(c)));
+        assert!(codes.iter().all(|c| (240..=250).contains(c)));
         codes.sort();
         codes.dedup();
         assert_eq!(codes.len(), failures.len() - 1);
         assert_eq!(ExitReason::Config.code(), Some(240));
         assert_eq!(ExitReason::Entrypoint.code(), Some(245));
         assert_eq!(ExitReason::Panic.code(), ExitReason::Internal.code());
+        assert_eq!(ExitReason::Network.code(), Some(250));
         assert_eq!(ExitReason::App.code(), None);
     }
 

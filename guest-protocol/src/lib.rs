@@ -14,5 +14,5 @@ pub mod config;
 pub mod exit;
 
 pub use cmdline::{BootOptions, CmdlineKey, Writable};
-pub use config::{Config, ConfigError, InitMode, Network, VolumeMode, VolumeMount};
+pub use config::{Config, ConfigError, InitMode, MacAddress, Network, VolumeMode, VolumeMount};
 pub use exit::{AppExit, EXIT_LINE_PREFIX, ExitLine, ExitReason, find_exit_line, parse_exit_line};
