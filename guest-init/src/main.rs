@@ -109,6 +109,9 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
     let config = read_config(sys, &options)?;
     timings.mark("config");
 
+    configure_network(sys, &config, &options)?;
+    timings.mark("network");
+
     let layout = root::mount_overlay_root(sys, &options.rootfs, &options.writable)
         .map_err(|e| Fatal::new("root", ExitReason::Rootfs, e))?;
     info!(
@@ -125,21 +128,21 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
         options.device_timeout,
     )
     .map_err(|e| Fatal::new("volumes", ExitReason::Mount, e))?;
+    let written = network::write_files(
+        Path::new(root::NEW_ROOT),
+        config.network.as_ref(),
+        config.hostname.as_deref(),
+    )
+    .map_err(|e| Fatal::new("network", ExitReason::Network, e))?;
+    if !written.0.is_empty() {
+        info!("network", "wrote {} in the image", written.0.join(", "));
+    }
     root::switch_root(sys, Path::new(root::NEW_ROOT))
         .map_err(|e| Fatal::new("root", ExitReason::Rootfs, e))?;
     timings.mark("root");
 
     if let Err(err) = network::loopback_up(sys) {
         info!("network", "{err} (continuing without loopback)");
-    }
-    if let Some(hostname) = &config.hostname {
-        sys.sethostname(hostname).map_err(|e| {
-            Fatal::new(
-                "hostname",
-                ExitReason::Internal,
-                format!("sethostname {hostname:?}: {e}"),
-            )
-        })?;
     }
 
     match config.effective_init_mode() {
@@ -166,6 +169,40 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
             Ok(exit)
         }
     }
+}
+
+/// The configured interface and the kernel hostname, before the root switch so that both
+/// modes start with them; the image's files follow once the new root is mounted.
+fn configure_network(
+    sys: &'static (dyn Kernel + Sync),
+    config: &Config,
+    options: &BootOptions,
+) -> Result<(), Fatal> {
+    let fatal = |e| Fatal::new("network", ExitReason::Network, e);
+    if let Some(wanted) = &config.network {
+        let done = network::configure(&network::Rtnetlink, sys, wanted, options.device_timeout)
+            .map_err(fatal)?;
+        let mtu = wanted
+            .mtu
+            .map(|mtu| format!(", MTU {mtu}"))
+            .unwrap_or_default();
+        let route = wanted
+            .gateway
+            .map(|gateway| format!(", default via {gateway}"))
+            .unwrap_or_default();
+        info!(
+            "network",
+            "{}: {}/{}{mtu}{route} (interface found after {} ms)",
+            done.link,
+            wanted.ip,
+            wanted.prefix_len,
+            done.waited.as_millis()
+        );
+    }
+    if let Some(hostname) = &config.hostname {
+        network::set_hostname(sys, hostname).map_err(fatal)?;
+    }
+    Ok(())
 }
 
 fn boot_options() -> Result<BootOptions, Fatal> {
@@ -232,8 +269,6 @@ fn read_config(sys: &dyn Syscalls, options: &BootOptions) -> Result<Config, Fata
     if config.debug_shell {
         DEBUG_SHELL.store(true, Ordering::SeqCst);
     }
-    network::check_supported(&config)
-        .map_err(|e| Fatal::new("network", ExitReason::Unsupported, e))?;
     volumes::check_supported(&config)
         .map_err(|e| Fatal::new("volumes", ExitReason::Unsupported, e))?;
     drivers::check_supported(&config)
