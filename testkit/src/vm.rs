@@ -182,9 +182,26 @@ pub fn busybox_rootfs(arch: Arch, dir: &Path, arm64_root: &Path) -> anyhow::Resu
     Ok(())
 }
 
+/// Debian cloud kernel modules for a virtio-net NIC (`virtio_net` pulls `net_failover` and
+/// `failover` in through modules.dep).
+pub const NET_MODULES: &[&str] = &["virtio_net"];
+
+/// A virtio-net NIC on QEMU user networking (slirp; the tests use `restrict=on`, so the guest
+/// reaches only what `hostfwd`/`guestfwd` open).
+#[derive(Debug, Clone)]
+pub struct Nic {
+    /// The options of `-netdev user,id=n0,<options>`, e.g.
+    /// `net=192.0.2.0/24,host=192.0.2.2,restrict=on,hostfwd=tcp:127.0.0.1:PORT-192.0.2.15:80`.
+    pub user: String,
+    /// The NIC's MAC address; QEMU's default (52:54:00:12:34:56) when `None`.
+    pub mac: Option<String>,
+}
+
 /// What a test boots: the disks in virtio order (vda rootfs, vdb writable, vdc config, ...).
 pub struct VmSpec {
     pub disks: Vec<PathBuf>,
+    /// A NIC; `None`: no network device at all.
+    pub nic: Option<Nic>,
     /// Appended to `console=<ttyS0 or ttyAMA0> panic=-1 loglevel=4`.
     pub append: String,
     pub memory_mib: u32,
@@ -196,6 +213,7 @@ impl VmSpec {
     pub fn new(disks: Vec<PathBuf>) -> VmSpec {
         VmSpec {
             disks,
+            nic: None,
             append: String::new(),
             memory_mib: 512,
             arch: Arch::X86_64,
@@ -350,8 +368,23 @@ impl Vm {
             // PSCI powers the guest off; `-no-reboot` turns a reset into an exit too.
             cmd.args(["-cpu", if accel == "kvm" { "host" } else { "cortex-a57" }]);
         }
-        cmd.args(["-serial", "stdio", "-net", "none"])
-            .arg("-monitor")
+        cmd.args(["-serial", "stdio"]);
+        match &spec.nic {
+            None => {
+                cmd.args(["-net", "none"]);
+            }
+            Some(nic) => {
+                // No option ROM: the kernel is booted directly, PXE is never used.
+                let mut device = "virtio-net-pci,netdev=n0,romfile=".to_owned();
+                if let Some(mac) = &nic.mac {
+                    device.push_str(&format!(",mac={mac}"));
+                }
+                cmd.arg("-netdev")
+                    .arg(format!("user,id=n0,{}", nic.user))
+                    .args(["-device", &device]);
+            }
+        }
+        cmd.arg("-monitor")
             .arg(format!("unix:{},server=on,wait=off", monitor.display()))
             .arg("-kernel")
             .arg(kernel)

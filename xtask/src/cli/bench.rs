@@ -29,6 +29,9 @@ enum Case {
     /// Boot guest-init 10 times under QEMU: PID 1 start → entrypoint exec (median), plus the
     /// sizes of guest-init and the minimal initrd.
     Boot,
+    /// Boot guest-init 10 times with networking on and 10 times off under QEMU: PID 1 start →
+    /// entrypoint exec (medians) and the network phase alone.
+    Network,
 }
 
 impl Bench {
@@ -39,6 +42,7 @@ impl Bench {
             Case::Download => "download",
             Case::Initrd => "initrd",
             Case::Boot => "boot",
+            Case::Network => "network",
         };
         let sh = Shell::new()?;
         sh.change_dir(xtask::workspace_root());

@@ -57,6 +57,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "busybox-static",
         "the VM tests' rootfs has a shell and tools",
     ),
+    (
+        "mmdebstrap",
+        "the systemd-mode VM test boots a Debian rootfs with systemd-sysv built by mmdebstrap",
+    ),
 ];
 
 /// The targets rust-toolchain.toml lists, added with rustup (a no-op when present).
