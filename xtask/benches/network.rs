@@ -44,7 +44,11 @@ fn disks(dir: &Path, name: &str, config: &str) -> anyhow::Result<VmSpec> {
 
 fn main() -> anyhow::Result<()> {
     let kernel = vm::Kernel::debian_cloud()?;
-    let modules: Vec<&str> = vm::TEST_MODULES.iter().chain(vm::NET_MODULES).copied().collect();
+    let modules: Vec<&str> = vm::TEST_MODULES
+        .iter()
+        .chain(vm::NET_MODULES)
+        .copied()
+        .collect();
     let initrd_bytes = xtask::initrd::build_test_initrd(Arch::X86_64, &kernel.modules, &modules)?;
     let dir = tempfile::tempdir()?;
     let initrd = dir.path().join("initrd.gz");

@@ -41,7 +41,11 @@ fn expect_clean_power_off(boot: &Boot) {
         "kernel panicked:\n{}",
         boot.console
     );
-    assert_eq!(boot.exit, None, "an exit line in systemd mode:\n{}", boot.console);
+    assert_eq!(
+        boot.exit, None,
+        "an exit line in systemd mode:\n{}",
+        boot.console
+    );
 }
 
 #[test]
@@ -100,7 +104,9 @@ fn busybox_init_as_sbin_init_in_systemd_mode() {
         )
         .unwrap();
     });
-    let boot = start(&guest.spec(Some(nic(&[])))).finish(testkit::vm::BOOT_TIMEOUT).unwrap();
+    let boot = start(&guest.spec(Some(nic(&[]))))
+        .finish(testkit::vm::BOOT_TIMEOUT)
+        .unwrap();
     expect_clean_power_off(&boot);
     boot.expect_log("systemd: handing PID 1 to /sbin/init")
         .expect_output("INIT-COMM=init")

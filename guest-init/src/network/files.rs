@@ -46,10 +46,10 @@ pub fn write_files(
                 write(root, "etc/hosts", &hosts_file(hostname, address))?;
                 written.0.push("/etc/hosts");
             }
-            Err(source) => {
+            Err(cause) => {
                 return Err(NetworkError::WriteFile {
                     path: PathBuf::from("/etc/hosts"),
-                    source,
+                    cause,
                 });
             }
         }
@@ -85,9 +85,9 @@ fn hosts_file(hostname: Option<&str>, address: Ipv4Addr) -> String {
 /// `root/relative`, whole or not at all.
 fn write(root: &Path, relative: &'static str, contents: &str) -> Result<(), NetworkError> {
     let path = root.join(relative);
-    write_atomically(&path, contents).map_err(|source| NetworkError::WriteFile {
+    write_atomically(&path, contents).map_err(|cause| NetworkError::WriteFile {
         path: Path::new("/").join(relative),
-        source,
+        cause,
     })
 }
 

@@ -68,31 +68,33 @@ pub trait Netlink {
     fn add_default_route(&self, link: u32, gateway: Ipv4Addr) -> Result<(), Errno>;
 }
 
+/// Each message is complete: causes are part of the text, not `source()` (the fatal path
+/// prints a source chain after the message).
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
     #[error("listing network interfaces: {0}")]
     ListLinks(Errno),
-    #[error("no {wanted} appeared within {waited_ms} ms (interfaces: {seen}); {hint}")]
+    #[error("no {wanted} appeared within {timeout_ms} ms (interfaces: {seen}); {hint}")]
     NoInterface {
         wanted: String,
-        waited_ms: u128,
+        timeout_ms: u128,
         seen: String,
         hint: &'static str,
     },
-    #[error("{interface}: {action}: {source}{hint}")]
+    #[error("{interface}: {action}: {errno}{hint}")]
     Step {
         interface: String,
         action: String,
-        source: Errno,
+        errno: Errno,
         /// Empty, or `; ` and what to change.
         hint: String,
     },
-    #[error("setting the hostname {name:?}: {source}")]
-    Hostname { name: String, source: io::Error },
-    #[error("writing {path} in the new root: {source}")]
+    #[error("setting the hostname {name:?}: {cause}")]
+    Hostname { name: String, cause: io::Error },
+    #[error("writing {path} in the new root: {cause}")]
     WriteFile {
         path: std::path::PathBuf,
-        source: io::Error,
+        cause: io::Error,
     },
     #[error("bringing up loopback: {0}")]
     Loopback(io::Error),
@@ -119,10 +121,10 @@ pub fn configure(
     let waited = clock.now().saturating_sub(start);
     let step = |action: String, hint: String| {
         let interface = link.name.clone();
-        move |source| NetworkError::Step {
+        move |errno| NetworkError::Step {
             interface,
             action,
-            source,
+            errno,
             hint,
         }
     };
@@ -192,7 +194,7 @@ fn find_interface(
             };
             return Err(NetworkError::NoInterface {
                 wanted,
-                waited_ms: waited.as_millis(),
+                timeout_ms: timeout.as_millis(),
                 seen: if seen.is_empty() {
                     "none".into()
                 } else {
@@ -208,9 +210,9 @@ fn find_interface(
 /// The kernel's hostname (`hostname` in config.json).
 pub fn set_hostname(sys: &dyn Syscalls, name: &str) -> Result<(), NetworkError> {
     sys.sethostname(name)
-        .map_err(|source| NetworkError::Hostname {
+        .map_err(|cause| NetworkError::Hostname {
             name: name.to_owned(),
-            source,
+            cause,
         })
 }
 
@@ -348,6 +350,8 @@ mod tests {
              (ENETUNREACH, os error 101); guest_gw 10.9.9.1 is outside 192.0.2.0/24 \
              (guest_ip/guest_cidr): the gateway must be in the guest's subnet"
         );
+        // The errno is in the text, not a source: the fatal path would print it again.
+        assert!(std::error::Error::source(&err).is_none());
     }
 
     #[test]

@@ -158,7 +158,9 @@ fn host_suite() -> anyhow::Result<String> {
 fn host_sources() -> anyhow::Result<Vec<PathBuf>> {
     let mut sources = Vec::new();
     let main = Path::new("/etc/apt/sources.list");
-    if fs::read_to_string(main).is_ok_and(|text| text.lines().any(|l| l.trim_start().starts_with("deb"))) {
+    if fs::read_to_string(main)
+        .is_ok_and(|text| text.lines().any(|l| l.trim_start().starts_with("deb")))
+    {
         sources.push(main.to_owned());
     }
     if let Ok(entries) = fs::read_dir("/etc/apt/sources.list.d") {
@@ -187,7 +189,9 @@ fn host_acquire_options() -> anyhow::Result<String> {
     };
     files.sort();
     for file in files {
-        let Ok(text) = fs::read_to_string(&file) else { continue };
+        let Ok(text) = fs::read_to_string(&file) else {
+            continue;
+        };
         options.push_str(&acquire_statements(&text));
     }
     Ok(options)
