@@ -94,8 +94,12 @@ fn a_config_in_the_original_host_s_shape_boots_and_serves() {
         .expect_output("PWD=/www");
 }
 
+/// A MAC other than QEMU's default, named by `guest_mac`.
+const NIC_MAC: &str = "52:54:00:0a:0b:0c";
+
 #[test]
 fn the_guest_reaches_a_host_server_by_its_default_route_and_sees_its_config() {
+    // Also the `guest_mac` path: the NIC is chosen by its MAC.
     let server = Server::serving(&Arc::new(b"hello over guestfwd\n".to_vec()), false);
     let server_addr = server.url("").trim_start_matches("http://").to_owned();
     // Outside the guest's /25, inside QEMU's /24: only the default route leads there.
@@ -117,13 +121,19 @@ fn the_guest_reaches_a_host_server_by_its_default_route_and_sees_its_config() {
                 .with_gateway(GATEWAY)
                 .with_dns(DNS)
                 .with_dns(Ipv4Addr::new(192, 0, 2, 53))
-                .with_mtu(1400),
+                .with_mtu(1400)
+                .with_mac(NIC_MAC.parse().unwrap()),
         )
         .to_json()
         .unwrap();
     let guest = Guest::busybox(Value::String(config), |_| {});
-    let boot = boot(&guest.spec(Some(nic(&[forward]))));
+    let mut nic = nic(&[forward]);
+    nic.mac = Some(NIC_MAC.into());
+    let boot = boot(&guest.spec(Some(nic)));
     boot.expect_exit(0)
+        .expect_log(&format!(
+            "network: eth0 {NIC_MAC} (virtio_net): {GUEST_IP}/25, MTU 1400"
+        ))
         .expect_output("HOSTNAME=net-test.example")
         .expect_output("ETC-HOSTNAME net-test.example")
         .expect_output(&format!("RESOLV nameserver {DNS}"))
