@@ -9,7 +9,8 @@
 //! directories: this file's reads of `/proc/cmdline`, the module load order and `config.json`
 //! and its write of `printk_devkmsg`; the logger's `/dev/console` and `/dev/kmsg`; the PATH
 //! lookup in `command` (tested on fixture trees); the sysfs scan for power keys in `shutdown`
-//! (tested on a fixture tree).
+//! (tested on a fixture tree). The network phase has its own seam, `network::Netlink` (the
+//! rtnetlink socket in production); its name-service files are tested on temporary trees.
 
 mod command;
 mod config;

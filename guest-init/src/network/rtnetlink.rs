@@ -9,15 +9,16 @@ use std::path::Path;
 
 use guest_protocol::config::MacAddress;
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload,
+    DecodeError, Emitable, NLM_F_ACK, NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REQUEST, NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NetlinkSerializable, NlasIterator,
 };
+use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkHeader, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
-use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 use super::{Errno, Link, Netlink};
@@ -31,17 +32,108 @@ const NLMSGERR_ATTR_MSG: u16 = 1;
 
 pub struct Rtnetlink;
 
+/// The requests the phase sends. Its own type rather than the crate's `RouteNetlinkMessage`,
+/// whose codec covers every rtnetlink family (traffic control, rules, neighbours, ...): only
+/// these four encoders and the link decoder end up in guest-init.
+enum Request {
+    GetLink(LinkMessage),
+    SetLink(LinkMessage),
+    NewAddress(AddressMessage),
+    NewRoute(RouteMessage),
+}
+
+/// `RTM_*` message types (linux/rtnetlink.h).
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const RTM_SETLINK: u16 = 19;
+const RTM_NEWADDR: u16 = 20;
+const RTM_NEWROUTE: u16 = 24;
+
+impl Request {
+    fn body(&self) -> &dyn Emitable {
+        match self {
+            Request::GetLink(link) | Request::SetLink(link) => link,
+            Request::NewAddress(address) => address,
+            Request::NewRoute(route) => route,
+        }
+    }
+}
+
+impl NetlinkSerializable for Request {
+    fn message_type(&self) -> u16 {
+        match self {
+            Request::GetLink(_) => RTM_GETLINK,
+            Request::SetLink(_) => RTM_SETLINK,
+            Request::NewAddress(_) => RTM_NEWADDR,
+            Request::NewRoute(_) => RTM_NEWROUTE,
+        }
+    }
+
+    fn buffer_len(&self) -> usize {
+        self.body().buffer_len()
+    }
+
+    fn serialize(&self, buffer: &mut [u8]) {
+        self.body().emit(buffer)
+    }
+}
+
+/// A reply: a link's index, name and MAC, or something passed over.
+enum Reply {
+    Link(Link),
+    Other,
+}
+
+/// `IFLA_*` attributes read from a link (linux/if_link.h).
+const IFLA_ADDRESS: u16 = 1;
+const IFLA_IFNAME: u16 = 3;
+/// `struct ifinfomsg`, before a link's attributes.
+const LINK_HEADER_LEN: usize = 16;
+
+impl NetlinkDeserializable for Reply {
+    type Error = DecodeError;
+
+    /// Only the two attributes the phase needs are read: the crate's full `LinkMessage`
+    /// decoder knows every link kind's attributes and would double guest-init's size.
+    fn deserialize(header: &NetlinkHeader, payload: &[u8]) -> Result<Reply, DecodeError> {
+        if header.message_type != RTM_NEWLINK {
+            return Ok(Reply::Other);
+        }
+        let link_header = LinkHeader::parse(payload)?;
+        let mut link = Link {
+            index: link_header.index,
+            name: String::new(),
+            mac: None,
+            driver: None,
+        };
+        let attributes = payload.get(LINK_HEADER_LEN..).unwrap_or_default();
+        for attribute in NlasIterator::new(attributes) {
+            let attribute = attribute?;
+            let value = attribute.value();
+            match attribute.kind() {
+                IFLA_IFNAME => {
+                    let name = value.split(|b| *b == 0).next().unwrap_or_default();
+                    link.name = String::from_utf8_lossy(name).into_owned();
+                }
+                IFLA_ADDRESS => link.mac = <[u8; 6]>::try_from(value).ok().map(MacAddress),
+                _ => {}
+            }
+        }
+        Ok(Reply::Link(link))
+    }
+}
+
 impl Netlink for Rtnetlink {
     fn links(&self) -> Result<Vec<Link>, Errno> {
-        let replies = request(
-            RouteNetlinkMessage::GetLink(LinkMessage::default()),
-            NLM_F_DUMP,
-        )?;
+        let replies = request(Request::GetLink(LinkMessage::default()), NLM_F_DUMP)?;
         Ok(replies
             .into_iter()
             .filter_map(|reply| match reply {
-                RouteNetlinkMessage::NewLink(link) => Some(to_link(link)),
-                _ => None,
+                Reply::Link(mut link) => {
+                    link.driver = driver(&link.name);
+                    Some(link)
+                }
+                Reply::Other => None,
             })
             .collect())
     }
@@ -50,7 +142,7 @@ impl Netlink for Rtnetlink {
         let mut message = LinkMessage::default();
         message.header.index = link;
         message.attributes.push(LinkAttribute::Mtu(mtu));
-        request(RouteNetlinkMessage::SetLink(message), NLM_F_ACK).map(drop)
+        request(Request::SetLink(message), NLM_F_ACK).map(drop)
     }
 
     fn add_address(&self, link: u32, ip: Ipv4Addr, prefix_len: u8) -> Result<(), Errno> {
@@ -71,7 +163,7 @@ impl Netlink for Rtnetlink {
                 .push(AddressAttribute::Broadcast(broadcast));
         }
         let flags = NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
-        request(RouteNetlinkMessage::NewAddress(message), flags).map(drop)
+        request(Request::NewAddress(message), flags).map(drop)
     }
 
     fn set_up(&self, link: u32) -> Result<(), Errno> {
@@ -79,7 +171,7 @@ impl Netlink for Rtnetlink {
         message.header.index = link;
         message.header.flags = LinkFlags::Up;
         message.header.change_mask = LinkFlags::Up;
-        request(RouteNetlinkMessage::SetLink(message), NLM_F_ACK).map(drop)
+        request(Request::SetLink(message), NLM_F_ACK).map(drop)
     }
 
     fn add_default_route(&self, link: u32, gateway: Ipv4Addr) -> Result<(), Errno> {
@@ -96,28 +188,8 @@ impl Netlink for Rtnetlink {
             .push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
         message.attributes.push(RouteAttribute::Oif(link));
         let flags = NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
-        request(RouteNetlinkMessage::NewRoute(message), flags).map(drop)
+        request(Request::NewRoute(message), flags).map(drop)
     }
-}
-
-fn to_link(message: LinkMessage) -> Link {
-    let mut link = Link {
-        index: message.header.index,
-        name: String::new(),
-        mac: None,
-        driver: None,
-    };
-    for attribute in message.attributes {
-        match attribute {
-            LinkAttribute::IfName(name) => link.name = name,
-            LinkAttribute::Address(bytes) => {
-                link.mac = <[u8; 6]>::try_from(bytes.as_slice()).ok().map(MacAddress);
-            }
-            _ => {}
-        }
-    }
-    link.driver = driver(&link.name);
-    link
 }
 
 /// The driver bound to the interface's device, from sysfs (netlink does not say).
@@ -138,7 +210,7 @@ fn broadcast(ip: Ipv4Addr, prefix_len: u8) -> Option<Ipv4Addr> {
 }
 
 /// Send one request and collect its replies until the ack (or, for a dump, the end).
-fn request(message: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>, Errno> {
+fn request(message: Request, flags: u16) -> Result<Vec<Reply>, Errno> {
     let io = |err: std::io::Error| Errno::from_io(&err);
     let mut socket = Socket::new(NETLINK_ROUTE).map_err(io)?;
     // Best effort: old kernels answer without the explanation or with the full request.
@@ -147,7 +219,10 @@ fn request(message: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkM
     socket.bind_auto().map_err(io)?;
     socket.connect(&SocketAddr::new(0, 0)).map_err(io)?;
 
-    let mut packet = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(message));
+    let mut packet = NetlinkMessage::new(
+        NetlinkHeader::default(),
+        NetlinkPayload::InnerMessage(message),
+    );
     packet.header.flags = NLM_F_REQUEST | flags;
     packet.header.sequence_number = 1;
     packet.finalize();
@@ -168,8 +243,8 @@ fn request(message: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkM
         }
         let mut offset = 0;
         while offset < buffer.len() {
-            let reply: NetlinkMessage<RouteNetlinkMessage> =
-                NetlinkMessage::deserialize(&buffer[offset..]).map_err(|err| {
+            let reply: NetlinkMessage<Reply> = NetlinkMessage::deserialize(&buffer[offset..])
+                .map_err(|err| {
                     Errno::with_message(libc::EPROTO, format!("undecodable netlink reply: {err}"))
                 })?;
             let length = reply.header.length as usize;
@@ -286,17 +361,91 @@ mod tests {
         assert_eq!(ext_ack_message(NLM_F_CAPPED, &garbled), None);
     }
 
+    /// The bytes of `packet` as sent: header and body.
+    fn encode<I: NetlinkSerializable>(body: I) -> Vec<u8> {
+        let mut packet =
+            NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::InnerMessage(body));
+        packet.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        packet.finalize();
+        let mut bytes = vec![0; packet.buffer_len()];
+        packet.serialize(&mut bytes);
+        bytes
+    }
+
     #[test]
-    fn link_messages_become_links() {
-        let mut message = LinkMessage::default();
-        message.header.index = 7;
-        message
+    fn requests_encode_exactly_like_the_crate_s_full_codec() {
+        use netlink_packet_route::RouteNetlinkMessage as Full;
+        let mut link = LinkMessage::default();
+        link.header.index = 2;
+        link.attributes.push(LinkAttribute::Mtu(1400));
+        let mut address = AddressMessage::default();
+        address.header.family = AddressFamily::Inet;
+        address.header.prefix_len = 24;
+        address
             .attributes
-            .push(LinkAttribute::IfName("eth0".into()));
-        message
+            .push(AddressAttribute::Local(IpAddr::V4(Ipv4Addr::new(
+                192, 0, 2, 15,
+            ))));
+        let mut route = RouteMessage::default();
+        route.header.address_family = AddressFamily::Inet;
+        route
             .attributes
+            .push(RouteAttribute::Gateway(RouteAddress::Inet(Ipv4Addr::new(
+                192, 0, 2, 2,
+            ))));
+        let pairs = [
+            (
+                Request::GetLink(LinkMessage::default()),
+                Full::GetLink(LinkMessage::default()),
+            ),
+            (Request::SetLink(link.clone()), Full::SetLink(link)),
+            (
+                Request::NewAddress(address.clone()),
+                Full::NewAddress(address),
+            ),
+            (Request::NewRoute(route.clone()), Full::NewRoute(route)),
+        ];
+        for (ours, full) in pairs {
+            assert_eq!(encode(ours), encode(full));
+        }
+    }
+
+    #[test]
+    fn only_link_replies_are_decoded() {
+        let mut link = LinkMessage::default();
+        link.header.index = 3;
+        link.attributes.push(LinkAttribute::IfName("eth0".into()));
+        let bytes = encode(netlink_packet_route::RouteNetlinkMessage::NewLink(link));
+        let reply: NetlinkMessage<Reply> = NetlinkMessage::deserialize(&bytes).unwrap();
+        let NetlinkPayload::InnerMessage(Reply::Link(decoded)) = reply.payload else {
+            panic!("not decoded as a link");
+        };
+        assert_eq!(decoded.index, 3);
+        assert_eq!(decoded.name, "eth0");
+        assert_eq!(decoded.mac, None);
+        let route = encode(netlink_packet_route::RouteNetlinkMessage::NewRoute(
+            RouteMessage::default(),
+        ));
+        let reply: NetlinkMessage<Reply> = NetlinkMessage::deserialize(&route).unwrap();
+        assert!(matches!(
+            reply.payload,
+            NetlinkPayload::InnerMessage(Reply::Other)
+        ));
+    }
+
+    #[test]
+    fn link_replies_keep_index_name_and_mac() {
+        let mut link = LinkMessage::default();
+        link.header.index = 7;
+        link.attributes.push(LinkAttribute::Mtu(1500));
+        link.attributes.push(LinkAttribute::IfName("eth0".into()));
+        link.attributes
             .push(LinkAttribute::Address(vec![0x52, 0x54, 0, 1, 2, 3]));
-        let link = to_link(message);
+        let bytes = encode(netlink_packet_route::RouteNetlinkMessage::NewLink(link));
+        let reply: NetlinkMessage<Reply> = NetlinkMessage::deserialize(&bytes).unwrap();
+        let NetlinkPayload::InnerMessage(Reply::Link(link)) = reply.payload else {
+            panic!("not decoded as a link");
+        };
         assert_eq!(link.index, 7);
         assert_eq!(link.name, "eth0");
         assert_eq!(link.mac, Some(MacAddress([0x52, 0x54, 0, 1, 2, 3])));
