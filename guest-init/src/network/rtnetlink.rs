@@ -1,6 +1,6 @@
-//! [`Netlink`] on the kernel: `NETLINK_ROUTE` requests built and parsed by
-//! `netlink-packet-route`, sent on a blocking `netlink-sys` socket (pure Rust, no C, no
-//! async runtime). One socket per request: the phase makes a handful of them. Extended acks
+//! [`Netlink`] on the kernel: `NETLINK_ROUTE` requests built by `netlink-packet-route`, replies
+//! framed by `netlink-packet-core` (links: index, name and MAC only), on a blocking
+//! `netlink-sys` socket (pure Rust, no C, no async runtime). One socket per request: the phase makes a handful of them. Extended acks
 //! are asked for, so a refusal carries the kernel's own explanation.
 
 use std::fs;
