@@ -12,6 +12,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use std::{fs, thread};
@@ -256,6 +257,8 @@ pub fn accelerator_for(arch: Arch) -> String {
 pub struct Vm {
     child: Child,
     console: Arc<(Mutex<String>, Condvar)>,
+    /// How many of QEMU's two output streams reached their end (2: QEMU is gone).
+    closed: Arc<AtomicUsize>,
     monitor: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -407,12 +410,14 @@ impl Vm {
             .with_context(|| format!("starting {qemu} (apt-get install {package})"))?;
 
         let console = Arc::new((Mutex::new(String::new()), Condvar::new()));
+        let closed = Arc::new(AtomicUsize::new(0));
         let verbose = std::env::var_os("VM_TEST_VERBOSE").is_some();
         for stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
             Box::new(child.stderr.take().unwrap()),
         ] {
             let console = Arc::clone(&console);
+            let closed = Arc::clone(&closed);
             thread::spawn(move || {
                 let mut reader = BufReader::new(stream);
                 let mut raw = Vec::new();
@@ -426,22 +431,30 @@ impl Vm {
                     changed.notify_all();
                     raw.clear();
                 }
+                let (text, changed) = &*console;
+                let _guard = text.lock().unwrap();
+                closed.fetch_add(1, Ordering::SeqCst);
+                changed.notify_all();
             });
         }
         Ok(Vm {
             child,
             console,
+            closed,
             monitor,
             _dir: dir,
         })
     }
 
-    /// Waits until a console line contains `needle`.
+    /// Waits until a console line contains `needle`; fails at once when QEMU has exited.
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         let (text, changed) = &*self.console;
         let mut guard = text.lock().unwrap();
         while !guard.contains(needle) {
+            if self.closed.load(Ordering::SeqCst) == 2 {
+                bail!("QEMU exited without {needle:?} on the console:\n{guard}");
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 bail!("no {needle:?} on the console within {timeout:?}:\n{guard}");

@@ -7,17 +7,61 @@
 mod guest_vm;
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use guest_protocol::{Config, ExitReason, Network};
-use guest_vm::{DNS, GATEWAY, GUEST_IP, Guest, boot, free_port, http_get, nic, start};
+use guest_vm::{DNS, GATEWAY, GUEST_IP, Guest, nic, start};
 use serde_json::{Value, json};
 use system::hash::sha256_reader;
 use testkit::http::Server;
 use testkit::noise::Noise;
-use testkit::vm::BOOT_TIMEOUT;
+use testkit::vm::{BOOT_TIMEOUT, Boot, VmSpec};
+
+/// A free TCP port on 127.0.0.1 for a `hostfwd` (QEMU binds it right after).
+fn free_port() -> u16 {
+    TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|listener| listener.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+fn boot(spec: &VmSpec) -> Boot {
+    start(spec).finish(BOOT_TIMEOUT).unwrap()
+}
+
+/// `GET path` over HTTP/1.0 from 127.0.0.1:`port`: the status line and the body. Retried
+/// while the forward is not answering yet, up to `timeout`.
+fn http_get(port: u16, path: &str, timeout: Duration) -> (String, Vec<u8>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match try_get(port, path) {
+            Ok(reply) => return reply,
+            Err(err) if Instant::now() < deadline => {
+                eprintln!("GET 127.0.0.1:{port}{path}: {err}; retrying");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(err) => panic!("GET 127.0.0.1:{port}{path}: {err}"),
+        }
+    }
+}
+
+fn try_get(port: u16, path: &str) -> std::io::Result<(String, Vec<u8>)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: guest\r\n\r\n").as_bytes())?;
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply)?;
+    let split = reply
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP header in {} bytes", reply.len())))?;
+    let head = String::from_utf8_lossy(&reply[..split]).into_owned();
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    Ok((status, reply[split + 4..].to_vec()))
+}
 
 /// The app: busybox `httpd` serving `/www` on port 80 (it forks into the background once it
 /// listens), a marker, then wait for the power button.
@@ -38,7 +82,7 @@ fn sha256(bytes: &[u8]) -> String {
 
 /// Boots `config` with `/www/blob`, fetches it through a `hostfwd` to the guest's port 80,
 /// checks its digest, then shuts the app down with the power button.
-fn serves_the_blob(config: Value) -> testkit::vm::Boot {
+fn serves_the_blob(config: Value) -> Boot {
     let mut blob = Vec::new();
     let guest = Guest::busybox(config, |tree| blob = with_blob(tree));
     let port = free_port();

@@ -1,19 +1,14 @@
 //! What the network and systemd VM tests share: the test initrd with the virtio-net modules,
-//! guests made of fixture disks, user-network NICs and a plain HTTP client for `hostfwd`.
+//! guests made of fixture disks, user-network NICs.
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use system::Arch;
-use testkit::vm::{
-    BOOT_TIMEOUT, Boot, Kernel, NET_MODULES, Nic, TEST_MODULES, Vm, VmSpec, busybox_rootfs,
-    ext4_image,
-};
+use testkit::vm::{Kernel, NET_MODULES, Nic, TEST_MODULES, Vm, VmSpec, busybox_rootfs, ext4_image};
 
 /// The guest's subnet: the documentation range, as QEMU's user network serves it.
 pub const SUBNET: &str = "192.0.2.0/24";
@@ -64,14 +59,6 @@ pub fn nic(forwards: &[String]) -> Nic {
         user: user_net(forwards),
         mac: None,
     }
-}
-
-/// A free TCP port on 127.0.0.1 for a `hostfwd` (QEMU binds it right after).
-pub fn free_port() -> u16 {
-    TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|listener| listener.local_addr())
-        .expect("a free loopback port")
-        .port()
 }
 
 /// The disks of one guest: a rootfs, an empty writable disk and a config disk.
@@ -132,39 +119,4 @@ impl Guest {
 pub fn start(spec: &VmSpec) -> Vm {
     let kernel = Kernel::debian_cloud().unwrap();
     Vm::start_with(&kernel.image, network_initrd(), spec).unwrap()
-}
-
-pub fn boot(spec: &VmSpec) -> Boot {
-    start(spec).finish(BOOT_TIMEOUT).unwrap()
-}
-
-/// `GET path` over HTTP/1.0 from 127.0.0.1:`port`: the status line and the body. Retried
-/// while the forward is not answering yet, up to `timeout`.
-pub fn http_get(port: u16, path: &str, timeout: Duration) -> (String, Vec<u8>) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match try_get(port, path) {
-            Ok(reply) => return reply,
-            Err(err) if Instant::now() < deadline => {
-                eprintln!("GET 127.0.0.1:{port}{path}: {err}; retrying");
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            Err(err) => panic!("GET 127.0.0.1:{port}{path}: {err}"),
-        }
-    }
-}
-
-fn try_get(port: u16, path: &str) -> std::io::Result<(String, Vec<u8>)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: guest\r\n\r\n").as_bytes())?;
-    let mut reply = Vec::new();
-    stream.read_to_end(&mut reply)?;
-    let split = reply
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("no HTTP header in {} bytes", reply.len())))?;
-    let head = String::from_utf8_lossy(&reply[..split]).into_owned();
-    let status = head.lines().next().unwrap_or_default().to_owned();
-    Ok((status, reply[split + 4..].to_vec()))
 }
