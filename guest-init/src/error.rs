@@ -13,6 +13,7 @@
 //! | 247  | `spawn`       | starting the entrypoint failed (exec, credentials, workdir)    |
 //! | 248  | `unsupported` | a configured feature this guest-init does not implement yet    |
 //! | 249  | `internal`    | an unexpected syscall failure in PID 1 (`reason=panic`: a panic) |
+//! | 250  | `network`     | no interface, MTU/address/link/route refused, hostname, name files |
 //! | 251  | `driver`      | `gpu` without its module group or device; firmware, GPU nodes  |
 
 pub use guest_protocol::exit::{AppExit, ExitLine, ExitReason};

@@ -12,6 +12,8 @@
 //! lookup in `command` (tested on fixture trees); the sysfs scan for power keys in `shutdown`
 //! (tested on a fixture tree); the initramfs walk in `initramfs`, reached through
 //! `Syscalls::free_initramfs` (tested on a temporary tree).
+//! The network phase has its own seam, `network::Netlink` (the
+//! rtnetlink socket in production); its name-service files are tested on temporary trees.
 
 mod command;
 mod config;
@@ -127,6 +129,9 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
     drivers::check_gpu(config.gpu, &drivers).map_err(|e| Fatal::new("drivers", e.class(), e))?;
     timings.mark("config");
 
+    configure_network(sys, &config, &options)?;
+    timings.mark("network");
+
     let layout = root::mount_overlay_root(sys, &options.rootfs, &options.writable)
         .map_err(|e| Fatal::new("root", ExitReason::Rootfs, e))?;
     shutdown::remember_hidden_mounts(&layout.hidden);
@@ -148,21 +153,21 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
     for line in &mounted.described {
         info!("volumes", "{line}");
     }
+    let written = network::write_files(
+        Path::new(root::NEW_ROOT),
+        config.network.as_ref(),
+        config.hostname.as_deref(),
+    )
+    .map_err(|e| Fatal::new("network", ExitReason::Network, e))?;
+    if !written.0.is_empty() {
+        info!("network", "wrote {} in the image", written.0.join(", "));
+    }
     root::switch_root(sys, Path::new(root::NEW_ROOT))
         .map_err(|e| Fatal::new("root", ExitReason::Rootfs, e))?;
     timings.mark("root");
 
     if let Err(err) = network::loopback_up(sys) {
         info!("network", "{err} (continuing without loopback)");
-    }
-    if let Some(hostname) = &config.hostname {
-        sys.sethostname(hostname).map_err(|e| {
-            Fatal::new(
-                "hostname",
-                ExitReason::Internal,
-                format!("sethostname {hostname:?}: {e}"),
-            )
-        })?;
     }
 
     match config.effective_init_mode() {
@@ -189,6 +194,40 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
             Ok(exit)
         }
     }
+}
+
+/// The configured interface and the kernel hostname, before the root switch so that both
+/// modes start with them; the image's files follow once the new root is mounted.
+fn configure_network(
+    sys: &'static (dyn Kernel + Sync),
+    config: &Config,
+    options: &BootOptions,
+) -> Result<(), Fatal> {
+    let fatal = |e| Fatal::new("network", ExitReason::Network, e);
+    if let Some(wanted) = &config.network {
+        let done = network::configure(&network::Rtnetlink, sys, wanted, options.device_timeout)
+            .map_err(fatal)?;
+        let mtu = wanted
+            .mtu
+            .map(|mtu| format!(", MTU {mtu}"))
+            .unwrap_or_default();
+        let route = wanted
+            .gateway
+            .map(|gateway| format!(", default via {gateway}"))
+            .unwrap_or_default();
+        info!(
+            "network",
+            "{}: {}/{}{mtu}{route} (interface found after {} ms)",
+            done.link,
+            wanted.ip,
+            wanted.prefix_len,
+            done.waited.as_millis()
+        );
+    }
+    if let Some(hostname) = &config.hostname {
+        network::set_hostname(sys, hostname).map_err(fatal)?;
+    }
+    Ok(())
 }
 
 fn boot_options() -> Result<BootOptions, Fatal> {
@@ -257,8 +296,6 @@ fn read_config(sys: &dyn Syscalls, options: &BootOptions) -> Result<Config, Fata
     }
     volumes::check(&config.volume_mounts, options)
         .map_err(|e| Fatal::new("volumes", e.class(), e))?;
-    network::check_supported(&config)
-        .map_err(|e| Fatal::new("network", ExitReason::Unsupported, e))?;
     info!(
         "config",
         "{} from {}: argv {:?}, mode {:?}",

@@ -68,6 +68,9 @@ exit_reasons! {
     Internal = "internal", Some(249);
     /// A panic inside guest-init (same code as `internal`).
     Panic = "panic", Some(249);
+    /// The network interface could not be configured (none found, MTU, address, link up,
+    /// default route), or `/etc/resolv.conf`, `/etc/hostname`, `/etc/hosts` not written.
+    Network = "network", Some(250);
     /// A driver the config asks for has no hardware (`gpu` without a matching PCI device, or
     /// an initrd without a `gpu` module group), or its device nodes could not be made.
     Driver = "driver", Some(251);
@@ -215,6 +218,7 @@ mod tests {
         assert_eq!(ExitReason::Config.code(), Some(240));
         assert_eq!(ExitReason::Entrypoint.code(), Some(245));
         assert_eq!(ExitReason::Panic.code(), ExitReason::Internal.code());
+        assert_eq!(ExitReason::Network.code(), Some(250));
         // 250 is `network`'s (issue 10 adds both); `driver` follows it.
         assert_eq!(ExitReason::Driver.code(), Some(251));
         assert_eq!(ExitReason::App.code(), None);

@@ -20,5 +20,5 @@ pub mod module_groups;
 pub mod user;
 
 pub use cmdline::{BootOptions, CmdlineKey, Writable};
-pub use config::{Config, ConfigError, InitMode, Network, VolumeMode, VolumeMount};
+pub use config::{Config, ConfigError, InitMode, MacAddress, Network, VolumeMode, VolumeMount};
 pub use exit::{AppExit, EXIT_LINE_PREFIX, ExitLine, ExitReason, find_exit_line, parse_exit_line};

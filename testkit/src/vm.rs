@@ -12,6 +12,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use std::{fs, thread};
@@ -205,9 +206,26 @@ pub fn busybox_rootfs(arch: Arch, dir: &Path, arm64_root: &Path) -> anyhow::Resu
     Ok(())
 }
 
+/// Debian cloud kernel modules for a virtio-net NIC (`virtio_net` pulls `net_failover` and
+/// `failover` in through modules.dep).
+pub const NET_MODULES: &[&str] = &["virtio_net"];
+
+/// A virtio-net NIC on QEMU user networking (slirp; the tests use `restrict=on`, so the guest
+/// reaches only what `hostfwd`/`guestfwd` open).
+#[derive(Debug, Clone)]
+pub struct Nic {
+    /// The options of `-netdev user,id=n0,<options>`, e.g.
+    /// `net=192.0.2.0/24,host=192.0.2.2,restrict=on,hostfwd=tcp:127.0.0.1:PORT-192.0.2.15:80`.
+    pub user: String,
+    /// The NIC's MAC address; QEMU's default (52:54:00:12:34:56) when `None`.
+    pub mac: Option<String>,
+}
+
 /// What a test boots: the disks in virtio order (vda rootfs, vdb writable, vdc config, ...).
 pub struct VmSpec {
     pub disks: Vec<PathBuf>,
+    /// A NIC; `None`: no network device at all.
+    pub nic: Option<Nic>,
     /// Appended to `console=<ttyS0 or ttyAMA0> panic=-1 loglevel=4` (and `no_timer_check` on
     /// x86_64).
     pub append: String,
@@ -222,6 +240,7 @@ impl VmSpec {
     pub fn new(disks: Vec<PathBuf>) -> VmSpec {
         VmSpec {
             disks,
+            nic: None,
             append: String::new(),
             memory_mib: 512,
             arch: Arch::X86_64,
@@ -265,6 +284,8 @@ pub fn accelerator_for(arch: Arch) -> String {
 pub struct Vm {
     child: Child,
     console: Arc<(Mutex<String>, Condvar)>,
+    /// How many of QEMU's two output streams reached their end (2: QEMU is gone).
+    closed: Arc<AtomicUsize>,
     monitor: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -377,8 +398,23 @@ impl Vm {
             // PSCI powers the guest off; `-no-reboot` turns a reset into an exit too.
             cmd.args(["-cpu", if accel == "kvm" { "host" } else { "cortex-a57" }]);
         }
-        cmd.args(["-serial", "stdio", "-net", "none"])
-            .arg("-monitor")
+        cmd.args(["-serial", "stdio"]);
+        match &spec.nic {
+            None => {
+                cmd.args(["-net", "none"]);
+            }
+            Some(nic) => {
+                // No option ROM: the kernel is booted directly, PXE is never used.
+                let mut device = "virtio-net-pci,netdev=n0,romfile=".to_owned();
+                if let Some(mac) = &nic.mac {
+                    device.push_str(&format!(",mac={mac}"));
+                }
+                cmd.arg("-netdev")
+                    .arg(format!("user,id=n0,{}", nic.user))
+                    .args(["-device", &device]);
+            }
+        }
+        cmd.arg("-monitor")
             .arg(format!("unix:{},server=on,wait=off", monitor.display()))
             .arg("-kernel")
             .arg(kernel)
@@ -409,12 +445,14 @@ impl Vm {
             .with_context(|| format!("starting {qemu} (apt-get install {package})"))?;
 
         let console = Arc::new((Mutex::new(String::new()), Condvar::new()));
+        let closed = Arc::new(AtomicUsize::new(0));
         let verbose = std::env::var_os("VM_TEST_VERBOSE").is_some();
         for stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
             Box::new(child.stderr.take().unwrap()),
         ] {
             let console = Arc::clone(&console);
+            let closed = Arc::clone(&closed);
             thread::spawn(move || {
                 let mut reader = BufReader::new(stream);
                 let mut raw = Vec::new();
@@ -428,22 +466,30 @@ impl Vm {
                     changed.notify_all();
                     raw.clear();
                 }
+                let (text, changed) = &*console;
+                let _guard = text.lock().unwrap();
+                closed.fetch_add(1, Ordering::SeqCst);
+                changed.notify_all();
             });
         }
         Ok(Vm {
             child,
             console,
+            closed,
             monitor,
             _dir: dir,
         })
     }
 
-    /// Waits until a console line contains `needle`.
+    /// Waits until a console line contains `needle`; fails at once when QEMU has exited.
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         let (text, changed) = &*self.console;
         let mut guard = text.lock().unwrap();
         while !guard.contains(needle) {
+            if self.closed.load(Ordering::SeqCst) == 2 {
+                bail!("QEMU exited without {needle:?} on the console:\n{guard}");
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 bail!("no {needle:?} on the console within {timeout:?}:\n{guard}");

@@ -34,6 +34,8 @@ pub mod key {
     pub const GUEST_CIDR: &str = "guest_cidr";
     pub const GUEST_GW: &str = "guest_gw";
     pub const GUEST_DNS: &str = "guest_dns";
+    pub const GUEST_MAC: &str = "guest_mac";
+    pub const GUEST_MTU: &str = "guest_mtu";
     pub const VOLUME_MOUNTS: &str = "volume_mounts";
     pub const INIT_MODE: &str = "init_mode";
     pub const USER: &str = "user";
@@ -51,7 +53,7 @@ pub mod key {
     }
 
     /// Every key above.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 18] = [
         ENTRYPOINT,
         CMD,
         WORKDIR,
@@ -61,6 +63,8 @@ pub mod key {
         GUEST_CIDR,
         GUEST_GW,
         GUEST_DNS,
+        GUEST_MAC,
+        GUEST_MTU,
         VOLUME_MOUNTS,
         INIT_MODE,
         USER,
@@ -77,6 +81,8 @@ pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_millis(3_600_000);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_millis(10_000);
 /// `guest_cidr` when not set.
 pub const DEFAULT_PREFIX_LEN: u8 = 24;
+/// Bounds of `guest_mtu`: IPv4's minimum (RFC 791) to the largest jumbo frame a link carries.
+pub const MTU_RANGE: std::ops::RangeInclusive<u32> = 68..=65535;
 
 /// Commands that mean "this image boots its own init".
 pub const SYSTEMD_COMMANDS: [&str; 3] = [
@@ -103,12 +109,48 @@ impl InitMode {
     }
 }
 
+/// An Ethernet address, written `52:54:00:12:34:56` (case-insensitive when read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacAddress(pub [u8; 6]);
+
+impl std::fmt::Display for MacAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl std::str::FromStr for MacAddress {
+    type Err = ();
+
+    /// Six colon-separated pairs of hex digits.
+    fn from_str(text: &str) -> Result<MacAddress, ()> {
+        let mut bytes = [0u8; 6];
+        let mut parts = text.split(':');
+        for byte in &mut bytes {
+            let part = parts.next().ok_or(())?;
+            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(drop)?;
+        }
+        match parts.next() {
+            None => Ok(MacAddress(bytes)),
+            Some(_) => Err(()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Network {
     pub ip: Ipv4Addr,
     pub prefix_len: u8,
     pub gateway: Option<Ipv4Addr>,
     pub dns: Vec<Ipv4Addr>,
+    /// The interface to configure (`guest_mac`); `None`: the first virtio-net interface.
+    pub mac: Option<MacAddress>,
+    /// `guest_mtu`; `None`: the driver's default.
+    pub mtu: Option<u32>,
 }
 
 impl Network {
@@ -118,6 +160,8 @@ impl Network {
             prefix_len,
             gateway: None,
             dns: Vec::new(),
+            mac: None,
+            mtu: None,
         }
     }
 
@@ -129,6 +173,34 @@ impl Network {
     pub fn with_dns(mut self, server: Ipv4Addr) -> Network {
         self.dns.push(server);
         self
+    }
+
+    /// Configure the interface with this MAC address instead of the first virtio-net one.
+    pub fn with_mac(mut self, mac: MacAddress) -> Network {
+        self.mac = Some(mac);
+        self
+    }
+
+    pub fn with_mtu(mut self, mtu: u32) -> Network {
+        self.mtu = Some(mtu);
+        self
+    }
+
+    /// The subnet `ip/prefix_len` covers, e.g. `192.0.2.0` for `192.0.2.15/24`.
+    pub fn subnet(&self) -> Ipv4Addr {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0);
+        Ipv4Addr::from(u32::from(self.ip) & mask)
+    }
+
+    /// Whether `address` lies in the interface's subnet (a gateway must).
+    pub fn contains(&self, address: Ipv4Addr) -> bool {
+        let other = Network {
+            ip: address,
+            ..self.clone()
+        };
+        other.subnet() == self.subnet()
     }
 }
 

@@ -11,8 +11,8 @@ use serde_json::{Map, Value};
 
 use super::key;
 use super::{
-    Config, ConfigError, DEFAULT_PREFIX_LEN, InitMode, MAX_SHUTDOWN_GRACE, Network, VolumeMode,
-    VolumeMount,
+    Config, ConfigError, DEFAULT_PREFIX_LEN, InitMode, MAX_SHUTDOWN_GRACE, MTU_RANGE, MacAddress,
+    Network, VolumeMode, VolumeMount,
 };
 
 /// Parse the text of `config.json`; `path` only names the file in errors. Returns the config
@@ -272,6 +272,30 @@ fn take_network(map: &mut Map<String, Value>) -> Result<Option<Network>, ConfigE
                 .map_err(|_| invalid(key::GUEST_DNS, &value, "IPv4 addresses (string or array)"))?
         }
     };
+    let mac = take_string(map, key::GUEST_MAC)?
+        .map(|text| {
+            text.parse::<MacAddress>().map_err(|()| {
+                invalid(
+                    key::GUEST_MAC,
+                    &Value::from(text),
+                    "a MAC address like 52:54:00:12:34:56",
+                )
+            })
+        })
+        .transpose()?;
+    let mtu = match map.remove(key::GUEST_MTU) {
+        None | Some(Value::Null) => None,
+        Some(value) => match value.as_u64() {
+            Some(n) if MTU_RANGE.contains(&n.try_into().unwrap_or(u32::MAX)) => Some(n as u32),
+            _ => {
+                return Err(invalid(
+                    key::GUEST_MTU,
+                    &value,
+                    "an MTU, an integer from 68 to 65535",
+                ));
+            }
+        },
+    };
     if !enabled {
         return Ok(None);
     }
@@ -287,6 +311,8 @@ fn take_network(map: &mut Map<String, Value>) -> Result<Option<Network>, ConfigE
         prefix_len: prefix_len.unwrap_or(DEFAULT_PREFIX_LEN),
         gateway,
         dns,
+        mac,
+        mtu,
     }))
 }
 

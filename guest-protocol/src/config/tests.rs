@@ -31,6 +31,8 @@ fn full_valid_config() {
             "guest_cidr": 16,
             "guest_gw": "10.100.0.1",
             "guest_dns": "1.1.1.1, 8.8.8.8",
+            "guest_mac": "52:54:00:AB:cd:01",
+            "guest_mtu": 1400,
             "volume_mounts": [
                 {"device": "/dev/vdd", "path": "/data", "mode": "rw"},
                 {"device": "/dev/vde", "path": "/cache", "mode": "overlay", "overlay_device": "/dev/vdf"}
@@ -54,6 +56,11 @@ fn full_valid_config() {
     assert_eq!(network.prefix_len, 16);
     assert_eq!(network.gateway, Some(Ipv4Addr::new(10, 100, 0, 1)));
     assert_eq!(network.dns.len(), 2);
+    assert_eq!(
+        network.mac,
+        Some(MacAddress([0x52, 0x54, 0x00, 0xab, 0xcd, 0x01]))
+    );
+    assert_eq!(network.mtu, Some(1400));
     assert_eq!(config.volume_mounts.len(), 2);
     assert_eq!(config.volume_mounts[1].mode, VolumeMode::Overlay);
     assert_eq!(
@@ -164,6 +171,26 @@ fn each_invalid_value_is_named() {
             "config key `guest_dns` has invalid value \"1.1.1\"",
         ),
         (
+            r#"{"guest_mac": "52:54:00:12:34"}"#,
+            "config key `guest_mac` has invalid value \"52:54:00:12:34\": expected a MAC address like 52:54:00:12:34:56",
+        ),
+        (
+            r#"{"guest_mac": "52:54:00:12:34:5g"}"#,
+            "config key `guest_mac` has invalid value \"52:54:00:12:34:5g\"",
+        ),
+        (
+            r#"{"guest_mtu": 67}"#,
+            "config key `guest_mtu` has invalid value 67: expected an MTU, an integer from 68 to 65535",
+        ),
+        (
+            r#"{"guest_mtu": 65536}"#,
+            "config key `guest_mtu` has invalid value 65536",
+        ),
+        (
+            r#"{"guest_mtu": "1500"}"#,
+            "config key `guest_mtu` has invalid value \"1500\"",
+        ),
+        (
             r#"{"network_enabled": true}"#,
             "config key `guest_ip` has invalid value null: expected an IPv4 address when network_enabled is true",
         ),
@@ -247,7 +274,9 @@ fn every_key_set() -> Config {
             Network::new(Ipv4Addr::new(10, 100, 0, 2), 16)
                 .with_gateway(Ipv4Addr::new(10, 100, 0, 1))
                 .with_dns(Ipv4Addr::new(1, 1, 1, 1))
-                .with_dns(Ipv4Addr::new(8, 8, 8, 8)),
+                .with_dns(Ipv4Addr::new(8, 8, 8, 8))
+                .with_mac(MacAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]))
+                .with_mtu(9000),
         )
         .with_volume(VolumeMount::read_write("/dev/vdd", "/data"))
         .with_volume(VolumeMount::read_only("/dev/vde", "/srv/static"))
@@ -293,6 +322,8 @@ fn written_json_uses_every_key_guest_init_reads() {
         map[key::GUEST_DNS],
         serde_json::json!(["1.1.1.1", "8.8.8.8"])
     );
+    assert_eq!(map[key::GUEST_MAC], "52:54:00:12:34:56");
+    assert_eq!(map[key::GUEST_MTU], 9000);
     assert_eq!(
         map[key::VOLUME_MOUNTS][2],
         serde_json::json!({"device": "/dev/vdf", "path": "/cache", "mode": "overlay",
@@ -340,4 +371,36 @@ fn building_an_invalid_config_fails_with_guest_init_s_message() {
     assert!(err.to_string().contains("`shutdown_grace_ms`"), "{err}");
     let err = serde_json::from_str::<Config>(r#"{"guest_cidr": 40}"#).unwrap_err();
     assert!(err.to_string().contains("`guest_cidr`"), "{err}");
+}
+
+#[test]
+fn mac_addresses_read_and_print_in_lower_case() {
+    let mac: MacAddress = "52:54:00:AB:cd:0F".parse().unwrap();
+    assert_eq!(mac, MacAddress([0x52, 0x54, 0x00, 0xab, 0xcd, 0x0f]));
+    assert_eq!(mac.to_string(), "52:54:00:ab:cd:0f");
+    for bad in [
+        "",
+        "52:54:00:ab:cd",
+        "52:54:00:ab:cd:0f:00",
+        "52-54-00-ab-cd-0f",
+        "5:54:00:ab:cd:0f",
+        "+2:54:00:ab:cd:0f",
+    ] {
+        assert!(bad.parse::<MacAddress>().is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn the_subnet_decides_whether_a_gateway_is_on_link() {
+    let network = Network::new(Ipv4Addr::new(192, 0, 2, 15), 25);
+    assert_eq!(network.subnet(), Ipv4Addr::new(192, 0, 2, 0));
+    assert!(network.contains(Ipv4Addr::new(192, 0, 2, 2)));
+    assert!(!network.contains(Ipv4Addr::new(192, 0, 2, 200)));
+    assert!(!network.contains(Ipv4Addr::new(10, 0, 0, 1)));
+    let everything = Network::new(Ipv4Addr::new(10, 1, 2, 3), 0);
+    assert_eq!(everything.subnet(), Ipv4Addr::UNSPECIFIED);
+    assert!(everything.contains(Ipv4Addr::new(8, 8, 8, 8)));
+    let host = Network::new(Ipv4Addr::new(10, 1, 2, 3), 32);
+    assert_eq!(host.subnet(), Ipv4Addr::new(10, 1, 2, 3));
+    assert!(!host.contains(Ipv4Addr::new(10, 1, 2, 4)));
 }

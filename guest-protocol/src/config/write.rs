@@ -43,6 +43,12 @@ impl Config {
                 let dns: Vec<String> = network.dns.iter().map(ToString::to_string).collect();
                 put(key::GUEST_DNS, Value::from(dns));
             }
+            if let Some(mac) = network.mac {
+                put(key::GUEST_MAC, Value::from(mac.to_string()));
+            }
+            if let Some(mtu) = network.mtu {
+                put(key::GUEST_MTU, Value::from(mtu));
+            }
         }
         if !self.volume_mounts.is_empty() {
             let volumes = self

@@ -35,6 +35,9 @@ enum Case {
     /// Boot guest-init 10 times under QEMU: PID 1 start → entrypoint exec (median), plus the
     /// sizes of guest-init and the minimal initrd.
     Boot,
+    /// Boot guest-init 10 times with networking on and 10 times off under QEMU: PID 1 start →
+    /// entrypoint exec (medians) and the network phase alone.
+    Network,
     /// `dist` vs `tar -czf` of the same store files (time and size), and `artifacts --from`
     /// vs `tar -xzf` + a full verify.
     Dist,
@@ -44,12 +47,13 @@ enum Case {
 }
 
 impl Case {
-    const EACH: [Case; 6] = [
+    const EACH: [Case; 7] = [
         Case::Verify,
         Case::Layers,
         Case::Download,
         Case::Initrd,
         Case::Boot,
+        Case::Network,
         Case::Dist,
     ];
 
@@ -60,6 +64,7 @@ impl Case {
             Case::Download => "download",
             Case::Initrd => "initrd",
             Case::Boot => "boot",
+            Case::Network => "network",
             Case::Dist => "dist",
             Case::All => unreachable!("`all` runs the others"),
         }

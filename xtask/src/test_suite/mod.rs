@@ -3,6 +3,7 @@
 //! check that the committed lock's default initrd rebuilds byte-identically.
 
 pub mod prepare;
+pub mod systemd_rootfs;
 
 use anyhow::Context;
 use xshell::{Shell, cmd};
@@ -19,13 +20,14 @@ pub struct Options {
 }
 
 /// Prepares the machine (rustup targets, apt packages, the arm64 kernel and busybox for the
-/// aarch64 VM tests), then runs fmt, clippy, every test and the reproducibility check.
+/// aarch64 VM tests, the systemd rootfs image for the systemd-mode VM test), then runs fmt, clippy, every test and the reproducibility check.
 pub fn run(options: &Options) -> anyhow::Result<()> {
     let sh = Shell::new()?;
     sh.change_dir(crate::workspace_root());
     crate::toolchain::ensure_targets(&sh, &crate::workspace_root(), false)?;
     prepare::apt_packages(&sh)?;
     prepare::arm64_guest(&sh)?;
+    systemd_rootfs::prepare(&sh)?;
     if options.prepare_only {
         return Ok(());
     }

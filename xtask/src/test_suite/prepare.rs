@@ -80,6 +80,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "python3-grpc-tools",
         "generates that client's stubs from guest.proto",
     ),
+    (
+        "mmdebstrap",
+        "the systemd-mode VM test boots a Debian rootfs with systemd-sysv built by mmdebstrap",
+    ),
 ];
 
 pub fn apt_packages(sh: &Shell) -> anyhow::Result<()> {
