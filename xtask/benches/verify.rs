@@ -39,6 +39,7 @@ fn run(sh: &Shell) -> anyhow::Result<()> {
         system::lock::Initrd {
             base: None,
             modules: vec![],
+            compression: Default::default(),
             outputs: UniqueMap::default(),
         },
     );

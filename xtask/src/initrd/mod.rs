@@ -1,6 +1,7 @@
 //! Initrd assembly: guest-init built for musl, kernel modules resolved from modules.dep, the
-//! recipe's tree, and the deterministic newc + gzip writer.
+//! recipe's tree, and the deterministic newc writer and its compressors.
 
+pub mod compress;
 pub mod cpio;
 pub mod fingerprint;
 pub mod guest_init;
@@ -10,6 +11,7 @@ pub mod recipe;
 use std::path::Path;
 
 use system::Arch;
+use system::lock::InitrdCompression;
 use xshell::Shell;
 
 use guest_init::BuildOptions;
@@ -23,12 +25,13 @@ pub const INPUT_RECIPE: &str = "recipe";
 
 /// A minimal-profile initrd with kernel modules, for VM tests: guest-init for `arch` built from
 /// this workspace, plus `module_names` (and their dependencies) from `modules_dir` (a kernel's
-/// `lib/modules/<kver>`, e.g. Debian's `/lib/modules/<ver>-cloud-amd64`). Returns the
-/// gzip-compressed archive. Nothing is stored and no lock is touched.
+/// `lib/modules/<kver>`, e.g. Debian's `/lib/modules/<ver>-cloud-amd64`). Returns the archive
+/// compressed as `compression`. Nothing is stored and no lock is touched.
 pub fn build_test_initrd(
     arch: Arch,
     modules_dir: &Path,
     module_names: &[&str],
+    compression: InitrdCompression,
 ) -> anyhow::Result<Vec<u8>> {
     let sh = Shell::new()?;
     let workspace = crate::workspace_root();
@@ -40,5 +43,5 @@ pub fn build_test_initrd(
         Some(ModuleSet::load(&ModulesDir::locate(modules_dir)?, &names)?)
     };
     let tree = recipe::assemble(None, &guest_init.bytes, modules.as_ref())?;
-    cpio::write_initrd(&tree, cpio::mtime_from_env()?)
+    cpio::write_initrd(&tree, cpio::mtime_from_env()?, compression)
 }

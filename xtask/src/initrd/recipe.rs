@@ -14,12 +14,14 @@
 use serde::Serialize;
 use system::Digest;
 
+use super::compress::Encoder;
 use super::modules::ModuleSet;
 use crate::rootfs::{Node, NodeKind, Tree, TreePath};
 
 /// Bumped whenever the builder puts something else into an initrd for the same inputs (the
 /// profile's entries, the writer's format): every initrd then rebuilds, and the lock says why.
-pub const BUILDER: u32 = 1;
+/// 2: gzip through libdeflate level 6 (was miniz_oxide level 9); the compressor in the recipe.
+pub const BUILDER: u32 = 2;
 
 /// An initrd's recipe in canonical form: what its `recipe` input digest covers. The fields are
 /// declared in alphabetical order, so the JSON is canonical.
@@ -28,6 +30,8 @@ pub struct Recipe {
     /// The base image's name in the lock, or none for the minimal profile.
     pub base: Option<String>,
     pub builder: u32,
+    /// The format and its pinned encoder and level: another compressor is another initrd.
+    pub compression: Encoder,
     /// Module names as the lock lists them.
     pub modules: Vec<String>,
     /// Every entry's mtime (`SOURCE_DATE_EPOCH`).
@@ -88,6 +92,8 @@ pub fn assemble(
 
 #[cfg(test)]
 mod tests {
+    use system::lock::InitrdCompression;
+
     use super::*;
 
     #[test]
@@ -95,13 +101,23 @@ mod tests {
         let recipe = Recipe {
             base: None,
             builder: BUILDER,
+            compression: Encoder::of(InitrdCompression::Gzip),
             modules: vec!["virtio_blk".into()],
             mtime: 0,
         };
         assert_eq!(
             recipe.canonical_json(),
-            r#"{"base":null,"builder":1,"modules":["virtio_blk"],"mtime":0}"#
+            r#"{"base":null,"builder":2,"compression":{"encoder":"libdeflate","format":"gzip","level":"6"},"modules":["virtio_blk"],"mtime":0}"#
         );
+        for format in [
+            InitrdCompression::Zstd,
+            InitrdCompression::Lz4,
+            InitrdCompression::None,
+        ] {
+            let mut other = recipe.clone();
+            other.compression = Encoder::of(format);
+            assert_ne!(other.digest(), recipe.digest(), "{format}");
+        }
         let mut other = recipe.clone();
         other.mtime = 1;
         assert_ne!(other.digest(), recipe.digest());

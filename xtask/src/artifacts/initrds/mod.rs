@@ -22,6 +22,7 @@ use system::lock::{InitrdOutput, Version};
 use system::{Arch, Digest, Lock};
 
 use super::Report;
+use crate::initrd::compress::Encoder;
 use crate::initrd::guest_init::GuestInit;
 use crate::initrd::modules::{ModuleSet, ModulesDir};
 use crate::initrd::recipe::{self, Recipe};
@@ -163,6 +164,7 @@ fn sync_one(
     let recipe = Recipe {
         base: recipe_entry.base.as_ref().map(|b| b.as_str().to_owned()),
         builder: recipe::BUILDER,
+        compression: Encoder::of(recipe_entry.compression),
         modules: recipe_entry.modules.clone(),
         mtime: plan.mtime,
     };
@@ -215,7 +217,7 @@ fn sync_one(
         }
     };
     let tree = recipe::assemble(base_tree, &guest_init.bytes, modules.as_ref())?;
-    let bytes = cpio::write_initrd(&tree, plan.mtime)?;
+    let bytes = cpio::write_initrd(&tree, plan.mtime, recipe_entry.compression)?;
     let sha256 = system::hash::sha256_bytes(&bytes);
     let size = bytes.len() as u64;
     if plan.locked

@@ -16,6 +16,7 @@ fn lock() -> Lock {
             Initrd {
                 base: None,
                 modules: vec![],
+                compression: Default::default(),
                 outputs: UniqueMap::default(),
             },
         );

@@ -35,6 +35,7 @@ fn lock_for(files: &[(Arch, &str, &[u8], Option<u64>)]) -> Lock {
         Initrd {
             base: None,
             modules: vec![],
+            compression: Default::default(),
             outputs: UniqueMap::default(),
         },
     );
