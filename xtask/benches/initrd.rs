@@ -18,6 +18,8 @@ use xtask::initrd::{compress, cpio};
 use xtask::rootfs::{Node, Tree, TreePath};
 
 const ROUNDS: usize = 5;
+/// Rounds per candidate compressor: the slow ones (libdeflate 12, ruzstd) take seconds each.
+const COMPRESSOR_ROUNDS: usize = 3;
 
 fn run(sh: &Shell) -> anyhow::Result<()> {
     assemble_vs_gnu(sh)?;
@@ -168,7 +170,7 @@ fn compressors(sh: &Shell, archive: &[u8], dir: &Path) -> anyhow::Result<()> {
     std::fs::write(&cpio_file, archive)?;
     let gzip9 = dir.join("archive.cpio.gz");
     let mut rows = Vec::new();
-    let time = median_time(ROUNDS, || {
+    let time = median_time(COMPRESSOR_ROUNDS, || {
         let script = format!(
             "gzip -9 -n -c {} > {}",
             cpio_file.display(),
@@ -189,7 +191,7 @@ fn compressors(sh: &Shell, archive: &[u8], dir: &Path) -> anyhow::Result<()> {
                          f: &dyn Fn() -> anyhow::Result<Vec<u8>>|
      -> anyhow::Result<()> {
         let mut packed = Vec::new();
-        let time = median_time(ROUNDS, || {
+        let time = median_time(COMPRESSOR_ROUNDS, || {
             packed = f()?;
             Ok(())
         })?;
@@ -197,7 +199,7 @@ fn compressors(sh: &Shell, archive: &[u8], dir: &Path) -> anyhow::Result<()> {
             None => None,
             Some(reader) => {
                 anyhow::ensure!(reader.decode_all(&packed)? == archive, "{name} round trip");
-                Some(median_time(ROUNDS, || {
+                Some(median_time(COMPRESSOR_ROUNDS, || {
                     reader.decode_all(&packed)?;
                     Ok(())
                 })?)
@@ -231,8 +233,24 @@ fn compressors(sh: &Shell, archive: &[u8], dir: &Path) -> anyhow::Result<()> {
             &|| compress::gzip(archive, level),
         )?;
     }
+    for level in [3, 9, 12] {
+        candidate(
+            format!("zstd, libzstd level {level}"),
+            Some(Compression::Zstd),
+            &|| compress::zstd(archive, level),
+        )?;
+    }
+    candidate(
+        "zstd, ruzstd fastest (pure Rust)".into(),
+        Some(Compression::Zstd),
+        &|| {
+            Ok(ruzstd::encoding::compress_to_vec(
+                archive,
+                ruzstd::encoding::CompressionLevel::Fastest,
+            ))
+        },
+    )?;
     for (format, reader) in [
-        (InitrdCompression::Zstd, Compression::Zstd),
         (InitrdCompression::Lz4, Compression::Lz4Legacy),
         (InitrdCompression::None, Compression::None),
     ] {
@@ -248,7 +266,7 @@ fn compressors(sh: &Shell, archive: &[u8], dir: &Path) -> anyhow::Result<()> {
         )?;
     }
     println!(
-        "compressors on the same {:.1} MB archive, median of {ROUNDS} (size ratio against gzip \
+        "compressors on the same {:.1} MB archive, median of {COMPRESSOR_ROUNDS} (size ratio against gzip \
          -9's {baseline} bytes; unpack = this generator's decoder on the host):",
         archive.len() as f64 / 1e6
     );
