@@ -312,7 +312,9 @@ fn check_locked_inputs(
         if was != now {
             let show = |d: Option<&Digest>| d.map_or("(none)".to_owned(), Digest::to_string);
             let why = match key.as_str() {
-                INPUT_RECIPE => " (base, modules, SOURCE_DATE_EPOCH or the builder version)",
+                INPUT_RECIPE => {
+                    " (base, modules, compression, SOURCE_DATE_EPOCH or the builder version)"
+                }
                 INPUT_GUEST_INIT => " (guest-init's sources, Cargo.lock or the toolchain)",
                 _ => "",
             };
