@@ -163,12 +163,17 @@ fn unpack_costs(
     Ok(())
 }
 
-/// The kernel timestamp (µs since boot) of the first `[   1.234567] <needle>` line.
+/// The kernel timestamp (µs since boot) of the first `[   1.234567] <needle>` line (guest-init's
+/// log quotes the app's command, needle included, on lines without such a stamp).
 fn kernel_time_us(console: &str, needle: &str) -> Option<u64> {
-    let line = console.lines().find(|l| l.contains(needle))?;
-    let stamp = line.strip_prefix('[')?.split(']').next()?.trim();
-    let (secs, micros) = stamp.split_once('.')?;
-    Some(secs.parse::<u64>().ok()? * 1_000_000 + micros.parse::<u64>().ok()?)
+    console.lines().find_map(|line| {
+        let (stamp, text) = line.strip_prefix('[')?.split_once(']')?;
+        if !text.trim_start().starts_with(needle) {
+            return None;
+        }
+        let (secs, micros) = stamp.trim().split_once('.')?;
+        Some(secs.parse::<u64>().ok()? * 1_000_000 + micros.parse::<u64>().ok()?)
+    })
 }
 
 fn main() -> anyhow::Result<()> {
