@@ -4,9 +4,9 @@
 //! Same tree, same bytes, on any machine: entries in tree order (sorted, parents first), inode
 //! numbers assigned in that order, one fixed mtime for every entry, owners and modes from the
 //! tree (never from the builder), and a pinned compressor (a gzip header without file name or
-//! time). Hard links share
-//! an inode; as GNU cpio and the kernel's unpacker expect, the data travels with the last entry
-//! of the group and the earlier ones are empty with the group's link count.
+//! time). Hard links share an inode; as GNU cpio and the kernel's unpacker expect, the data
+//! travels with the last entry of the group and the earlier ones are empty with the group's
+//! link count.
 
 use std::collections::HashMap;
 use std::io::Write;
