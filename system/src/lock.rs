@@ -81,6 +81,9 @@ pub struct Initrd {
     /// config.json's `gpu` asks for.
     #[serde(default, skip_serializing_if = "is_empty_map")]
     pub module_groups: UniqueMap<Version, ModuleGroup>,
+    /// How the archive is compressed; `gzip` when absent (locks written before the field).
+    #[serde(default, skip_serializing_if = "InitrdCompression::is_default")]
+    pub compression: InitrdCompression,
     /// What was built, per architecture.
     #[serde(default)]
     pub outputs: UniqueMap<Arch, InitrdOutput>,
@@ -103,6 +106,60 @@ pub struct ModuleGroup {
 
 fn is_empty_map<K, V>(map: &UniqueMap<K, V>) -> bool {
     map.is_empty()
+}
+
+/// How an initrd's cpio archive is compressed. The kernel must be built with the matching
+/// `CONFIG_RD_*`: every kernel has gzip; `zstd` needs `CONFIG_RD_ZSTD`, `lz4` `CONFIG_RD_LZ4`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitrdCompression {
+    #[default]
+    Gzip,
+    Zstd,
+    /// The legacy lz4 frame (`lz4 -l`), the only lz4 format the kernel unpacks.
+    Lz4,
+    None,
+}
+
+impl InitrdCompression {
+    pub const ALL: [InitrdCompression; 4] = [
+        InitrdCompression::Gzip,
+        InitrdCompression::Zstd,
+        InitrdCompression::Lz4,
+        InitrdCompression::None,
+    ];
+
+    pub fn is_default(&self) -> bool {
+        *self == InitrdCompression::default()
+    }
+
+    /// The name the lock and the command line use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InitrdCompression::Gzip => "gzip",
+            InitrdCompression::Zstd => "zstd",
+            InitrdCompression::Lz4 => "lz4",
+            InitrdCompression::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for InitrdCompression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for InitrdCompression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<InitrdCompression, String> {
+        InitrdCompression::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown initrd compression `{s}`; allowed: gzip, zstd, lz4, none")
+            })
+    }
 }
 
 /// A built initrd: the digests of everything it was made from, and its own digest.

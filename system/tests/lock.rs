@@ -335,3 +335,35 @@ fn a_kernel_url_is_http_or_an_absolute_file_url() {
         "{message}"
     );
 }
+
+#[test]
+fn an_initrd_compression_defaults_to_gzip_and_only_known_names_parse() {
+    use system::lock::InitrdCompression;
+    let kernels = format!(
+        r#"{{ "ch-release-v6.16.9-20260508": {} }}"#,
+        kernel("x86_64", KERNEL_SHA)
+    );
+    // A lock written before the field: gzip, and written back without the field.
+    let old = Lock::parse(&lock_with(&kernels, DEFAULTS)).unwrap();
+    assert_eq!(old.initrds["v1.0.0"].compression, InitrdCompression::Gzip);
+    assert!(!old.to_json().contains("compression"));
+    for name in ["zstd", "lz4", "none"] {
+        let text = lock_with(&kernels, DEFAULTS).replace(
+            r#"{ "outputs": {} }"#,
+            &format!(r#"{{ "compression": "{name}", "outputs": {{}} }}"#),
+        );
+        let lock = Lock::parse(&text).unwrap();
+        assert_eq!(lock.initrds["v1.0.0"].compression.as_str(), name);
+        assert_eq!(Lock::parse(&lock.to_json()).unwrap(), lock);
+    }
+    let text = lock_with(&kernels, DEFAULTS).replace(
+        r#"{ "outputs": {} }"#,
+        r#"{ "compression": "xz", "outputs": {} }"#,
+    );
+    let (path, message) = error_of(&text);
+    assert_eq!(path, r#"initrds."v1.0.0".compression"#);
+    assert!(
+        message.contains("`xz`") && message.contains("lz4"),
+        "{message}"
+    );
+}

@@ -1,18 +1,25 @@
 //! `cargo xtask bench initrd`: (a) our newc + gzip writer against `find | sort | cpio -o -H newc
-//! | gzip -9` on the same tree, time and size, in one run; (b) a no-op `artifacts` run of the
-//! built xtask binary (initrds only, everything already in the store).
+//! | gzip -9` on the same tree, time and size, in one run; (b) every candidate compressor
+//! (zlib-rs and libdeflate at several levels, zstd, lz4, none) on the same archive against
+//! `gzip -9` of it; (c) a no-op `artifacts` run of the built xtask binary (initrds only,
+//! everything already in the store).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use testkit::bench::median;
+use system::lock::InitrdCompression;
+use testkit::bench::{median, median_time};
 use xshell::{Shell, cmd};
 
-use xtask::initrd::cpio;
+use xtask::compression::Compression;
+use xtask::initrd::{compress, cpio};
 use xtask::rootfs::{Node, Tree, TreePath};
 
 const ROUNDS: usize = 5;
+/// Rounds per candidate compressor: the slow ones (libdeflate 12, ruzstd) take seconds each.
+const COMPRESSOR_ROUNDS: usize = 3;
 
 fn run(sh: &Shell) -> anyhow::Result<()> {
     assemble_vs_gnu(sh)?;
@@ -96,7 +103,7 @@ fn assemble_vs_gnu(sh: &Shell) -> anyhow::Result<()> {
         let start = Instant::now();
         let tree = load_tree(&root)?;
         let written = Instant::now();
-        let bytes = cpio::write_initrd(&tree, 0)?;
+        let bytes = cpio::write_initrd(&tree, 0, InitrdCompression::Gzip)?;
         ours.push(start.elapsed());
         ours_write.push(written.elapsed());
         sizes.0 = bytes.len();
@@ -128,19 +135,154 @@ fn assemble_vs_gnu(sh: &Shell) -> anyhow::Result<()> {
         raw as f64 / 1e6
     );
     println!(
-        "  ours (read tree + newc + gzip -9): {ours:>9.2?}  (newc + gzip alone: {ours_write:.2?})"
+        "  ours (read tree + newc + gzip, libdeflate level {}): {ours:>9.2?}  (newc + gzip \
+         alone: {ours_write:.2?})",
+        compress::GZIP_LEVEL
     );
     println!("  find | sort | cpio | gzip -9:      {gnu:>9.2?}");
     println!(
-        "  time ratio (ours / baseline): {:.2}",
+        "  time ratio (ours / baseline): {:.2} (target ≤ 0.30)",
         ours.as_secs_f64() / gnu.as_secs_f64()
     );
     println!(
-        "  size: ours {} bytes, baseline {} bytes, ratio {:.3}",
+        "  size: ours {} bytes, baseline {} bytes, ratio {:.3} (target within 1 %)",
         sizes.0,
         sizes.1,
         sizes.0 as f64 / sizes.1 as f64
     );
+    let tree = load_tree(&root)?;
+    compressors(sh, &cpio::write_newc(&tree, 0, Vec::new())?, dir.path())
+}
+
+/// One compressor's figures on the benchmark's archive.
+struct Row {
+    name: String,
+    time: Duration,
+    size: usize,
+    /// Host time to decompress it again, with the generator's decoder.
+    unpack: Option<Duration>,
+}
+
+/// Every candidate compressor on the same newc archive, against `gzip -9` of it: the figures
+/// [`compress::GZIP_LEVEL`] and the encoder were chosen by, and what the other formats cost.
+fn compressors(sh: &Shell, archive: &[u8], dir: &Path) -> anyhow::Result<()> {
+    let cpio_file = dir.join("archive.cpio");
+    std::fs::write(&cpio_file, archive)?;
+    let gzip9 = dir.join("archive.cpio.gz");
+    let mut rows = Vec::new();
+    let time = median_time(COMPRESSOR_ROUNDS, || {
+        let script = format!(
+            "gzip -9 -n -c {} > {}",
+            cpio_file.display(),
+            gzip9.display()
+        );
+        cmd!(sh, "sh -c {script}").quiet().run()?;
+        Ok(())
+    })?;
+    let baseline = std::fs::metadata(&gzip9)?.len() as usize;
+    rows.push(Row {
+        name: "gzip -9 (GNU gzip, the baseline)".into(),
+        time,
+        size: baseline,
+        unpack: None,
+    });
+    let mut candidate = |name: String,
+                         reader: Option<Compression>,
+                         f: &dyn Fn() -> anyhow::Result<Vec<u8>>|
+     -> anyhow::Result<()> {
+        let mut packed = Vec::new();
+        let time = median_time(COMPRESSOR_ROUNDS, || {
+            packed = f()?;
+            Ok(())
+        })?;
+        let unpack = match reader {
+            None => None,
+            Some(reader) => {
+                anyhow::ensure!(reader.decode_all(&packed)? == archive, "{name} round trip");
+                Some(median_time(COMPRESSOR_ROUNDS, || {
+                    reader.decode_all(&packed)?;
+                    Ok(())
+                })?)
+            }
+        };
+        rows.push(Row {
+            name,
+            time,
+            size: packed.len(),
+            unpack,
+        });
+        Ok(())
+    };
+    for level in [6, 9] {
+        candidate(
+            format!("gzip, flate2 + zlib-rs level {level}"),
+            Some(Compression::Gzip),
+            &|| {
+                let mut gz = flate2::GzBuilder::new()
+                    .mtime(0)
+                    .write(Vec::new(), flate2::Compression::new(level));
+                gz.write_all(archive)?;
+                Ok(gz.finish()?)
+            },
+        )?;
+    }
+    for level in [6, 9, 12] {
+        candidate(
+            format!("gzip, libdeflate level {level}"),
+            Some(Compression::Gzip),
+            &|| compress::gzip(archive, level),
+        )?;
+    }
+    for level in [3, 9, 12] {
+        candidate(
+            format!("zstd, libzstd level {level}"),
+            Some(Compression::Zstd),
+            &|| compress::zstd(archive, level),
+        )?;
+    }
+    candidate(
+        "zstd, ruzstd fastest (pure Rust)".into(),
+        Some(Compression::Zstd),
+        &|| {
+            Ok(ruzstd::encoding::compress_to_vec(
+                archive,
+                ruzstd::encoding::CompressionLevel::Fastest,
+            ))
+        },
+    )?;
+    for (format, reader) in [
+        (InitrdCompression::Lz4, Compression::Lz4Legacy),
+        (InitrdCompression::None, Compression::None),
+    ] {
+        let encoder = compress::Encoder::of(format);
+        candidate(
+            format!(
+                "{format}, {} {}",
+                encoder.encoder.unwrap_or("(stored)"),
+                encoder.level.unwrap_or_default()
+            ),
+            Some(reader),
+            &|| compress::compress(format, archive),
+        )?;
+    }
+    println!(
+        "compressors on the same {:.1} MB archive, median of {COMPRESSOR_ROUNDS} (size ratio against gzip \
+         -9's {baseline} bytes; unpack = this generator's decoder on the host):",
+        archive.len() as f64 / 1e6
+    );
+    for row in rows {
+        let unpack = row
+            .unpack
+            .map(|u| format!("  unpack {:>7.1} ms", u.as_secs_f64() * 1e3))
+            .unwrap_or_default();
+        println!(
+            "  {:<38} {:>7.1} ms  {:>9} bytes  size ratio {:.3}{unpack}",
+            row.name,
+            row.time.as_secs_f64() * 1e3,
+            row.size,
+            row.size as f64 / baseline as f64,
+        );
+    }
     Ok(())
 }
 

@@ -54,7 +54,12 @@ fn main() -> anyhow::Result<()> {
         .chain(vm::NET_MODULES)
         .copied()
         .collect();
-    let initrd_bytes = xtask::initrd::build_test_initrd(Arch::X86_64, &kernel.modules, &modules)?;
+    let initrd_bytes = xtask::initrd::build_test_initrd(
+        Arch::X86_64,
+        &kernel.modules,
+        &modules,
+        system::lock::InitrdCompression::Gzip,
+    )?;
     let dir = tempfile::tempdir()?;
     let initrd = dir.path().join("initrd.gz");
     fs::write(&initrd, initrd_bytes)?;

@@ -40,6 +40,7 @@ fn run(sh: &Shell) -> anyhow::Result<()> {
             base: None,
             modules: vec![],
             module_groups: Default::default(),
+            compression: Default::default(),
             outputs: UniqueMap::default(),
         },
     );

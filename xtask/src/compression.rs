@@ -1,5 +1,5 @@
-//! The one decoder for the compressed streams the generator reads: OCI layers (gzip, zstd) and
-//! kernel modules (`.ko.gz`, `.ko.zst`, `.ko.xz`).
+//! The one decoder for the compressed streams the generator reads: OCI layers (gzip, zstd),
+//! kernel modules (`.ko.gz`, `.ko.zst`, `.ko.xz`) and its own initrds (gzip, zstd, legacy lz4).
 //!
 //! Callers say how they know the format ([`Compression::from_magic`] for content,
 //! [`Compression::from_suffix`] for file names; OCI media types stay with the layer model, which
@@ -18,11 +18,25 @@ pub enum Compression {
     Gzip,
     Zstd,
     Xz,
+    /// The legacy lz4 frame (`lz4 -l`), the one the kernel's initrd unpacker reads: a magic, then
+    /// blocks of at most [`LZ4_LEGACY_BLOCK`] bytes, each prefixed by its compressed size.
+    Lz4Legacy,
 }
 
 const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
 const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
 const XZ_MAGIC: &[u8] = &[0xfd, b'7', b'z', b'X', b'Z', 0x00];
+/// `0x184C2102`, little-endian.
+pub const LZ4_LEGACY_MAGIC: [u8; 4] = [0x02, 0x21, 0x4c, 0x18];
+/// The uncompressed size of a legacy lz4 block (the last may be shorter): 8 MiB, as `lz4 -l`
+/// writes and the kernel's `decompress_unlz4.c` allocates.
+pub const LZ4_LEGACY_BLOCK: usize = 8 << 20;
+
+/// The largest compressed legacy block the kernel accepts for `plain` bytes (its
+/// `LZ4_COMPRESSBOUND`); a longer one is refused as corrupt.
+pub fn lz4_compress_bound(plain: usize) -> usize {
+    plain + plain / 255 + 16
+}
 
 /// Skippable zstd frames have the magic `0x184D2A5?` (little-endian); `pzstd` starts with one.
 fn is_zstd_skippable_magic(head: &[u8]) -> bool {
@@ -39,6 +53,8 @@ impl Compression {
             Compression::Zstd
         } else if head.starts_with(XZ_MAGIC) {
             Compression::Xz
+        } else if head.starts_with(&LZ4_LEGACY_MAGIC) {
+            Compression::Lz4Legacy
         } else {
             Compression::None
         }
@@ -67,6 +83,7 @@ impl Compression {
             Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(compressed)),
             Compression::Zstd => Box::new(ZstdFrames::new(compressed)),
             Compression::Xz => Box::new(XzWhole::Pending(compressed)),
+            Compression::Lz4Legacy => Box::new(Lz4Legacy::new(compressed)),
         }
     }
 
@@ -78,7 +95,7 @@ impl Compression {
     }
 
     /// `bytes` compressed in this format with the crates' defaults: for tests that need
-    /// compressed fixtures (the generator itself only writes gzip, see `initrd::cpio`).
+    /// compressed fixtures (the generator writes initrds with `initrd::compress`).
     #[cfg(test)]
     pub(crate) fn encode(self, bytes: &[u8]) -> Vec<u8> {
         use std::io::Write;
@@ -99,6 +116,15 @@ impl Compression {
                 lzma_rs::xz_compress(&mut &bytes[..], &mut out).expect("writing to a Vec");
                 out
             }
+            Compression::Lz4Legacy => {
+                let mut out = LZ4_LEGACY_MAGIC.to_vec();
+                for block in bytes.chunks(LZ4_LEGACY_BLOCK) {
+                    let packed = lz4_flex::block::compress(block);
+                    out.extend_from_slice(&(packed.len() as u32).to_le_bytes());
+                    out.extend_from_slice(&packed);
+                }
+                out
+            }
         }
     }
 }
@@ -110,6 +136,7 @@ impl fmt::Display for Compression {
             Compression::Gzip => "gzip",
             Compression::Zstd => "zstd",
             Compression::Xz => "xz",
+            Compression::Lz4Legacy => "lz4",
         })
     }
 }
@@ -251,6 +278,114 @@ impl<R: BufRead> Read for XzWhole<R> {
     }
 }
 
+/// The legacy lz4 frame, block by block, read the way the kernel's `decompress_unlz4.c` reads
+/// it: the magic may recur between blocks (concatenated archives) and the input ends after a
+/// whole block. A block whose size exceeds the kernel's bound, that fails to decode or decodes
+/// to more than [`LZ4_LEGACY_BLOCK`] bytes is corrupt.
+struct Lz4Legacy<R> {
+    source: R,
+    started: bool,
+    block: io::Cursor<Vec<u8>>,
+    packed: Vec<u8>,
+}
+
+impl<R: BufRead> Lz4Legacy<R> {
+    fn new(source: R) -> Self {
+        Lz4Legacy {
+            source,
+            started: false,
+            block: io::Cursor::new(Vec::new()),
+            packed: Vec::new(),
+        }
+    }
+
+    /// The next 4-byte little-endian word, or `None` at a clean end of input.
+    fn word(&mut self) -> io::Result<Option<[u8; 4]>> {
+        let mut word = [0u8; 4];
+        let mut filled = 0;
+        while filled < 4 {
+            let n = self.source.read(&mut word[filled..])?;
+            if n == 0 {
+                return match filled {
+                    0 => Ok(None),
+                    _ => Err(lz4_truncated("a block size")),
+                };
+            }
+            filled += n;
+        }
+        Ok(Some(word))
+    }
+
+    /// Decodes the next block into `self.block`; `false` at the end of the input.
+    fn next_block(&mut self) -> io::Result<bool> {
+        loop {
+            let Some(word) = self.word()? else {
+                return Ok(false);
+            };
+            if word == LZ4_LEGACY_MAGIC {
+                continue;
+            }
+            let size = u32::from_le_bytes(word) as usize;
+            if size > lz4_compress_bound(LZ4_LEGACY_BLOCK) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "lz4: a block of {size} compressed bytes, more than an 8 MiB block can                          take ({}); the data is corrupt",
+                        lz4_compress_bound(LZ4_LEGACY_BLOCK)
+                    ),
+                ));
+            }
+            self.packed.resize(size, 0);
+            self.source
+                .read_exact(&mut self.packed)
+                .map_err(|_| lz4_truncated("a block"))?;
+            let mut plain = std::mem::take(self.block.get_mut());
+            plain.resize(LZ4_LEGACY_BLOCK, 0);
+            let n = lz4_flex::block::decompress_into(&self.packed, &mut plain).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("lz4: a block does not decode ({e}); the data is corrupt"),
+                )
+            })?;
+            plain.truncate(n);
+            self.block = io::Cursor::new(plain);
+            return Ok(true);
+        }
+    }
+}
+
+fn lz4_truncated(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("lz4: the input ends inside {what}"),
+    )
+}
+
+impl<R: BufRead> Read for Lz4Legacy<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.started {
+            match self.word()? {
+                Some(magic) if magic == LZ4_LEGACY_MAGIC => self.started = true,
+                _ => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "lz4: not a legacy lz4 frame (no magic 0x184C2102)",
+                    ));
+                }
+            }
+        }
+        loop {
+            let n = self.block.read(buf)?;
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            if !self.next_block()? {
+                return Ok(0);
+            }
+        }
+    }
+}
+
 /// lzma-rs errors as I/O errors, keeping "ended early" recognisable as such.
 fn xz_error(e: lzma_rs::error::Error) -> io::Error {
     match e {
@@ -272,11 +407,12 @@ mod tests {
             .collect()
     }
 
-    const ALL: [Compression; 4] = [
+    const ALL: [Compression; 5] = [
         Compression::None,
         Compression::Gzip,
         Compression::Zstd,
         Compression::Xz,
+        Compression::Lz4Legacy,
     ];
 
     #[test]
@@ -387,5 +523,77 @@ mod tests {
         let mut buf = [0u8; 16];
         assert!(decoder.read(&mut buf).is_err());
         assert!(decoder.read(&mut buf).is_err());
+    }
+}
+
+#[cfg(test)]
+mod lz4_tests {
+    use super::*;
+
+    fn block(size: u32, packed: &[u8]) -> Vec<u8> {
+        let mut out = size.to_le_bytes().to_vec();
+        out.extend_from_slice(packed);
+        out
+    }
+
+    #[test]
+    fn legacy_lz4_reads_several_blocks_and_a_repeated_magic() {
+        // Over one 8 MiB block, so the stream holds two.
+        let plain: Vec<u8> = (0..LZ4_LEGACY_BLOCK + 5000)
+            .map(|i| (i % 251) as u8 ^ (i / 4096) as u8)
+            .collect();
+        let packed = Compression::Lz4Legacy.encode(&plain);
+        assert_eq!(Compression::Lz4Legacy.decode_all(&packed).unwrap(), plain);
+        // Two archives back to back read as one, as the kernel reads them.
+        let mut twice = Compression::Lz4Legacy.encode(b"first ");
+        twice.extend(Compression::Lz4Legacy.encode(b"second"));
+        assert_eq!(
+            Compression::Lz4Legacy.decode_all(&twice).unwrap(),
+            b"first second"
+        );
+        // The magic alone is an empty archive.
+        assert_eq!(
+            Compression::Lz4Legacy
+                .decode_all(&LZ4_LEGACY_MAGIC)
+                .unwrap(),
+            b""
+        );
+    }
+
+    /// The legacy frame has no end marker and no checksum: a cut between blocks cannot be seen
+    /// (the store's sha256 catches it); a cut anywhere else is an error.
+    #[test]
+    fn legacy_lz4_cut_inside_a_block_is_an_error() {
+        let plain: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 13) as u8).collect();
+        let packed = Compression::Lz4Legacy.encode(&plain);
+        for len in (0..packed.len()).filter(|&len| len != LZ4_LEGACY_MAGIC.len()) {
+            assert!(
+                Compression::Lz4Legacy.decode_all(&packed[..len]).is_err(),
+                "cut to {len} of {} bytes",
+                packed.len()
+            );
+        }
+    }
+
+    #[test]
+    fn legacy_lz4_refuses_a_missing_magic_oversized_or_corrupt_blocks() {
+        let err = Compression::Lz4Legacy
+            .decode_all(b"\x04\x22\x4d\x18 a modern frame")
+            .unwrap_err();
+        assert!(err.to_string().contains("0x184C2102"), "{err}");
+
+        let mut oversized = LZ4_LEGACY_MAGIC.to_vec();
+        oversized.extend(block(u32::MAX, b""));
+        let err = Compression::Lz4Legacy.decode_all(&oversized).unwrap_err();
+        assert!(
+            err.to_string().contains("more than an 8 MiB block"),
+            "{err}"
+        );
+
+        // A match reaching back before the start of the block.
+        let mut corrupt = LZ4_LEGACY_MAGIC.to_vec();
+        corrupt.extend(block(3, &[0x0f, 0xff, 0xff]));
+        let err = Compression::Lz4Legacy.decode_all(&corrupt).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
     }
 }

@@ -27,7 +27,12 @@ fn test_initrd(arch: Arch) -> &'static Path {
     let built = cell.get_or_init(|| {
         let build = || -> anyhow::Result<PathBuf> {
             let kernel = Kernel::debian_cloud_for(arch, &arm64_guest_dir())?;
-            let bytes = xtask::initrd::build_test_initrd(arch, &kernel.modules, TEST_MODULES)?;
+            let bytes = xtask::initrd::build_test_initrd(
+                arch,
+                &kernel.modules,
+                TEST_MODULES,
+                Default::default(),
+            )?;
             let dir = xtask::workspace_root().join("target/vm-tests");
             fs::create_dir_all(&dir)?;
             let path = dir.join(format!("initrd-{arch}-{}.gz", std::process::id()));

@@ -76,6 +76,7 @@ fn initrd(kind: Initrd) -> &'static Path {
                 TEST_MODULES,
                 &groups,
                 Some(firmware.path()),
+                system::lock::InitrdCompression::Gzip,
             )?;
             let dir = xtask::workspace_root().join("target/vm-tests");
             fs::create_dir_all(&dir)?;

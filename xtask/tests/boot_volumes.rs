@@ -45,7 +45,12 @@ fn initrd(kind: Initrd) -> &'static Path {
     let built = cell.get_or_init(|| {
         let build = || -> anyhow::Result<PathBuf> {
             let kernel = Kernel::debian_cloud()?;
-            let bytes = xtask::initrd::build_test_initrd(Arch::X86_64, &kernel.modules, &modules)?;
+            let bytes = xtask::initrd::build_test_initrd(
+                Arch::X86_64,
+                &kernel.modules,
+                &modules,
+                system::lock::InitrdCompression::Gzip,
+            )?;
             let dir = xtask::workspace_root().join("target/vm-tests");
             fs::create_dir_all(&dir)?;
             let path = dir.join(format!("initrd-volumes-{name}-{}.gz", std::process::id()));

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use system::Arch;
+use system::lock::InitrdCompression;
 
 /// Build a minimal-profile initrd with kernel modules for VM tests (nothing is stored, the
 /// lock is not touched): `cargo xtask test-initrd --modules-dir /lib/modules/<kver> --modules
@@ -16,6 +17,9 @@ pub struct TestInitrd {
     /// Module names (comma-separated); dependencies are added.
     #[arg(long, value_name = "NAMES", value_delimiter = ',')]
     pub modules: Vec<String>,
+    /// How to compress the archive: gzip, zstd, lz4 (the kernel's legacy frame) or none.
+    #[arg(long, default_value_t = InitrdCompression::Gzip)]
+    pub compression: InitrdCompression,
     /// Where to write the initrd.
     #[arg(long)]
     pub out: PathBuf,
@@ -28,7 +32,7 @@ impl TestInitrd {
             bail!("--modules needs --modules-dir (e.g. /lib/modules/<kver>)");
         }
         let dir = self.modules_dir.unwrap_or_default();
-        let bytes = xtask::initrd::build_test_initrd(self.arch, &dir, &names)?;
+        let bytes = xtask::initrd::build_test_initrd(self.arch, &dir, &names, self.compression)?;
         std::fs::write(&self.out, &bytes)
             .with_context(|| format!("writing {}", self.out.display()))?;
         eprintln!(

@@ -76,6 +76,7 @@ impl Fixture {
                 base: None,
                 modules: vec![],
                 module_groups: Default::default(),
+                compression: Default::default(),
                 outputs,
             },
         );

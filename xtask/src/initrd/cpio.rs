@@ -1,28 +1,24 @@
-//! The deterministic initramfs writer: a [`Tree`] as a newc cpio archive, gzip-compressed.
+//! The deterministic initramfs writer: a [`Tree`] as a newc cpio archive, compressed as the
+//! recipe says (`initrd::compress`).
 //!
 //! Same tree, same bytes, on any machine: entries in tree order (sorted, parents first), inode
 //! numbers assigned in that order, one fixed mtime for every entry, owners and modes from the
-//! tree (never from the builder), and a gzip header without file name or time. Hard links share
-//! an inode; as GNU cpio and the kernel's unpacker expect, the data travels with the last entry
-//! of the group and the earlier ones are empty with the group's link count.
+//! tree (never from the builder), and a pinned compressor (a gzip header without file name or
+//! time). Hard links share an inode; as GNU cpio and the kernel's unpacker expect, the data
+//! travels with the last entry of the group and the earlier ones are empty with the group's
+//! link count.
 
 use std::collections::HashMap;
 use std::io::Write;
 
 use anyhow::{Context, bail};
 use cpio::newc::{Builder, ModeFileType};
-use flate2::{Compression, GzBuilder};
+use system::lock::InitrdCompression;
 
 use crate::rootfs::{Node, NodeKind, Tree, TreePath};
 
 /// The mtime of every entry when `SOURCE_DATE_EPOCH` is unset: the Unix epoch.
 pub const DEFAULT_MTIME: u32 = 0;
-
-/// The gzip level: pinned, as is the backend (flate2's pure-Rust miniz_oxide).
-pub const GZIP_LEVEL: u32 = 9;
-
-/// The gzip header's OS byte: Unix, whatever the builder runs on.
-const GZIP_OS_UNIX: u8 = 3;
 
 /// The archive's mtime: `SOURCE_DATE_EPOCH` when set and not empty (seconds, must fit the
 /// format's 32 bits), [`DEFAULT_MTIME`] otherwise.
@@ -42,14 +38,15 @@ pub fn mtime_from_env() -> anyhow::Result<u32> {
     }
 }
 
-/// The whole initrd: newc cpio of `tree`, gzip level [`GZIP_LEVEL`].
-pub fn write_initrd(tree: &Tree, mtime: u32) -> anyhow::Result<Vec<u8>> {
-    let gz = GzBuilder::new()
-        .mtime(0)
-        .operating_system(GZIP_OS_UNIX)
-        .write(Vec::new(), Compression::new(GZIP_LEVEL));
-    let gz = write_newc(tree, mtime, gz)?;
-    gz.finish().context("finishing the gzip stream")
+/// The whole initrd: newc cpio of `tree`, compressed as `compression` with its pinned encoder.
+/// The archive is written whole first: libdeflate compresses a buffer, not a stream.
+pub fn write_initrd(
+    tree: &Tree,
+    mtime: u32,
+    compression: InitrdCompression,
+) -> anyhow::Result<Vec<u8>> {
+    let archive = write_newc(tree, mtime, Vec::new())?;
+    super::compress::compress(compression, &archive)
 }
 
 /// Writes `tree` as a newc archive (with its trailer) to `out` and returns `out`.
@@ -330,8 +327,8 @@ mod tests {
 
     #[test]
     fn same_tree_same_bytes_and_gzip_header_is_fixed() {
-        let a = write_initrd(&sample(), 0).unwrap();
-        let b = write_initrd(&sample(), 0).unwrap();
+        let a = write_initrd(&sample(), 0, InitrdCompression::Gzip).unwrap();
+        let b = write_initrd(&sample(), 0, InitrdCompression::Gzip).unwrap();
         assert_eq!(a, b);
         // magic, CM=deflate, FLG=0 (no name, no comment), MTIME=0, XFL, OS=Unix.
         assert_eq!(&a[..8], &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0]);
@@ -342,7 +339,7 @@ mod tests {
         assert_eq!(plain, write_newc(&sample(), 0, Vec::new()).unwrap());
         assert_ne!(
             a,
-            write_initrd(&sample(), 1).unwrap(),
+            write_initrd(&sample(), 1, InitrdCompression::Gzip).unwrap(),
             "mtime is in the bytes"
         );
     }
@@ -412,7 +409,7 @@ mod tests {
         );
         let tree = rich();
         let mtime = 1_700_000_000;
-        let gz = write_initrd(&tree, mtime).unwrap();
+        let gz = write_initrd(&tree, mtime, InitrdCompression::Gzip).unwrap();
         let archive = crate::compression::Compression::Gzip
             .decode_all(&gz)
             .unwrap();

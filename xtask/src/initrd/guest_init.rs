@@ -579,7 +579,12 @@ mod tests {
             // `build` refuses a binary that contains the workspace or target path.
             let built = build(&sh, &ws, Arch::X86_64, &options).unwrap();
             let tree = crate::initrd::recipe::assemble(None, &built.bytes, None).unwrap();
-            let initrd = crate::initrd::cpio::write_initrd(&tree, 0).unwrap();
+            let initrd = crate::initrd::cpio::write_initrd(
+                &tree,
+                0,
+                system::lock::InitrdCompression::default(),
+            )
+            .unwrap();
             digests.push((built.sha256, system::hash::sha256_bytes(&initrd)));
         }
         assert_eq!(digests[0], digests[1]);

@@ -1,6 +1,7 @@
 //! Initrd assembly: guest-init built for musl, kernel modules resolved from modules.dep, the
-//! recipe's tree, and the deterministic newc + gzip writer.
+//! recipe's tree, and the deterministic newc writer and its compressors.
 
+pub mod compress;
 pub mod cpio;
 pub mod fingerprint;
 pub mod groups;
@@ -11,6 +12,7 @@ pub mod recipe;
 use std::path::Path;
 
 use system::Arch;
+use system::lock::InitrdCompression;
 use system::lock::ModuleGroup;
 use xshell::Shell;
 
@@ -25,14 +27,15 @@ pub const INPUT_RECIPE: &str = "recipe";
 
 /// A minimal-profile initrd with kernel modules, for VM tests: guest-init for `arch` built from
 /// this workspace, plus `module_names` (and their dependencies) from `modules_dir` (a kernel's
-/// `lib/modules/<kver>`, e.g. Debian's `/lib/modules/<ver>-cloud-amd64`). Returns the
-/// gzip-compressed archive. Nothing is stored and no lock is touched.
+/// `lib/modules/<kver>`, e.g. Debian's `/lib/modules/<ver>-cloud-amd64`). Returns the archive
+/// compressed as `compression`. Nothing is stored and no lock is touched.
 pub fn build_test_initrd(
     arch: Arch,
     modules_dir: &Path,
     module_names: &[&str],
+    compression: InitrdCompression,
 ) -> anyhow::Result<Vec<u8>> {
-    build_test_initrd_with_groups(arch, modules_dir, module_names, &[], None)
+    build_test_initrd_with_groups(arch, modules_dir, module_names, &[], None, compression)
 }
 
 /// [`build_test_initrd`] plus module groups (name, lock entry), resolved as the artifacts
@@ -43,6 +46,7 @@ pub fn build_test_initrd_with_groups(
     module_names: &[&str],
     groups: &[(String, ModuleGroup)],
     firmware_dir: Option<&Path>,
+    compression: InitrdCompression,
 ) -> anyhow::Result<Vec<u8>> {
     let sh = Shell::new()?;
     let workspace = crate::workspace_root();
@@ -60,5 +64,5 @@ pub fn build_test_initrd_with_groups(
         )?)
     };
     let tree = recipe::assemble(None, &guest_init.bytes, modules.as_ref())?;
-    cpio::write_initrd(&tree, cpio::mtime_from_env()?)
+    cpio::write_initrd(&tree, cpio::mtime_from_env()?, compression)
 }

@@ -18,12 +18,14 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use system::Digest;
 
+use super::compress::Encoder;
 use super::modules::ModuleSet;
 use crate::rootfs::{Node, NodeKind, Tree, TreePath};
 
 /// Bumped whenever the builder puts something else into an initrd for the same inputs (the
 /// profile's entries, the writer's format): every initrd then rebuilds, and the lock says why.
-pub const BUILDER: u32 = 1;
+/// 2: gzip through libdeflate level 6 (was miniz_oxide level 9); the compressor in the recipe.
+pub const BUILDER: u32 = 2;
 
 /// An initrd's recipe in canonical form: what its `recipe` input digest covers. The fields are
 /// declared in alphabetical order, so the JSON is canonical.
@@ -36,6 +38,8 @@ pub struct Recipe {
     /// digest.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub module_groups: BTreeMap<String, RecipeGroup>,
+    /// The format and its pinned encoder and level: another compressor is another initrd.
+    pub compression: Encoder,
     /// Module names as the lock lists them.
     pub modules: Vec<String>,
     /// Every entry's mtime (`SOURCE_DATE_EPOCH`).
@@ -114,6 +118,8 @@ pub fn assemble(
 
 #[cfg(test)]
 mod tests {
+    use system::lock::InitrdCompression;
+
     use super::*;
 
     #[test]
@@ -122,14 +128,24 @@ mod tests {
             base: None,
             builder: BUILDER,
             module_groups: BTreeMap::new(),
+            compression: Encoder::of(InitrdCompression::Gzip),
             modules: vec!["virtio_blk".into()],
             mtime: 0,
         };
         // Without groups the JSON is what it was before groups existed.
         assert_eq!(
             recipe.canonical_json(),
-            r#"{"base":null,"builder":1,"modules":["virtio_blk"],"mtime":0}"#
+            r#"{"base":null,"builder":2,"compression":{"encoder":"libdeflate","format":"gzip","level":"6"},"modules":["virtio_blk"],"mtime":0}"#
         );
+        for format in [
+            InitrdCompression::Zstd,
+            InitrdCompression::Lz4,
+            InitrdCompression::None,
+        ] {
+            let mut other = recipe.clone();
+            other.compression = Encoder::of(format);
+            assert_ne!(other.digest(), recipe.digest(), "{format}");
+        }
         let mut grouped = recipe.clone();
         grouped.module_groups.insert(
             "rng".into(),
@@ -141,7 +157,7 @@ mod tests {
         );
         assert_eq!(
             grouped.canonical_json(),
-            r#"{"base":null,"builder":1,"module_groups":{"rng":{"firmware":[],"modules":["virtio_rng"],"pci":["1af4:1005"]}},"modules":["virtio_blk"],"mtime":0}"#
+            r#"{"base":null,"builder":2,"compression":{"encoder":"libdeflate","format":"gzip","level":"6"},"module_groups":{"rng":{"firmware":[],"modules":["virtio_rng"],"pci":["1af4:1005"]}},"modules":["virtio_blk"],"mtime":0}"#
         );
         assert_ne!(grouped.digest(), recipe.digest());
         let mut other = recipe.clone();

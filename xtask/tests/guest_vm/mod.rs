@@ -27,7 +27,12 @@ pub fn network_initrd() -> &'static Path {
         let build = || -> anyhow::Result<PathBuf> {
             let kernel = Kernel::debian_cloud()?;
             let modules: Vec<&str> = TEST_MODULES.iter().chain(NET_MODULES).copied().collect();
-            let bytes = xtask::initrd::build_test_initrd(Arch::X86_64, &kernel.modules, &modules)?;
+            let bytes = xtask::initrd::build_test_initrd(
+                Arch::X86_64,
+                &kernel.modules,
+                &modules,
+                system::lock::InitrdCompression::Gzip,
+            )?;
             let dir = xtask::workspace_root().join("target/vm-tests");
             fs::create_dir_all(&dir)?;
             let path = dir.join(format!("initrd-net-x86_64-{}.gz", std::process::id()));

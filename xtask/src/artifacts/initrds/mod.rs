@@ -23,6 +23,7 @@ use system::lock::{Initrd, InitrdOutput, ModuleGroup, Version};
 use system::{Arch, Digest, Lock};
 
 use super::Report;
+use crate::initrd::compress::Encoder;
 use crate::initrd::guest_init::GuestInit;
 use crate::initrd::modules::{ModuleSet, ModulesDir};
 use crate::initrd::recipe::{self, Recipe, RecipeGroup};
@@ -191,6 +192,7 @@ fn sync_one(
             .iter()
             .map(|(name, group)| (name.as_str().to_owned(), RecipeGroup::from_lock(group)))
             .collect(),
+        compression: Encoder::of(recipe_entry.compression),
         modules: recipe_entry.modules.clone(),
         mtime: plan.mtime,
     };
@@ -243,7 +245,7 @@ fn sync_one(
         }
     };
     let tree = recipe::assemble(base_tree, &guest_init.bytes, modules.as_ref())?;
-    let bytes = cpio::write_initrd(&tree, plan.mtime)?;
+    let bytes = cpio::write_initrd(&tree, plan.mtime, recipe_entry.compression)?;
     let sha256 = system::hash::sha256_bytes(&bytes);
     let size = bytes.len() as u64;
     if plan.locked
@@ -339,7 +341,7 @@ fn check_locked_inputs(
             let show = |d: Option<&Digest>| d.map_or("(none)".to_owned(), Digest::to_string);
             let why = match key.as_str() {
                 INPUT_RECIPE => {
-                    " (base, modules, module_groups, SOURCE_DATE_EPOCH or the builder version)"
+                    " (base, modules, module_groups, compression, SOURCE_DATE_EPOCH or the builder version)"
                 }
                 INPUT_GUEST_INIT => " (guest-init's sources, Cargo.lock or the toolchain)",
                 _ => "",

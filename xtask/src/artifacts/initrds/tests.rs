@@ -17,6 +17,7 @@ fn lock() -> Lock {
                 base: None,
                 modules: vec![],
                 module_groups: Default::default(),
+                compression: Default::default(),
                 outputs: UniqueMap::default(),
             },
         );
@@ -138,6 +139,50 @@ fn one_changed_input_byte_rebuilds_and_only_what_it_feeds() {
         f.output("v1", Arch::X86_64).inputs[INPUT_RECIPE],
         after.inputs[INPUT_RECIPE]
     );
+}
+
+#[test]
+fn the_compression_is_a_recipe_input_and_the_blob_is_in_that_format() {
+    use crate::compression::Compression;
+    use system::lock::InitrdCompression;
+    let only_v1 = Plan {
+        versions: vec![v("v1")],
+        arches: vec![Arch::X86_64],
+        ..plan()
+    };
+    let mut f = Fixture::new();
+    f.sync(&only_v1, "a").unwrap();
+    let gzip = f.output("v1", Arch::X86_64);
+    let blob = |f: &Fixture, out: &InitrdOutput| {
+        std::fs::read(f.store.layout().blob(&out.sha256)).unwrap()
+    };
+    let archive = Compression::Gzip.decode_all(&blob(&f, &gzip)).unwrap();
+    let mut seen = vec![gzip.inputs[INPUT_RECIPE]];
+    for (compression, reader) in [
+        (InitrdCompression::Zstd, Compression::Zstd),
+        (InitrdCompression::Lz4, Compression::Lz4Legacy),
+        (InitrdCompression::None, Compression::None),
+    ] {
+        f.lock.initrds.get_mut("v1").unwrap().compression = compression;
+        let report = f.sync(&only_v1, "a").unwrap();
+        assert_eq!(report.built.len(), 1, "{compression}: {report}");
+        let out = f.output("v1", Arch::X86_64);
+        assert!(!seen.contains(&out.inputs[INPUT_RECIPE]), "{compression}");
+        seen.push(out.inputs[INPUT_RECIPE]);
+        assert_eq!(out.inputs[INPUT_GUEST_INIT], gzip.inputs[INPUT_GUEST_INIT]);
+        let bytes = blob(&f, &out);
+        assert_eq!(Compression::from_magic(&bytes), reader, "{compression}");
+        assert_eq!(reader.decode_all(&bytes).unwrap(), archive, "{compression}");
+    }
+    // With --locked, another compression than the recorded one is a changed input.
+    f.lock.initrds.get_mut("v1").unwrap().compression = InitrdCompression::Gzip;
+    let locked = Plan {
+        locked: true,
+        ..only_v1
+    };
+    let err = f.sync(&locked, "a").unwrap_err();
+    let err = format!("{err:#}");
+    assert!(err.contains("recipe (base, modules, compression"), "{err}");
 }
 
 #[test]

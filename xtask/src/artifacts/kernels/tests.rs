@@ -39,6 +39,7 @@ fn lock_for(files: &[(Arch, &str, &[u8], Option<u64>)]) -> Lock {
             base: None,
             modules: vec![],
             module_groups: Default::default(),
+            compression: Default::default(),
             outputs: UniqueMap::default(),
         },
     );

@@ -58,9 +58,9 @@ fn announced_compression(media_type: &str) -> Option<Option<Compression>> {
 pub fn detect(digest: &Digest, media_type: &str, head: &[u8]) -> anyhow::Result<Compression> {
     let by_magic = match Compression::from_magic(head) {
         // No layer media type announces xz, and xz decodes whole into memory, beyond the caps.
-        Compression::Xz => bail!(
-            "layer {digest} is xz-compressed, which no OCI or Docker layer media type allows \
-             (expected tar, tar+gzip or tar+zstd); refusing it"
+        refused @ (Compression::Xz | Compression::Lz4Legacy) => bail!(
+            "layer {digest} is {refused}-compressed, which no OCI or Docker layer media type \
+             allows (expected tar, tar+gzip or tar+zstd); refusing it"
         ),
         other => other,
     };

@@ -499,12 +499,20 @@ fn digests_and_diff_ids_are_checked() {
 }
 
 #[test]
-fn xz_layers_are_refused_before_decoding() {
-    let xz = Compression::Xz.encode(&tar_of(&[file("a", b"hello")]));
-    for media_type in ["", TAR] {
-        let mut applier = Applier::new(LayerLimits::default());
-        let msg = format!("{:#}", apply_to(&mut applier, media_type, &xz).unwrap_err());
-        assert!(msg.contains("xz-compressed"), "{media_type:?}: {msg}");
-        assert!(applier.into_tree().is_empty());
+fn xz_and_lz4_layers_are_refused_before_decoding() {
+    for (compression, name) in [
+        (Compression::Xz, "xz-compressed"),
+        (Compression::Lz4Legacy, "lz4-compressed"),
+    ] {
+        let packed = compression.encode(&tar_of(&[file("a", b"hello")]));
+        for media_type in ["", TAR] {
+            let mut applier = Applier::new(LayerLimits::default());
+            let msg = format!(
+                "{:#}",
+                apply_to(&mut applier, media_type, &packed).unwrap_err()
+            );
+            assert!(msg.contains(name), "{media_type:?}: {msg}");
+            assert!(applier.into_tree().is_empty());
+        }
     }
 }
