@@ -14,6 +14,7 @@
 pub mod artifacts;
 pub mod compression;
 pub mod fetch;
+pub mod fuzz;
 pub mod initrd;
 pub mod lock;
 pub mod oci;

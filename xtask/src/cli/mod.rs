@@ -3,6 +3,7 @@
 
 mod artifacts;
 mod bench;
+mod fuzz;
 mod lock;
 mod test;
 mod test_initrd;
@@ -24,6 +25,7 @@ pub struct Cli {
 enum Command {
     Artifacts(artifacts::Artifacts),
     Bench(bench::Bench),
+    Fuzz(fuzz::Fuzz),
     Lock(lock::LockCmd),
     Test(test::Test),
     TestInitrd(test_initrd::TestInitrd),
@@ -34,6 +36,7 @@ impl Cli {
         match self.command {
             Command::Artifacts(cmd) => cmd.run(),
             Command::Bench(cmd) => cmd.run(),
+            Command::Fuzz(cmd) => cmd.run(),
             Command::Lock(cmd) => cmd.run(),
             Command::Test(cmd) => cmd.run(),
             Command::TestInitrd(cmd) => cmd.run(),

@@ -2,6 +2,7 @@
 //! recipe's tree, and the deterministic newc + gzip writer.
 
 pub mod cpio;
+pub mod cpio_read;
 pub mod guest_init;
 pub mod modules;
 pub mod recipe;
