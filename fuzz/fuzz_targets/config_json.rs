@@ -20,5 +20,8 @@ fuzz_target!(|data: &[u8]| {
     let (again, warnings) = config::parse(&written, Path::new(config::FILE_NAME))
         .expect("what the host writes, guest-init reads");
     assert_eq!(again, config, "the written config reads back as another");
-    assert!(warnings.is_empty(), "the writer wrote unknown keys: {warnings:?}");
+    assert!(
+        warnings.is_empty(),
+        "the writer wrote unknown keys: {warnings:?}"
+    );
 });

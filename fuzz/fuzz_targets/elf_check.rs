@@ -9,7 +9,10 @@ use xtask::initrd::guest_init::check_static_elf;
 fuzz_target!(|data: &[u8]| {
     let x86 = check_static_elf(data, Arch::X86_64);
     let arm = check_static_elf(data, Arch::Aarch64);
-    assert!(x86.is_err() || arm.is_err(), "one ELF machine, two architectures");
+    assert!(
+        x86.is_err() || arm.is_err(),
+        "one ELF machine, two architectures"
+    );
     for result in [x86, arm] {
         if let Err(e) = result {
             let _ = format!("{e:#}");

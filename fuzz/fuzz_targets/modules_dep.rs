@@ -38,7 +38,10 @@ fuzz_target!(|data: &[u8]| {
             .get(module.as_str())
             .unwrap_or_else(|| panic!("{module:?} has no line in modules.dep"));
         for dep in deps {
-            assert!(loaded.contains(dep), "{module} loads before its dependency {dep}");
+            assert!(
+                loaded.contains(dep),
+                "{module} loads before its dependency {dep}"
+            );
         }
         assert!(loaded.insert(module.as_str()), "{module} is loaded twice");
     }

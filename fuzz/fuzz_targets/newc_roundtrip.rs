@@ -65,9 +65,12 @@ fn canonical(tree: &Tree) -> Vec<Entry> {
         }
     }
     tree.iter()
-        .map(|(path, node)| {
+        .map(|(path, _)| {
             let file = group_of.get(path).copied().unwrap_or(path);
-            let inode = tree.get(file).expect("links name files in the tree").clone();
+            let inode = tree
+                .get(file)
+                .expect("links name files in the tree")
+                .clone();
             (path.clone(), inode, leader.get(file).map(|l| (*l).clone()))
         })
         .collect()

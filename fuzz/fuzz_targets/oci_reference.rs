@@ -15,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
     let printed = source.to_string();
     let again = Source::parse(&printed)
         .unwrap_or_else(|e| panic!("{text:?} prints as {printed:?}, which does not parse: {e:#}"));
-    assert_eq!(again, source, "{text:?} prints as {printed:?}, which parses as another");
+    assert_eq!(
+        again, source,
+        "{text:?} prints as {printed:?}, which parses as another"
+    );
     if let Source::Registry(image) = &source {
         // The name recorded in the cache's index.json is a reference too.
         let name = image.ref_name();

@@ -38,8 +38,8 @@ pub fn mend_checksums(layer: &mut [u8]) {
     if layer.starts_with(&[0x1f, 0x8b]) || layer.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         return;
     }
-    let mut at = 0;
-    while at + BLOCK <= layer.len() {
+    let mut at: usize = 0;
+    while at.checked_add(BLOCK).is_some_and(|end| end <= layer.len()) {
         let block = &mut layer[at..at + BLOCK];
         if block.iter().all(|&b| b == 0) {
             at += BLOCK;

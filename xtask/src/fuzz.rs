@@ -187,7 +187,8 @@ pub fn build(paths: &Paths) -> anyhow::Result<()> {
 }
 
 /// Runs `target` over its seeds and working corpus for `seconds`. Progress lines are shown
-/// only with `verbose`; a crash, a hang or an out-of-memory is an error naming the input.
+/// only with `verbose`; a crash, a hang or an out-of-memory is an error naming the input
+/// (cargo-fuzz writes it into [`Paths::artifacts`]).
 pub fn run(paths: &Paths, target: &Target, seconds: u64, verbose: bool) -> anyhow::Result<Outcome> {
     let corpus = paths.corpus(target);
     let seeds = paths.seeds(target);
@@ -208,8 +209,7 @@ pub fn run(paths: &Paths, target: &Target, seconds: u64, verbose: bool) -> anyho
         .arg(&corpus)
         .arg(&seeds)
         .arg("--")
-        .args(libfuzzer_args(seconds))
-        .arg(format!("-artifact_prefix={}/", artifacts.display()));
+        .args(libfuzzer_args(seconds));
     let (status, log) = run_logged(command, verbose)
         .with_context(|| format!("running fuzz target {}", target.name))?;
     if !status.success() {
@@ -312,9 +312,13 @@ fn run_logged(
     Ok((child.wait()?, log))
 }
 
-/// libFuzzer's per-input progress (`#1234 NEW cov: …`) and start-up notes.
+/// libFuzzer's per-input progress (`#1234 NEW cov: …`, `NEW_FUNC`) and start-up notes (the
+/// sanitizer hooks it misses are absent on purpose: the targets build without a sanitizer).
 fn is_progress(line: &str) -> bool {
-    line.starts_with('#') || line.starts_with("INFO:")
+    line.starts_with('#')
+        || line.starts_with("INFO:")
+        || line.trim_start().starts_with("NEW_FUNC")
+        || line.starts_with("WARNING: Failed to find function")
 }
 
 /// The `stat::` lines `-print_final_stats=1` prints, and the `Done N runs in S second(s)` line.
