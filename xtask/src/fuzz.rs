@@ -312,10 +312,12 @@ fn run_logged(
     Ok((child.wait()?, log))
 }
 
-/// libFuzzer's per-input progress (`#1234 NEW cov: …`, `NEW_FUNC`) and start-up notes (the
-/// sanitizer hooks it misses are absent on purpose: the targets build without a sanitizer).
+/// libFuzzer's per-input progress (`#1234 NEW cov: …`, `NEW_FUNC`), its recommended dictionary
+/// (`"…" # Uses: 3`) and start-up notes (the sanitizer hooks it misses are absent on purpose:
+/// the targets build without a sanitizer).
 fn is_progress(line: &str) -> bool {
     line.starts_with('#')
+        || line.starts_with('"')
         || line.starts_with("INFO:")
         || line.trim_start().starts_with("NEW_FUNC")
         || line.starts_with("WARNING: Failed to find function")
