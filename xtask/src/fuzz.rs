@@ -313,11 +313,13 @@ fn run_logged(
 }
 
 /// libFuzzer's per-input progress (`#1234 NEW cov: …`, `NEW_FUNC`), its recommended dictionary
-/// (`"…" # Uses: 3`) and start-up notes (the sanitizer hooks it misses are absent on purpose:
-/// the targets build without a sanitizer).
+/// (`"…" # Uses: 3`), the final statistics (summed up in one line by [`run`]) and start-up notes
+/// (the sanitizer hooks it misses are absent on purpose: the targets build without a sanitizer).
 fn is_progress(line: &str) -> bool {
     line.starts_with('#')
         || line.starts_with('"')
+        || line.starts_with("stat::")
+        || line.starts_with("Done ")
         || line.starts_with("INFO:")
         || line.trim_start().starts_with("NEW_FUNC")
         || line.starts_with("WARNING: Failed to find function")
@@ -384,6 +386,26 @@ mod tests {
             TARGETS.len(),
             "fuzz/Cargo.toml has bins TARGETS lacks"
         );
+    }
+
+    #[test]
+    fn progress_is_hidden_and_failures_are_not() {
+        for line in [
+            "#4096\tpulse  cov: 1 ft: 2 corp: 3/4b exec/s: 5 rss: 6Mb",
+            "\tNEW_FUNC[1/2]: 0x55a6ef517bb1",
+            "INFO: Seed: 1",
+            "\"\\001\\000\" # Uses: 16",
+            "stat::peak_rss_mb:              71",
+        ] {
+            assert!(is_progress(line), "{line}");
+        }
+        for line in [
+            "thread '<unnamed>' panicked at fuzz_targets/lock.rs:17:29:",
+            "==17143== ERROR: libFuzzer: deadly signal",
+            "artifact_prefix='fuzz/artifacts/lock/'; Test unit written to fuzz/artifacts/lock/x",
+        ] {
+            assert!(!is_progress(line), "{line}");
+        }
     }
 
     #[test]
