@@ -16,6 +16,7 @@ pub mod artifacts;
 pub mod compression;
 pub mod dist;
 pub mod fetch;
+pub mod fuzz;
 pub mod initrd;
 pub mod lock;
 pub mod oci;

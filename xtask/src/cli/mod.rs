@@ -4,6 +4,7 @@
 mod artifacts;
 mod bench;
 mod dist;
+mod fuzz;
 mod lock;
 mod test;
 mod test_initrd;
@@ -27,6 +28,7 @@ enum Command {
     Artifacts(artifacts::Artifacts),
     Bench(bench::Bench),
     Dist(dist::Dist),
+    Fuzz(fuzz::Fuzz),
     Lock(lock::LockCmd),
     Test(test::Test),
     TestInitrd(test_initrd::TestInitrd),
@@ -39,6 +41,7 @@ impl Cli {
             Command::Artifacts(cmd) => cmd.run(),
             Command::Bench(cmd) => cmd.run(),
             Command::Dist(cmd) => cmd.run(),
+            Command::Fuzz(cmd) => cmd.run(),
             Command::Lock(cmd) => cmd.run(),
             Command::Test(cmd) => cmd.run(),
             Command::TestInitrd(cmd) => cmd.run(),

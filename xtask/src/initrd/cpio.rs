@@ -20,6 +20,9 @@ use crate::rootfs::{Node, NodeKind, Tree, TreePath};
 /// The mtime of every entry when `SOURCE_DATE_EPOCH` is unset: the Unix epoch.
 pub const DEFAULT_MTIME: u32 = 0;
 
+/// The name of newc's end-of-archive entry: no entry of the tree may carry it.
+pub const TRAILER_NAME: &str = "TRAILER!!!";
+
 /// The archive's mtime: `SOURCE_DATE_EPOCH` when set and not empty (seconds, must fit the
 /// format's 32 bits), [`DEFAULT_MTIME`] otherwise.
 pub fn mtime_from_env() -> anyhow::Result<u32> {
@@ -57,6 +60,13 @@ pub fn write_newc<W: Write>(tree: &Tree, mtime: u32, mut out: W) -> anyhow::Resu
     let mut group_ino: HashMap<&TreePath, u32> = HashMap::new();
 
     for (path, node) in tree.iter() {
+        if path.as_str() == TRAILER_NAME {
+            bail!(
+                "{path}: newc marks the end of an archive with an entry of this name, so the \
+                 kernel would skip it (and cpio readers stop there); remove or rename it in the \
+                 image"
+            );
+        }
         // A hard link is the file it names, under another name.
         let (inode_node, group) = match &node.kind {
             NodeKind::HardLink(target) => (links.file(tree, target)?, Some(target)),
@@ -315,6 +325,24 @@ mod tests {
         tree.insert(p("l"), link("nowhere")).unwrap();
         let err = write_newc(&tree, 0, Vec::new()).unwrap_err();
         assert!(err.to_string().contains("not in the tree"), "{err}");
+    }
+
+    /// Found with the `newc_roundtrip` fuzz target's oracle: an image's top-level `TRAILER!!!`
+    /// was written as the end of the archive (readers lost every entry after it; the kernel
+    /// skipped it and forgot the hard links before it).
+    #[test]
+    fn an_entry_named_like_the_trailer_is_refused() {
+        let mut tree = sample();
+        tree.insert(p("TRAILER!!!"), Node::file(0o644, "x"))
+            .unwrap();
+        let err = write_newc(&tree, 0, Vec::new()).unwrap_err().to_string();
+        assert!(err.starts_with("/TRAILER!!!: newc marks the end"), "{err}");
+        // Below the root the name is an ordinary one.
+        let mut tree = sample();
+        tree.insert(p("a/TRAILER!!!"), Node::file(0o644, "x"))
+            .unwrap();
+        let archive = write_newc(&tree, 0, Vec::new()).unwrap();
+        assert!(entries(&archive).iter().any(|e| e.0 == "a/TRAILER!!!"));
     }
 
     #[test]

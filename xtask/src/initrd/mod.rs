@@ -3,6 +3,7 @@
 
 pub mod compress;
 pub mod cpio;
+pub mod cpio_read;
 pub mod fingerprint;
 pub mod groups;
 pub mod guest_init;

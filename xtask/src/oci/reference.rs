@@ -38,10 +38,19 @@ impl ImageRef {
                     .with_context(|| format!("in reference `{text}`"))
             })
             .transpose()?;
+        // oci-spec's domain split lacks one of Docker's rules: a first component with upper-case
+        // letters is a registry host, since repositories are lower case (`Host/app` is `app` on
+        // `Host`, not `Host/app` on Docker Hub, a name no registry accepts).
+        let (registry, repository) = match parsed.repository().split_once('/') {
+            Some((host, rest)) if host.bytes().any(|b| b.is_ascii_uppercase()) => {
+                (host.to_owned(), rest.to_owned())
+            }
+            _ => (parsed.registry().to_owned(), parsed.repository().to_owned()),
+        };
         // oci-spec fills in `latest` only when there is neither a tag nor a digest; keep that.
         Ok(ImageRef {
-            registry: parsed.registry().to_owned(),
-            repository: parsed.repository().to_owned(),
+            registry,
+            repository,
             tag: parsed.tag().map(str::to_owned),
             digest,
         })
@@ -191,6 +200,23 @@ mod tests {
             (r.registry.as_str(), r.repository.as_str()),
             ("docker.io", "someone/tool")
         );
+    }
+
+    /// Found by the `oci_reference` fuzz target: `TTTd/a` became `docker.io/TTTd/a`, which
+    /// prints as a reference that does not parse (and a repository no registry accepts).
+    #[test]
+    fn a_first_component_with_capitals_is_a_registry_host_as_in_docker() {
+        let r = ImageRef::parse("Registry/team/app:1").unwrap();
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("Registry", "team/app")
+        );
+        assert_eq!(r.api_host(), "Registry");
+        assert_eq!(ImageRef::parse(&r.to_string()).unwrap(), r);
+        let r = ImageRef::parse("TTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTd/a").unwrap();
+        assert_eq!(r.repository, "a");
+        assert_eq!(ImageRef::parse(&r.to_string()).unwrap(), r);
+        assert_eq!(ImageRef::parse(&r.ref_name()).unwrap(), r);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `cargo xtask test`: the one test command. It prepares what the tests need on a fresh machine
-//! ([`prepare`]), then runs the formatting and lint gates, every test in the workspace, and the
-//! check that the committed lock's default initrd rebuilds byte-identically.
+//! ([`prepare`]), then runs the formatting and lint gates, every test in the workspace, the
+//! check that the committed lock's default initrd rebuilds byte-identically, and each fuzz
+//! target for a few seconds over its seeds ([`crate::fuzz::smoke`]).
 
 pub mod prepare;
 pub mod systemd_rootfs;
@@ -45,6 +46,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         .context("tests failed (see above)")?;
     if args.is_empty() {
         check_committed_initrd_reproduces(&sh)?;
+        // Every parser's fuzz target over its seeds (crash inputs included) and a few seconds.
+        crate::fuzz::smoke(&crate::fuzz::Paths {
+            workspace: crate::workspace_root(),
+        })?;
     }
     Ok(())
 }
