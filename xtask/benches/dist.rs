@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use system::lock::{Defaults, Initrd, InitrdOutput, KernelFile, SCHEMA, UniqueMap, Version};
 use system::{Arch, Check, Digest, Lock, Store};
-use testkit::bench::median_time;
+use testkit::bench::{Figure, median_time};
 use xshell::{Shell, cmd};
 use xtask::store::StoreWriter;
 
@@ -100,6 +100,14 @@ fn main() -> anyhow::Result<()> {
         ms(untar_time),
         ms(from_time) / ms(untar_time)
     );
+    Figure::time("dist pack", dist_time, "tar -czf", tar_time).print();
+    Figure::time(
+        "install with artifacts --from",
+        from_time,
+        "tar -xzf + full verify",
+        untar_time,
+    )
+    .print();
     Ok(())
 }
 

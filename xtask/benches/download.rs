@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use testkit::bench::median;
+use testkit::bench::{Figure, median};
 use xshell::{Shell, cmd};
 
 use testkit::http::{Reply, Server};
@@ -92,6 +92,13 @@ fn run(sh: &Shell) -> anyhow::Result<()> {
         "  ratio (ours / curl time): {:.2}",
         ours.as_secs_f64() / curl.as_secs_f64()
     );
+    Figure::time(
+        "download 256 MiB into the store",
+        ours,
+        "curl -o /dev/null",
+        curl,
+    )
+    .print();
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use system::lock::InitrdCompression;
-use testkit::bench::{median, median_time};
+use testkit::bench::{Figure, Target, format_duration, median, median_time};
 use xshell::{Shell, cmd};
 
 use xtask::compression::Compression;
@@ -150,6 +150,20 @@ fn assemble_vs_gnu(sh: &Shell) -> anyhow::Result<()> {
         sizes.1,
         sizes.0 as f64 / sizes.1 as f64
     );
+    Figure::time(
+        "initrd assembly (newc + gzip)",
+        ours,
+        "find|sort|cpio|gzip -9",
+        gnu,
+    )
+    .with_target(Target::TimeRatioAtMost(0.3))
+    .print();
+    Figure {
+        ratio: Some(sizes.0 as f64 / sizes.1 as f64),
+        baseline: format!("gzip -9 {} B", sizes.1),
+        ..Figure::plain("initrd size", format!("{} B", sizes.0))
+    }
+    .print();
     let tree = load_tree(&root)?;
     compressors(sh, &cpio::write_newc(&tree, 0, Vec::new())?, dir.path())
 }
@@ -336,6 +350,15 @@ fn noop_artifacts(sh: &Shell) -> anyhow::Result<()> {
         system::Arch::ALL.len(),
         noop.as_secs_f64() * 1e3
     );
+    Figure {
+        value: Some(noop),
+        ..Figure::plain(
+            "no-op artifacts --only initrds --offline",
+            format_duration(noop),
+        )
+    }
+    .with_target(Target::TimeAtMost(Duration::from_millis(50)))
+    .print();
     Ok(())
 }
 

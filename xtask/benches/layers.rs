@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use system::hash::sha256_bytes;
 use system::lock::Digest;
-use testkit::bench::median_time;
+use testkit::bench::{Figure, median_time};
 use xshell::{Shell, cmd};
 
 use xtask::oci::layers::{Applier, LayerInfo, LayerLimits};
@@ -85,6 +85,13 @@ fn run(sh: &Shell) -> anyhow::Result<()> {
         ms(tar_xzf),
         ratio(apply, tar_xzf)
     );
+    Figure::time(
+        "apply an Alpine-sized layer",
+        apply,
+        "tar -xzf to disk",
+        tar_xzf,
+    )
+    .print();
     if reset {
         println!(
             "peak RSS during apply: {:.1} MB (RSS before: {:.1} MB; peak − before = {:.1} MB, \

@@ -5,10 +5,11 @@
 
 use std::fs;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use system::Arch;
-use testkit::bench::median;
+use testkit::bench::{Figure, median};
 use testkit::vm::{self, BOOT_TIMEOUT, Nic, Vm, VmSpec};
 
 const BOOTS: usize = 10;
@@ -87,6 +88,15 @@ fn main() -> anyhow::Result<()> {
     // Module loading under TCG is most of a boot and the noisiest part on a shared machine.
     let after_on = median(with_network.iter().map(|b| b.2).collect());
     let after_off = median(without.iter().map(|b| b.2).collect());
+    let ms = Duration::from_millis;
+    Figure::time(
+        "PID 1 -> exec after modules, networking on",
+        ms(after_on),
+        "off",
+        ms(after_off),
+    )
+    .print();
+    Figure::plain("network phase alone", format!("{phase_on} ms")).print();
     println!(
         "PID 1 start → entrypoint exec, median of {BOOTS} boots each ({}): networking on {exec_on} ms, \
          off {exec_off} ms (on/off {:.2}); after module loading: on {after_on} ms, off \

@@ -34,12 +34,11 @@ pub struct Recipe {
     /// The base image's name in the lock, or none for the minimal profile.
     pub base: Option<String>,
     pub builder: u32,
-    /// The lock's module groups; left out when empty, so recipes without groups keep their
-    /// digest.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub module_groups: BTreeMap<String, RecipeGroup>,
     /// The format and its pinned encoder and level: another compressor is another initrd.
     pub compression: Encoder,
+    /// The lock's module groups; left out when empty.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub module_groups: BTreeMap<String, RecipeGroup>,
     /// Module names as the lock lists them.
     pub modules: Vec<String>,
     /// Every entry's mtime (`SOURCE_DATE_EPOCH`).
