@@ -17,6 +17,7 @@ use xtask::rootfs::{Node, NodeKind, Tree};
 const LIMITS: LayerLimits = LayerLimits {
     max_bytes: 8 << 20,
     max_entries: 20_000,
+    max_content_bytes: 8 << 20,
 };
 
 fuzz_target!(|data: &[u8]| {
