@@ -9,27 +9,14 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use system::Digest;
-use xtask::oci::layers::{Applier, LayerInfo, LayerLimits};
+use workspace_fuzz::{LIMITS, apply_layer};
+use xtask::oci::layers::Applier;
 use xtask::rootfs::{Node, NodeKind, Tree};
-
-/// Small caps, so a bomb is refused within a run's memory (the real caps are 2 GiB).
-const LIMITS: LayerLimits = LayerLimits {
-    max_bytes: 8 << 20,
-    max_entries: 20_000,
-    max_content_bytes: 8 << 20,
-};
 
 fuzz_target!(|data: &[u8]| {
     let mut applier = Applier::new(LIMITS);
     for blob in workspace_fuzz::layers(data) {
-        let digest = Digest(system::hash::sha256_bytes(&blob));
-        let layer = LayerInfo {
-            digest: &digest,
-            media_type: "",
-            diff_id: None,
-        };
-        if let Err(e) = applier.apply(layer, blob.as_slice()) {
+        if let Err((digest, e)) = apply_layer(&mut applier, &blob) {
             // Errors name the layer; the tree is discarded, as the real puller does.
             assert!(format!("{e:#}").contains(&digest.to_string()), "{e:#}");
             return;

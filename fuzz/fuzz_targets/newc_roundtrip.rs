@@ -9,28 +9,16 @@
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
-use system::Digest;
+use workspace_fuzz::{LIMITS, apply_layer};
 use xtask::initrd::cpio::write_newc;
 use xtask::initrd::cpio_read::read_newc;
-use xtask::oci::layers::{Applier, LayerInfo, LayerLimits};
+use xtask::oci::layers::Applier;
 use xtask::rootfs::{Node, NodeKind, Tree, TreePath};
-
-const LIMITS: LayerLimits = LayerLimits {
-    max_bytes: 8 << 20,
-    max_entries: 20_000,
-    max_content_bytes: 8 << 20,
-};
 
 fuzz_target!(|data: &[u8]| {
     let mut applier = Applier::new(LIMITS);
     for blob in workspace_fuzz::layers(data) {
-        let digest = Digest(system::hash::sha256_bytes(&blob));
-        let layer = LayerInfo {
-            digest: &digest,
-            media_type: "",
-            diff_id: None,
-        };
-        if applier.apply(layer, blob.as_slice()).is_err() {
+        if apply_layer(&mut applier, &blob).is_err() {
             break;
         }
     }

@@ -1,5 +1,29 @@
-//! What the layer-based targets share: splitting an input into layers, and mending tar header
-//! checksums so that mutated headers reach the applier instead of failing the checksum.
+//! What the layer-based targets share: splitting an input into layers, mending tar header
+//! checksums so that mutated headers reach the applier instead of failing the checksum, and
+//! applying one layer under small caps.
+
+use system::Digest;
+use xtask::oci::layers::{Applier, LayerInfo, LayerLimits};
+
+/// Small caps, so a bomb is refused within a run's memory (the real caps are 2 GiB).
+pub const LIMITS: LayerLimits = LayerLimits {
+    max_bytes: 8 << 20,
+    max_entries: 20_000,
+    max_content_bytes: 8 << 20,
+};
+
+/// Applies `blob` as the next layer (its media type found by its magic bytes, as a layer
+/// without one is). On failure returns the layer's digest with the error, for the caller to
+/// check that the error names it.
+pub fn apply_layer(applier: &mut Applier, blob: &[u8]) -> Result<(), (Digest, anyhow::Error)> {
+    let digest = Digest(system::hash::sha256_bytes(blob));
+    let layer = LayerInfo {
+        digest: &digest,
+        media_type: "",
+        diff_id: None,
+    };
+    applier.apply(layer, blob).map_err(|e| (digest, e))
+}
 
 /// Separates the layers of one input.
 pub const LAYER_SEPARATOR: &[u8] = b"%%LAYER%%";
