@@ -548,3 +548,28 @@ impl Drop for Vm {
 
 /// How long a boot may take before the harness gives up: generous for TCG on a busy machine.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A test initrd built at most once per test process and kept as
+/// `dir/initrd-<name>-<pid>.gz`: the first caller of `cell` runs `build`, the others get its
+/// path. A failed build panics in every caller, naming `name` and the cause.
+pub fn initrd_once(
+    cell: &'static std::sync::OnceLock<Result<PathBuf, String>>,
+    dir: &Path,
+    name: &str,
+    build: impl FnOnce() -> anyhow::Result<Vec<u8>>,
+) -> &'static Path {
+    let built = cell.get_or_init(|| {
+        let write = || -> anyhow::Result<PathBuf> {
+            let bytes = build()?;
+            std::fs::create_dir_all(dir)?;
+            let path = dir.join(format!("initrd-{name}-{}.gz", std::process::id()));
+            std::fs::write(&path, bytes)?;
+            Ok(path)
+        };
+        write().map_err(|e| format!("{e:#}"))
+    });
+    match built {
+        Ok(path) => path,
+        Err(e) => panic!("building the {name} test initrd: {e}"),
+    }
+}

@@ -24,27 +24,11 @@ fn test_initrd(arch: Arch) -> &'static Path {
         Arch::X86_64 => &X86_64,
         Arch::Aarch64 => &AARCH64,
     };
-    let built = cell.get_or_init(|| {
-        let build = || -> anyhow::Result<PathBuf> {
-            let kernel = Kernel::debian_cloud_for(arch, &arm64_guest_dir())?;
-            let bytes = xtask::initrd::build_test_initrd(
-                arch,
-                &kernel.modules,
-                TEST_MODULES,
-                Default::default(),
-            )?;
-            let dir = xtask::workspace_root().join("target/vm-tests");
-            fs::create_dir_all(&dir)?;
-            let path = dir.join(format!("initrd-{arch}-{}.gz", std::process::id()));
-            fs::write(&path, bytes)?;
-            Ok(path)
-        };
-        build().map_err(|e| format!("{e:#}"))
-    });
-    match built {
-        Ok(path) => path,
-        Err(e) => panic!("building the {arch} test initrd: {e}"),
-    }
+    let dir = xtask::workspace_root().join("target/vm-tests");
+    testkit::vm::initrd_once(cell, &dir, arch.as_str(), || {
+        let kernel = Kernel::debian_cloud_for(arch, &arm64_guest_dir())?;
+        xtask::initrd::build_test_initrd(arch, &kernel.modules, TEST_MODULES, Default::default())
+    })
 }
 
 /// The disks of one test VM: a busybox rootfs, an empty writable disk, and a config disk.

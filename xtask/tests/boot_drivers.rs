@@ -63,33 +63,22 @@ fn initrd(kind: Initrd) -> &'static Path {
             vec![("gpu".to_owned(), group("1af4:1005", "virtio_rng", &[]))],
         ),
     };
-    let built = cell.get_or_init(|| {
-        let build = || -> anyhow::Result<PathBuf> {
-            let kernel = Kernel::debian_cloud()?;
-            let firmware = tempfile::tempdir()?;
-            let file = firmware.path().join(FIRMWARE);
-            fs::create_dir_all(file.parent().unwrap())?;
-            fs::write(&file, FIRMWARE_TEXT)?;
-            let bytes = xtask::initrd::build_test_initrd_with_groups(
-                Arch::X86_64,
-                &kernel.modules,
-                TEST_MODULES,
-                &groups,
-                Some(firmware.path()),
-                system::lock::InitrdCompression::Gzip,
-            )?;
-            let dir = xtask::workspace_root().join("target/vm-tests");
-            fs::create_dir_all(&dir)?;
-            let path = dir.join(format!("initrd-{name}-{}.gz", std::process::id()));
-            fs::write(&path, bytes)?;
-            Ok(path)
-        };
-        build().map_err(|e| format!("{e:#}"))
-    });
-    match built {
-        Ok(path) => path,
-        Err(e) => panic!("building the {name} test initrd: {e}"),
-    }
+    let dir = xtask::workspace_root().join("target/vm-tests");
+    testkit::vm::initrd_once(cell, &dir, name, || {
+        let kernel = Kernel::debian_cloud()?;
+        let firmware = tempfile::tempdir()?;
+        let file = firmware.path().join(FIRMWARE);
+        fs::create_dir_all(file.parent().unwrap())?;
+        fs::write(&file, FIRMWARE_TEXT)?;
+        xtask::initrd::build_test_initrd_with_groups(
+            Arch::X86_64,
+            &kernel.modules,
+            TEST_MODULES,
+            &groups,
+            Some(firmware.path()),
+            system::lock::InitrdCompression::Gzip,
+        )
+    })
 }
 
 /// Boots a busybox rootfs with `config`, plus the extra QEMU arguments.

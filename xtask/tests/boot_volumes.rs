@@ -42,27 +42,16 @@ fn initrd(kind: Initrd) -> &'static Path {
         ),
         Initrd::Plain => (&PLAIN, "plain", TEST_MODULES.to_vec()),
     };
-    let built = cell.get_or_init(|| {
-        let build = || -> anyhow::Result<PathBuf> {
-            let kernel = Kernel::debian_cloud()?;
-            let bytes = xtask::initrd::build_test_initrd(
-                Arch::X86_64,
-                &kernel.modules,
-                &modules,
-                system::lock::InitrdCompression::Gzip,
-            )?;
-            let dir = xtask::workspace_root().join("target/vm-tests");
-            fs::create_dir_all(&dir)?;
-            let path = dir.join(format!("initrd-volumes-{name}-{}.gz", std::process::id()));
-            fs::write(&path, bytes)?;
-            Ok(path)
-        };
-        build().map_err(|e| format!("{e:#}"))
-    });
-    match built {
-        Ok(path) => path,
-        Err(e) => panic!("building the {name} test initrd: {e}"),
-    }
+    let dir = xtask::workspace_root().join("target/vm-tests");
+    testkit::vm::initrd_once(cell, &dir, &format!("volumes-{name}"), || {
+        let kernel = Kernel::debian_cloud()?;
+        xtask::initrd::build_test_initrd(
+            Arch::X86_64,
+            &kernel.modules,
+            &modules,
+            system::lock::InitrdCompression::Gzip,
+        )
+    })
 }
 
 /// A test VM's disks in virtio order: vda rootfs, vdb writable, vdc config, then volumes.

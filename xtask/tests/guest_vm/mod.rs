@@ -23,28 +23,17 @@ pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 15);
 /// [`NET_MODULES`] of the host's Debian cloud kernel. Built once per test process.
 pub fn network_initrd() -> &'static Path {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        let build = || -> anyhow::Result<PathBuf> {
-            let kernel = Kernel::debian_cloud()?;
-            let modules: Vec<&str> = TEST_MODULES.iter().chain(NET_MODULES).copied().collect();
-            let bytes = xtask::initrd::build_test_initrd(
-                Arch::X86_64,
-                &kernel.modules,
-                &modules,
-                system::lock::InitrdCompression::Gzip,
-            )?;
-            let dir = xtask::workspace_root().join("target/vm-tests");
-            fs::create_dir_all(&dir)?;
-            let path = dir.join(format!("initrd-net-x86_64-{}.gz", std::process::id()));
-            fs::write(&path, bytes)?;
-            Ok(path)
-        };
-        build().map_err(|e| format!("{e:#}"))
-    });
-    match built {
-        Ok(path) => path,
-        Err(e) => panic!("building the network test initrd: {e}"),
-    }
+    let dir = xtask::workspace_root().join("target/vm-tests");
+    testkit::vm::initrd_once(&BUILT, &dir, "net-x86_64", || {
+        let kernel = Kernel::debian_cloud()?;
+        let modules: Vec<&str> = TEST_MODULES.iter().chain(NET_MODULES).copied().collect();
+        xtask::initrd::build_test_initrd(
+            Arch::X86_64,
+            &kernel.modules,
+            &modules,
+            system::lock::InitrdCompression::Gzip,
+        )
+    })
 }
 
 /// `-netdev user` options: the documentation subnet, nothing reachable beyond what
