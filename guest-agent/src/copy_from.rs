@@ -21,7 +21,7 @@ use guest_agent_proto::pb::{
 use h2::server::SendResponse;
 use tokio::sync::mpsc;
 
-use crate::server::{finish, response_head, single_request};
+use crate::call::{finish, response_head, single_request};
 
 pub(crate) async fn serve(mut reader: MessageReader, mut respond: SendResponse<Bytes>) {
     let Some(request) = single_request::<CopyFromGuestRequest>(&mut reader, &mut respond).await

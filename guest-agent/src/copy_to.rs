@@ -20,7 +20,7 @@ use guest_agent_proto::pb::{CopyToGuestRequest, CopyToGuestResponse, CopyToGuest
 use h2::server::SendResponse;
 use tokio::sync::mpsc;
 
-use crate::server::{finish, response_head};
+use crate::call::{finish, response_head};
 
 pub(crate) async fn serve(mut reader: MessageReader, respond: SendResponse<Bytes>) {
     let mut respond = respond;
@@ -52,7 +52,7 @@ pub(crate) async fn serve(mut reader: MessageReader, respond: SendResponse<Bytes
         return;
     }
     let Ok(response) = writer.await else {
-        return crate::server::trailers_only(
+        return crate::call::trailers_only(
             &mut respond,
             Code::Internal,
             "the copy's writer failed",

@@ -6,6 +6,7 @@
 //! [`serve_connection`] serves one connection on any byte stream; the binary hands it vsock
 //! connections only (tests hand it Unix sockets).
 
+mod call;
 mod copy_from;
 mod copy_to;
 mod exec;

@@ -8,7 +8,7 @@ use guest_agent_proto::grpc::{self, Code, MessageReader};
 use guest_agent_proto::pb::{StatPathRequest, StatPathResponse};
 use h2::server::SendResponse;
 
-use crate::server::{finish, response_head, single_request};
+use crate::call::{finish, response_head, single_request};
 
 pub(crate) async fn serve(mut reader: MessageReader, mut respond: SendResponse<Bytes>) {
     let Some(request) = single_request::<StatPathRequest>(&mut reader, &mut respond).await else {

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::server::{finish, response_head, trailers_only};
+use crate::call::{finish, response_head, trailers_only};
 use pty::Pty;
 use spawn::Io;
 
