@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 
 use libfuzzer_sys::fuzz_target;
-use xtask::initrd::modules::resolve;
+use xtask::initrd::modules_dir::resolve;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

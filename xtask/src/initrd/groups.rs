@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use guest_protocol::module_groups::{self, FIRMWARE_DIR, ModuleGroup, PciPattern};
 use system::lock::ModuleGroup as LockGroup;
 
-use super::modules::{DepGraph, Module, ModulesDir, read_module};
+use super::modules_dir::{DepGraph, Module, ModulesDir, read_module};
 
 /// One group as it goes into the initrd.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,7 +188,8 @@ pub fn groups_file(groups: &[GroupSet]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::initrd::modules::{ModuleSet, tests::fixture};
+    use crate::initrd::modules::ModuleSet;
+    use crate::initrd::modules_dir::tests::fixture;
     use crate::rootfs::{NodeKind, Tree, TreePath};
 
     fn group(pci: &[&str], modules: &[&str], firmware: &[&str]) -> LockGroup {

@@ -8,6 +8,7 @@ pub mod fingerprint;
 pub mod groups;
 pub mod guest_init;
 pub mod modules;
+pub mod modules_dir;
 pub mod recipe;
 
 use std::path::Path;
@@ -18,7 +19,8 @@ use system::lock::ModuleGroup;
 use xshell::Shell;
 
 use guest_init::BuildOptions;
-use modules::{ModuleSet, ModulesDir};
+use modules::ModuleSet;
+use modules_dir::ModulesDir;
 
 /// Input names in the lock's `initrds.<version>.outputs.<arch>.inputs`.
 pub const INPUT_BASE: &str = "base";

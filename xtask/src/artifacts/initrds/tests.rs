@@ -272,7 +272,7 @@ fn locked_reproducibility_check_names_old_and_new_digest() {
 #[test]
 fn modules_come_from_the_modules_dir_and_are_an_input() {
     let dir = tempfile::tempdir().unwrap();
-    let modules_dir = crate::initrd::modules::tests::fixture(dir.path());
+    let modules_dir = crate::initrd::modules_dir::tests::fixture(dir.path());
     let mut f = Fixture::new();
     f.lock.initrds.get_mut("v1").unwrap().modules = vec!["virtio_blk".into()];
     let one = Plan {
@@ -329,7 +329,7 @@ fn modules_come_from_the_modules_dir_and_are_an_input() {
 fn module_groups_are_built_in_and_change_the_recipe_and_modules_inputs() {
     use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
-    let modules_dir = crate::initrd::modules::tests::fixture(dir.path());
+    let modules_dir = crate::initrd::modules_dir::tests::fixture(dir.path());
     let mut f = Fixture::new();
     let one = Plan {
         versions: vec![v("v1")],
