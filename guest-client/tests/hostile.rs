@@ -167,13 +167,30 @@ fn assert_refused(err: ClientError, expected_path: &str) {
     }
 }
 
-async fn copy_script(script: Vec<Response>) -> (tempfile::TempDir, Result<(), ClientError>) {
-    let dir = common::temp_dir();
-    let (client, _) = fake_client(dir.path(), Fake::Copy(script), Limits::default()).await;
+fn assert_too_large(err: &ClientError, expected_what: &str) {
+    match err {
+        ClientError::TooLarge { what, .. } => assert_eq!(*what, expected_what, "{err}"),
+        other => panic!("expected {expected_what} to be too large, got {other}"),
+    }
+}
+
+/// Copies the fake's answer into `dir/dest`; also returns how many bytes the fake pushed.
+async fn copy_from_fake(
+    dir: &Path,
+    fake: Fake,
+    limits: Limits,
+) -> (Result<(), ClientError>, Arc<AtomicU64>) {
+    let (client, sent) = fake_client(dir, fake, limits).await;
     let result = client
-        .copy_from_guest("/anything", &dir.path().join("dest"), false, false)
+        .copy_from_guest("/x", &dir.join("dest"), false, false)
         .await
         .map(drop);
+    (result, sent)
+}
+
+async fn copy_script(script: Vec<Response>) -> (tempfile::TempDir, Result<(), ClientError>) {
+    let dir = common::temp_dir();
+    let (result, _) = copy_from_fake(dir.path(), Fake::Copy(script), Limits::default()).await;
     (dir, result)
 }
 
@@ -277,11 +294,8 @@ async fn nothing_is_written_through_a_symlink() {
         Response::Data(b"pwned".to_vec()),
         end(),
     ];
-    let (client, _) = fake_client(dir.path(), Fake::Copy(script), Limits::default()).await;
-    let err = client
-        .copy_from_guest("/x", &dir.path().join("dest"), false, false)
-        .await
-        .unwrap_err();
+    let (result, _) = copy_from_fake(dir.path(), Fake::Copy(script), Limits::default()).await;
+    let err = result.unwrap_err();
     assert_refused(err, "root/escape/x");
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
 }
@@ -293,11 +307,8 @@ async fn a_header_of_1_kib_followed_by_2_gib_is_stopped_early() {
         announced: 1024,
         total: 2 << 30,
     };
-    let (client, sent) = fake_client(dir.path(), fake, Limits::default()).await;
-    let err = client
-        .copy_from_guest("/x", &dir.path().join("dest"), false, false)
-        .await
-        .unwrap_err();
+    let (result, sent) = copy_from_fake(dir.path(), fake, Limits::default()).await;
+    let err = result.unwrap_err();
     assert_refused(err, "root");
     assert!(
         listing(&dir.path().join("dest")).is_empty(),
@@ -320,56 +331,20 @@ async fn announced_sizes_and_entry_counts_are_capped() {
         announced: 1 << 40,
         total: 0,
     };
-    let (client, _) = fake_client(dir.path(), fake, limits).await;
-    let err = client
-        .copy_from_guest("/x", &dir.path().join("dest"), false, false)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ClientError::TooLarge {
-                what: "file bytes",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    let (result, _) = copy_from_fake(dir.path(), fake, limits).await;
+    let err = result.unwrap_err();
+    assert_too_large(&err, "file bytes");
 
     let dir = common::temp_dir();
-    let (client, _) = fake_client(dir.path(), Fake::EndlessEntries, limits).await;
-    let err = client
-        .copy_from_guest("/x", &dir.path().join("dest"), false, false)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ClientError::TooLarge {
-                what: "entries",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    let (result, _) = copy_from_fake(dir.path(), Fake::EndlessEntries, limits).await;
+    let err = result.unwrap_err();
+    assert_too_large(&err, "entries");
 
     // Errors count as entries: 1 MiB messages, forever, are cut off at the same limit.
     let dir = common::temp_dir();
-    let (client, _) = fake_client(dir.path(), Fake::EndlessErrors, limits).await;
-    let err = client
-        .copy_from_guest("/x", &dir.path().join("dest"), false, false)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ClientError::TooLarge {
-                what: "entries",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    let (result, _) = copy_from_fake(dir.path(), Fake::EndlessErrors, limits).await;
+    let err = result.unwrap_err();
+    assert_too_large(&err, "entries");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -384,25 +359,13 @@ async fn endless_output_and_huge_messages_are_cut_off() {
         .exec_output(ExecSpec::command(["yes"]), b"")
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ClientError::TooLarge {
-                what: "exec output",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_too_large(&err, "exec output");
     let sent = sent.load(Ordering::Relaxed);
     assert!(sent < 16 << 20, "the fake pushed {sent} bytes");
 
     let dir = common::temp_dir();
-    let (client, _) = fake_client(dir.path(), Fake::HugeMessage, Limits::default()).await;
-    let err = client
-        .copy_from_guest("/x", &dir.path().join("dest"), false, false)
-        .await
-        .unwrap_err();
+    let (result, _) = copy_from_fake(dir.path(), Fake::HugeMessage, Limits::default()).await;
+    let err = result.unwrap_err();
     assert!(
         matches!(err, ClientError::Grpc(grpc::GrpcError::TooLarge { .. })),
         "{err}"

@@ -83,11 +83,7 @@ impl Blobs {
 #[test]
 fn a_wrong_digest_stores_nothing() {
     let pinned = content(10_000);
-    let server = Server::start(|_, _| Reply::Body {
-        body: Arc::new(b"some other kernel".to_vec()),
-        ranges: false,
-    })
-    .unwrap();
+    let server = Server::serving(&Arc::new(b"some other kernel".to_vec()), false);
     let blobs = Blobs::new();
     let url = server.url("/vmlinux");
     let err = blobs.fetch(&fetcher(), &url, &pinned, None).unwrap_err();
@@ -121,8 +117,9 @@ fn a_wrong_size_stores_nothing_and_is_caught_before_downloading() {
     blobs.assert_empty();
 }
 
-#[test]
-fn a_dropped_connection_resumes_with_a_range_request() {
+/// A 400 kB download whose first response is cut at 150 kB, fetched to the end: the server
+/// then serves the whole body, honouring Range requests only if `ranges`.
+fn cut_at_150k_then_whole(ranges: bool) -> (Server, Arc<Vec<u8>>, Blobs, Download, Blob) {
     let body = content(400_000);
     let served = body.clone();
     let server = Server::start(move |i, _| match i {
@@ -132,14 +129,20 @@ fn a_dropped_connection_resumes_with_a_range_request() {
         },
         _ => Reply::Body {
             body: served.clone(),
-            ranges: true,
+            ranges,
         },
     })
     .unwrap();
     let blobs = Blobs::new();
-    let (download, _) = blobs
+    let (download, blob) = blobs
         .fetch(&fetcher(), &server.url("/k"), &body, None)
         .unwrap();
+    (server, body, blobs, download, blob)
+}
+
+#[test]
+fn a_dropped_connection_resumes_with_a_range_request() {
+    let (server, body, blobs, download, _) = cut_at_150k_then_whole(true);
     let requests = server.requests();
     assert_eq!(requests.len(), 2);
     assert_eq!(download.requests, 2);
@@ -152,23 +155,7 @@ fn a_dropped_connection_resumes_with_a_range_request() {
 
 #[test]
 fn a_dropped_connection_restarts_when_ranges_are_unsupported() {
-    let body = content(400_000);
-    let served = body.clone();
-    let server = Server::start(move |i, _| match i {
-        0 => Reply::Cut {
-            body: served.clone(),
-            cut: 150_000,
-        },
-        _ => Reply::Body {
-            body: served.clone(),
-            ranges: false,
-        },
-    })
-    .unwrap();
-    let blobs = Blobs::new();
-    let (download, blob) = blobs
-        .fetch(&fetcher(), &server.url("/k"), &body, None)
-        .unwrap();
+    let (server, body, blobs, download, blob) = cut_at_150k_then_whole(false);
     let requests = server.requests();
     assert_eq!(requests.len(), 2);
     assert!(requests[1].range_start().is_some(), "asked to resume");
@@ -243,11 +230,7 @@ fn a_partial_that_is_already_whole_needs_no_request() {
 #[test]
 fn a_wrong_digest_leaves_nothing_to_resume() {
     let pinned = content(10_000);
-    let server = Server::start(|_, _| Reply::Body {
-        body: Arc::new(b"some other kernel".to_vec()),
-        ranges: true,
-    })
-    .unwrap();
+    let server = Server::serving(&Arc::new(b"some other kernel".to_vec()), true);
     let blobs = Blobs::new();
     let digest = system::hash::sha256_bytes(&pinned);
     let url = server.url("/k");
@@ -330,6 +313,20 @@ fn not_found_fails_at_once() {
     blobs.assert_empty();
 }
 
+/// The error of an attempt that ran out of time (read timeout or stall floor).
+fn assert_timed_out(err: &FetchError) {
+    assert!(
+        matches!(
+            err,
+            FetchError::Network {
+                timed_out: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
 #[test]
 fn a_stalled_server_times_out() {
     let server = Server::start(|_, _| Reply::Stall).unwrap();
@@ -338,16 +335,7 @@ fn a_stalled_server_times_out() {
     let err = blobs
         .fetch(&fetcher(), &server.url("/k"), b"k", None)
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            FetchError::Network {
-                timed_out: true,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_timed_out(&err);
     assert!(err.to_string().contains("timed out"), "{err}");
     assert_eq!(server.count(), options().attempts as usize);
     // Not asserting on time beyond "it came back at all, well before the stall ends".
@@ -355,40 +343,42 @@ fn a_stalled_server_times_out() {
     blobs.assert_empty();
 }
 
-#[test]
-fn a_trickling_server_is_a_stall_below_the_floor() {
-    // 16 bytes every 10 ms (at most 1.6 KB/s): each read comes well within the read timeout,
-    // so only the floor can tell. Unchecked, the body would finish after about 2 seconds.
+/// A server that sends a 3 kB body `chunk` bytes every 10 ms, on every request.
+fn trickling_3k(chunk: usize) -> (Server, Arc<Vec<u8>>) {
     let body = content(3_000);
     let served = body.clone();
     let server = Server::start(move |_, _| Reply::Trickle {
         body: served.clone(),
-        chunk: 16,
+        chunk,
         every: Duration::from_millis(10),
     })
     .unwrap();
-    let blobs = Blobs::new();
-    let url = server.url("/slow");
-    let slow = Fetcher::new(
+    (server, body)
+}
+
+/// The test fetcher with a stall floor of `min_rate` bytes/s over `stall_window`.
+fn with_floor(min_rate: u64, stall_window: Duration) -> Fetcher {
+    Fetcher::new(
         Options {
-            min_rate: 64 * 1024,
-            stall_window: Duration::from_millis(100),
+            min_rate,
+            stall_window,
             ..options()
         },
         Mirrors::default(),
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn a_trickling_server_is_a_stall_below_the_floor() {
+    // 16 bytes every 10 ms (at most 1.6 KB/s): each read comes well within the read timeout,
+    // so only the floor can tell. Unchecked, the body would finish after about 2 seconds.
+    let (server, body) = trickling_3k(16);
+    let blobs = Blobs::new();
+    let url = server.url("/slow");
+    let slow = with_floor(64 * 1024, Duration::from_millis(100));
     let err = blobs.fetch(&slow, &url, &body, None).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            FetchError::Network {
-                timed_out: true,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_timed_out(&err);
     let text = err.to_string();
     for needle in [
         url.as_str(),
@@ -409,24 +399,9 @@ fn a_trickling_server_is_a_stall_below_the_floor() {
 
 #[test]
 fn a_slow_body_above_the_floor_finishes() {
-    let body = content(3_000);
-    let served = body.clone();
-    let server = Server::start(move |_, _| Reply::Trickle {
-        body: served.clone(),
-        chunk: 1_000,
-        every: Duration::from_millis(10),
-    })
-    .unwrap();
+    let (server, body) = trickling_3k(1_000);
     let blobs = Blobs::new();
-    let floor = Fetcher::new(
-        Options {
-            min_rate: 100,
-            stall_window: Duration::from_millis(5),
-            ..options()
-        },
-        Mirrors::default(),
-    )
-    .unwrap();
+    let floor = with_floor(100, Duration::from_millis(5));
     blobs.fetch(&floor, &server.url("/k"), &body, None).unwrap();
     assert_eq!(server.count(), 1);
     blobs.assert_holds(&body);

@@ -6,7 +6,7 @@ use std::path::Path;
 use system::Arch;
 use system::lock::Digest;
 
-use super::tests::{assert_fixture_tree, options};
+use super::tests::{assert_fixture_tree, offline, options};
 use super::*;
 use testkit::oci::{FakeRegistry, Faults, build_layout};
 
@@ -191,10 +191,7 @@ fn a_corrupt_cached_blob_is_fetched_again_or_named_offline() {
     damage(&path_of(&manifest));
 
     // Offline: the corrupt files are named, with the way out.
-    let offline = PullOptions {
-        offline: true,
-        ..options()
-    };
+    let offline = offline();
     let err = format!(
         "{:#}",
         pull_base(&offline, &base, Arch::X86_64, &cache).unwrap_err()

@@ -19,6 +19,36 @@ pub(super) fn options() -> PullOptions {
     options
 }
 
+/// [`options`] with the network off: the cache alone.
+pub(super) fn offline() -> PullOptions {
+    PullOptions {
+        offline: true,
+        ..options()
+    }
+}
+
+/// Runs an OCI tool that must succeed (`what` names it in the failure) and returns its stdout.
+fn run_tool(command: &mut Command, what: &str) -> Vec<u8> {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// `skopeo inspect` of the image tagged `name` in the OCI layout `cache`.
+fn skopeo_inspect(cache: &Path, name: &str) -> serde_json::Value {
+    let out = run_tool(
+        Command::new("/usr/bin/skopeo")
+            .args(["--insecure-policy", "inspect"])
+            .arg(format!("oci:{}:{name}", cache.display())),
+        &format!("skopeo inspect oci:…:{name}"),
+    );
+    serde_json::from_slice(&out).unwrap()
+}
+
 pub(super) fn p(s: &str) -> TreePath {
     TreePath::new(s).unwrap()
 }
@@ -94,30 +124,16 @@ fn pulls_by_tag_and_digest_from_a_real_registry_per_arch() {
     // Other OCI tools read the cache.
     require_tool("/usr/bin/skopeo", "skopeo");
     let name = format!("{reference}-amd64");
-    let out = Command::new("/usr/bin/skopeo")
-        .args(["--insecure-policy", "inspect"])
-        .arg(format!("oci:{}:{name}", cache.display()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let inspected: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let inspected = skopeo_inspect(&cache, &name);
     assert_eq!(inspected["Architecture"], "amd64");
     assert_eq!(inspected["Layers"].as_array().unwrap().len(), 3);
-    let out = Command::new("/usr/bin/skopeo")
-        .args(["--insecure-policy", "inspect", "--raw"])
-        .arg(format!("oci:{}:{reference}", cache.display()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_tool(
+        Command::new("/usr/bin/skopeo")
+            .args(["--insecure-policy", "inspect", "--raw"])
+            .arg(format!("oci:{}:{reference}", cache.display())),
+        &format!("skopeo inspect --raw oci:…:{reference}"),
     );
-    assert_eq!(Digest(system::hash::sha256_bytes(&out.stdout)), base.index);
+    assert_eq!(Digest(system::hash::sha256_bytes(&out)), base.index);
 }
 
 #[test]
@@ -142,20 +158,14 @@ fn our_tree_matches_what_umoci_unpacks() {
     if !root {
         umoci.arg("--rootless");
     }
-    let out = umoci
+    umoci
         .arg("--image")
         .arg(format!(
             "{}:fixture.example/fixture:v1-amd64",
             cache.display()
         ))
-        .arg(&rootfs)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "umoci: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg(&rootfs);
+    run_tool(&mut umoci, "umoci raw unpack");
     let theirs = describe_dir(&rootfs, root);
     let ours = describe_tree(&pulled.tree, root);
     let only_theirs: Vec<_> = theirs
@@ -333,10 +343,7 @@ fn a_moved_tag_changes_nothing_until_update_base_records_it() {
         pulled.tree.get(&p("etc/motd")).unwrap().kind,
         NodeKind::File(b"release 2\n".to_vec())
     );
-    let offline = PullOptions {
-        offline: true,
-        ..options()
-    };
+    let offline = offline();
     let err = format!("{:#}", resolve_base(&offline, &pinned, &cache).unwrap_err());
     assert!(err.contains("--offline"), "{err}");
 }
@@ -348,10 +355,7 @@ fn offline_reads_the_cache_alone_and_lists_what_is_missing() {
     let cache = work.path().join("oci-cache");
     // Nothing listens here: offline must not try.
     let base = fixture.base("127.0.0.1:9/fixture:v1");
-    let offline = PullOptions {
-        offline: true,
-        ..options()
-    };
+    let offline = offline();
     let err = format!(
         "{:#}",
         pull_base(&offline, &base, Arch::X86_64, &cache).unwrap_err()
@@ -403,29 +407,15 @@ fn offline_reads_the_cache_alone_and_lists_what_is_missing() {
 fn read_back_with_skopeo_and_umoci(cache: &Path, name: &str, arch: Arch, work: &Path) {
     require_tool("/usr/bin/skopeo", "skopeo");
     require_tool("/usr/bin/umoci", "umoci");
-    let out = Command::new("/usr/bin/skopeo")
-        .args(["--insecure-policy", "inspect"])
-        .arg(format!("oci:{}:{name}", cache.display()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "skopeo inspect oci:…:{name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let inspected: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let inspected = skopeo_inspect(cache, name);
     assert_eq!(inspected["Architecture"], arch.oci_arch());
     let rootfs = work.join(format!("unpacked-{}", arch.oci_arch()));
-    let out = Command::new("/usr/bin/umoci")
-        .args(["raw", "unpack", "--rootless", "--image"])
-        .arg(format!("{}:{name}", cache.display()))
-        .arg(&rootfs)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "umoci raw unpack {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_tool(
+        Command::new("/usr/bin/umoci")
+            .args(["raw", "unpack", "--rootless", "--image"])
+            .arg(format!("{}:{name}", cache.display()))
+            .arg(&rootfs),
+        &format!("umoci raw unpack {name}"),
     );
     assert_eq!(
         std::fs::read_to_string(rootfs.join("etc/arch")).unwrap(),
@@ -464,17 +454,12 @@ fn docker_v2s2_images_are_cached_so_skopeo_and_umoci_read_them() {
         let name = format!("{}-{}", base.reference, arch.oci_arch());
         read_back_with_skopeo_and_umoci(&cache, &name, arch, work.path());
         // The image as a whole too (skopeo picks the platform from the index).
-        let out = Command::new("/usr/bin/skopeo")
-            .args(["--insecure-policy", "--override-arch", arch.oci_arch()])
-            .args(["inspect"])
-            .arg(format!("oci:{}:{}", cache.display(), base.reference))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "skopeo inspect {}: {}",
-            base.reference,
-            String::from_utf8_lossy(&out.stderr)
+        run_tool(
+            Command::new("/usr/bin/skopeo")
+                .args(["--insecure-policy", "--override-arch", arch.oci_arch()])
+                .args(["inspect"])
+                .arg(format!("oci:{}:{}", cache.display(), base.reference)),
+            &format!("skopeo inspect {}", base.reference),
         );
     }
     // `lock update-base` finds a single-platform image's architecture in its config.
@@ -482,10 +467,7 @@ fn docker_v2s2_images_are_cached_so_skopeo_and_umoci_read_them() {
     unpinned.manifests.clear();
     assert_eq!(resolve_base(&options(), &unpinned, &cache).unwrap(), single);
     // The pulled Docker documents stay in the cache under the pinned digests: offline works.
-    let offline = PullOptions {
-        offline: true,
-        ..options()
-    };
+    let offline = offline();
     drop(registry);
     let pulled = pull_base(&offline, &list, Arch::X86_64, &cache).unwrap();
     assert_fixture_tree(&pulled.tree, Arch::X86_64);
