@@ -295,20 +295,42 @@ fn tarball_with(fx: &Fixture, dest: &Path, extra: impl FnOnce(&mut Entries)) {
     tarball::write_file(&entries, 0, dest).unwrap();
 }
 
+/// Flips `mask` into byte `at` of `content` where it stands in the gzip tarball `path`;
+/// returns `content` as the tarball now holds it.
+fn flip_in_tar(path: &Path, content: &[u8], at: usize, mask: u8) -> Vec<u8> {
+    edit_tar(path, |tar| {
+        let start = memchr::memmem::find(tar, &content[..64]).unwrap();
+        tar[start + at] ^= mask;
+    });
+    let mut flipped = content.to_vec();
+    flipped[at] ^= mask;
+    flipped
+}
+
+/// Installs the dist at `source` (a directory or a tarball) into `store`.
+fn install_dist(
+    fx: &Fixture,
+    source: &Path,
+    store: &StoreWriter,
+) -> anyhow::Result<install::Installed> {
+    install::install(
+        &[install::DistSource::Path(source.to_owned())],
+        &fx.lock,
+        Path::new("artifacts.lock"),
+        store,
+        &Default::default(),
+    )
+}
+
 #[test]
 fn verify_names_a_flipped_byte_with_both_digests() {
     let fx = Fixture::new();
     run(&fx.options("out")).unwrap();
     let tarball = fx.tarball("out", Arch::X86_64);
     let kernel = bytes("kernel", Arch::X86_64);
-    edit_tar(&tarball, |tar| {
-        let at = memchr::memmem::find(tar, &kernel[..64]).unwrap() + 1000;
-        tar[at] ^= 0x01;
-    });
+    let flipped = flip_in_tar(&tarball, &kernel, 1000, 0x01);
     let err = format!("{:#}", verify::verify(&tarball).unwrap_err());
     let pinned = system::hash::sha256_bytes(&kernel);
-    let mut flipped = kernel.clone();
-    flipped[1000] ^= 0x01;
     assert!(
         err.contains(&format!("blob system/blobs/sha256/{pinned}")),
         "{err}"
@@ -370,17 +392,7 @@ fn verify_refuses_entries_outside_system_escaping_links_and_unrecorded_blobs() {
 
     // An installer must refuse what verify refuses.
     let (_store_dir, store) = crate::store::temp_store();
-    let err = format!(
-        "{:#}",
-        install::install(
-            &[install::DistSource::Path(dest.clone())],
-            &fx.lock,
-            Path::new("artifacts.lock"),
-            &store,
-            &Default::default(),
-        )
-        .unwrap_err()
-    );
+    let err = format!("{:#}", install_dist(&fx, &dest, &store).unwrap_err());
     assert!(
         err.contains(&stray_sha.hex()) && err.contains("refusing"),
         "{err}"
@@ -394,51 +406,22 @@ fn install_takes_verified_blobs_and_a_bad_one_leaves_nothing() {
     let out = fx.dir.path().join("out");
 
     let (_dir, store) = crate::store::temp_store();
-    let installed = install::install(
-        &[install::DistSource::Path(out.clone())],
-        &fx.lock,
-        Path::new("l"),
-        &store,
-        &Default::default(),
-    )
-    .unwrap();
+    let installed = install_dist(&fx, &out, &store).unwrap();
     assert_eq!(installed.written.len(), 4);
     for (sha, _, _) in &installed.written {
         assert!(store.has_verified_blob(sha, None).unwrap());
     }
     // Again: everything is present, nothing is written.
-    let again = install::install(
-        &[install::DistSource::Path(out.clone())],
-        &fx.lock,
-        Path::new("l"),
-        &store,
-        &Default::default(),
-    )
-    .unwrap();
+    let again = install_dist(&fx, &out, &store).unwrap();
     assert_eq!((again.written.len(), again.present.len()), (0, 4));
 
     // One corrupt blob: both digests named, nothing of the tarball stored.
     let tarball = fx.tarball("out", Arch::X86_64);
     let initrd = bytes("initrd", Arch::X86_64);
-    edit_tar(&tarball, |tar| {
-        let at = memchr::memmem::find(tar, &initrd[..64]).unwrap() + 10;
-        tar[at] ^= 0x80;
-    });
+    let flipped = flip_in_tar(&tarball, &initrd, 10, 0x80);
     let (_dir, store) = crate::store::temp_store();
-    let err = format!(
-        "{:#}",
-        install::install(
-            &[install::DistSource::Path(tarball)],
-            &fx.lock,
-            Path::new("l"),
-            &store,
-            &Default::default()
-        )
-        .unwrap_err()
-    );
+    let err = format!("{:#}", install_dist(&fx, &tarball, &store).unwrap_err());
     let pinned = system::hash::sha256_bytes(&initrd);
-    let mut flipped = initrd.clone();
-    flipped[10] ^= 0x80;
     assert!(err.contains(&pinned.hex()), "{err}");
     assert!(
         err.contains(&system::hash::sha256_bytes(&flipped).hex()),
@@ -498,17 +481,12 @@ fn artifacts_from_a_corrupt_or_foreign_dist_leaves_the_store_empty() {
     run(&fx.options("out")).unwrap();
     let tarball = fx.tarball("out", Arch::Aarch64);
     let kernel = bytes("kernel", Arch::Aarch64);
-    edit_tar(&tarball, |tar| {
-        let at = memchr::memmem::find(tar, &kernel[..64]).unwrap() + 7;
-        tar[at] ^= 0x02;
-    });
+    let flipped = flip_in_tar(&tarball, &kernel, 7, 0x02);
     let host = tempfile::tempdir().unwrap();
     let err = format!(
         "{:#}",
         crate::artifacts::run(&artifacts_from(&fx, host.path(), tarball)).unwrap_err()
     );
-    let mut flipped = kernel.clone();
-    flipped[7] ^= 0x02;
     assert!(
         err.contains(&system::hash::sha256_bytes(&kernel).hex()),
         "{err}"
