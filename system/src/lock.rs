@@ -568,16 +568,13 @@ pub struct Digest(pub Sha256);
 
 impl Digest {
     pub fn parse(text: &str) -> Result<Digest, String> {
-        let hex = text.strip_prefix("sha256:").ok_or_else(|| {
+        let malformed = || {
             format!(
                 "malformed digest `{text}`: expected `sha256:` followed by 64 lowercase hex digits"
             )
-        })?;
-        Sha256::from_hex(hex).map(Digest).map_err(|_| {
-            format!(
-                "malformed digest `{text}`: expected `sha256:` followed by 64 lowercase hex digits"
-            )
-        })
+        };
+        let hex = text.strip_prefix("sha256:").ok_or_else(malformed)?;
+        Sha256::from_hex(hex).map(Digest).map_err(|_| malformed())
     }
 }
 

@@ -15,6 +15,14 @@ fn kernel(arch: &str, sha: &str) -> String {
     format!(r#"{{ "{arch}": {{ "url": "https://example.invalid/k", "sha256": "{sha}" }} }}"#)
 }
 
+/// The `kernels` object with the default version alone, for `arch` pinned to `sha`.
+fn kernels_with(arch: &str, sha: &str) -> String {
+    format!(
+        r#"{{ "ch-release-v6.16.9-20260508": {} }}"#,
+        kernel(arch, sha)
+    )
+}
+
 const DEFAULTS: &str = r#"{ "kernel": "ch-release-v6.16.9-20260508", "initrd": "v1.0.0" }"#;
 
 fn error_of(text: &str) -> (String, String) {
@@ -40,13 +48,7 @@ fn the_committed_lock_is_valid_and_in_canonical_form() {
 
 #[test]
 fn a_good_lock_round_trips() {
-    let text = lock_with(
-        &format!(
-            r#"{{ "ch-release-v6.16.9-20260508": {} }}"#,
-            kernel("x86_64", KERNEL_SHA)
-        ),
-        DEFAULTS,
-    );
+    let text = lock_with(&kernels_with("x86_64", KERNEL_SHA), DEFAULTS);
     let lock = Lock::parse(&text).unwrap();
     assert_eq!(Lock::parse(&lock.to_json()).unwrap(), lock);
 }
@@ -65,13 +67,7 @@ fn an_unknown_schema_is_refused_before_anything_else() {
 
 #[test]
 fn a_malformed_digest_names_its_path() {
-    let text = lock_with(
-        &format!(
-            r#"{{ "ch-release-v6.16.9-20260508": {} }}"#,
-            kernel("x86_64", "ABCD")
-        ),
-        DEFAULTS,
-    );
+    let text = lock_with(&kernels_with("x86_64", "ABCD"), DEFAULTS);
     let (path, message) = error_of(&text);
     assert_eq!(
         path,
@@ -80,7 +76,7 @@ fn a_malformed_digest_names_its_path() {
     assert!(message.contains("64 lowercase hex digits"), "{message}");
 
     let text = lock_with(
-        &format!(r#"{{ "ch-release-v6.16.9-20260508": {} }}"#, kernel("x86_64", KERNEL_SHA)),
+        &kernels_with("x86_64", KERNEL_SHA),
         DEFAULTS,
     )
     .replace(
@@ -122,13 +118,7 @@ fn a_duplicate_version_is_refused() {
 
 #[test]
 fn an_unknown_arch_is_refused() {
-    let text = lock_with(
-        &format!(
-            r#"{{ "ch-release-v6.16.9-20260508": {} }}"#,
-            kernel("riscv64", KERNEL_SHA)
-        ),
-        DEFAULTS,
-    );
+    let text = lock_with(&kernels_with("riscv64", KERNEL_SHA), DEFAULTS);
     let (path, message) = error_of(&text);
     assert_eq!(path, r#"kernels."ch-release-v6.16.9-20260508""#);
     assert!(
@@ -139,10 +129,7 @@ fn an_unknown_arch_is_refused() {
 
 #[test]
 fn a_default_must_name_an_entry() {
-    let kernels = format!(
-        r#"{{ "ch-release-v6.16.9-20260508": {} }}"#,
-        kernel("x86_64", KERNEL_SHA)
-    );
+    let kernels = kernels_with("x86_64", KERNEL_SHA);
     let (path, message) = error_of(&lock_with(
         &kernels,
         r#"{ "kernel": "ch-v9", "initrd": "v1.0.0" }"#,
@@ -158,10 +145,7 @@ fn a_default_must_name_an_entry() {
 
 #[test]
 fn an_initrd_base_must_name_a_base() {
-    let kernels = format!(
-        r#"{{ "ch-release-v6.16.9-20260508": {} }}"#,
-        kernel("x86_64", KERNEL_SHA)
-    );
+    let kernels = kernels_with("x86_64", KERNEL_SHA);
     let text = lock_with(&kernels, DEFAULTS).replace(
         r#"{ "outputs": {} }"#,
         r#"{ "base": "debian", "outputs": {} }"#,
@@ -260,10 +244,7 @@ fn a_new_kernel_is_checked_against_the_constants_of_the_others() {
 }
 
 fn lock_with_groups(groups: &str) -> String {
-    let kernels = format!(
-        r#"{{ "ch-release-v6.16.9-20260508": {} }}"#,
-        kernel("x86_64", KERNEL_SHA)
-    );
+    let kernels = kernels_with("x86_64", KERNEL_SHA);
     lock_with(&kernels, DEFAULTS).replace(
         r#"{ "outputs": {} }"#,
         &format!(r#"{{ "modules": ["virtio_pci"], "module_groups": {groups}, "outputs": {{}} }}"#),
@@ -339,10 +320,7 @@ fn a_kernel_url_is_http_or_an_absolute_file_url() {
 #[test]
 fn an_initrd_compression_defaults_to_gzip_and_only_known_names_parse() {
     use system::lock::InitrdCompression;
-    let kernels = format!(
-        r#"{{ "ch-release-v6.16.9-20260508": {} }}"#,
-        kernel("x86_64", KERNEL_SHA)
-    );
+    let kernels = kernels_with("x86_64", KERNEL_SHA);
     // A lock written before the field: gzip, and written back without the field.
     let old = Lock::parse(&lock_with(&kernels, DEFAULTS)).unwrap();
     assert_eq!(old.initrds["v1.0.0"].compression, InitrdCompression::Gzip);

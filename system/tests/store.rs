@@ -71,6 +71,11 @@ impl Fixture {
         blob
     }
 
+    /// Resolving k1 (x86_64) through a fresh [`Store`], which the test expects to fail.
+    fn kernel_error(&self) -> Error {
+        self.store().kernel_path(&k1(), Arch::X86_64).unwrap_err()
+    }
+
     fn kernel_blob(&self) -> PathBuf {
         self.layout().blob(&sha256_bytes(KERNEL))
     }
@@ -111,10 +116,7 @@ fn missing_file_names_the_path_and_the_fix() {
 fn a_dangling_link_is_missing() {
     let fixture = Fixture::new();
     fs::remove_file(fixture.kernel_blob()).unwrap();
-    let err = fixture
-        .store()
-        .kernel_path(&k1(), Arch::X86_64)
-        .unwrap_err();
+    let err = fixture.kernel_error();
     assert!(matches!(err, Error::Missing { .. }), "{err:?}");
 }
 
@@ -125,10 +127,7 @@ fn one_flipped_byte_is_reported_with_both_digests() {
     let mut bytes = fs::read(&blob).unwrap();
     bytes[3] ^= 0x01;
     fs::write(&blob, &bytes).unwrap();
-    let err = fixture
-        .store()
-        .kernel_path(&k1(), Arch::X86_64)
-        .unwrap_err();
+    let err = fixture.kernel_error();
     let message = err.to_string();
     assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
     assert!(
@@ -143,10 +142,7 @@ fn one_flipped_byte_is_reported_with_both_digests() {
 fn a_wrong_size_is_caught_before_hashing() {
     let fixture = Fixture::new();
     fs::write(fixture.kernel_blob(), b"short").unwrap();
-    let err = fixture
-        .store()
-        .kernel_path(&k1(), Arch::X86_64)
-        .unwrap_err();
+    let err = fixture.kernel_error();
     assert!(
         matches!(err, Error::WrongSize { expected, actual: 5, .. } if expected == KERNEL.len() as u64)
     );
@@ -200,10 +196,7 @@ fn a_link_leaving_the_store_is_refused() {
     ] {
         fs::remove_file(&link).unwrap();
         symlink(&target, &link).unwrap();
-        let err = fixture
-            .store()
-            .kernel_path(&k1(), Arch::X86_64)
-            .unwrap_err();
+        let err = fixture.kernel_error();
         assert!(
             matches!(err, Error::LinkEscapes { .. }),
             "{target:?}: {err:?}"
@@ -220,10 +213,7 @@ fn a_blob_that_is_itself_a_link_is_corrupt_not_the_named_link() {
     // The named link stays inside; the blob it names is a link out (to identical content).
     fs::remove_file(fixture.kernel_blob()).unwrap();
     symlink(&evil, fixture.kernel_blob()).unwrap();
-    let err = fixture
-        .store()
-        .kernel_path(&k1(), Arch::X86_64)
-        .unwrap_err();
+    let err = fixture.kernel_error();
     assert!(matches!(err, Error::NotAFile { .. }), "{err:?}");
     let message = err.to_string();
     for needle in [
@@ -244,10 +234,7 @@ fn a_blob_that_is_itself_a_link_is_corrupt_not_the_named_link() {
     // A directory in the blob's place is no better.
     fs::remove_file(fixture.kernel_blob()).unwrap();
     fs::create_dir(fixture.kernel_blob()).unwrap();
-    let err = fixture
-        .store()
-        .kernel_path(&k1(), Arch::X86_64)
-        .unwrap_err();
+    let err = fixture.kernel_error();
     assert!(
         matches!(&err, Error::NotAFile { found, .. } if found == "a directory"),
         "{err:?}"
@@ -300,19 +287,13 @@ fn a_store_filled_from_another_lock_is_not_called_corrupt() {
     // A blob that matches neither lock is corrupt after all.
     fs::set_permissions(&blob, fs::Permissions::from_mode(0o644)).unwrap();
     fs::write(&blob, b"the kernel a newer lock pinz").unwrap();
-    let err = fixture
-        .store()
-        .kernel_path(&k1(), Arch::X86_64)
-        .unwrap_err();
+    let err = fixture.kernel_error();
     assert!(matches!(err, Error::WrongSize { .. }), "{err:?}");
 
     // So is one that does not match when both locks agree.
     fs::write(layout.lock_file(), lock_json(KERNEL, INITRD)).unwrap();
     fs::write(&blob, OTHER).unwrap();
-    let err = fixture
-        .store()
-        .kernel_path(&k1(), Arch::X86_64)
-        .unwrap_err();
+    let err = fixture.kernel_error();
     assert!(matches!(err, Error::WrongSize { .. }), "{err:?}");
 }
 
