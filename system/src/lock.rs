@@ -65,8 +65,9 @@ pub struct Base {
     pub manifests: UniqueMap<Arch, Digest>,
 }
 
-/// An initrd version: how to build it, and what building it produced.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// An initrd version: how to build it, and what building it produced. The default is what an
+/// empty entry (`{}`) parses to: the minimal profile, no modules, gzip, nothing built yet.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Initrd {
     /// The base image (a key of `bases`), or none for the minimal profile: only guest-init and

@@ -345,3 +345,9 @@ fn an_initrd_compression_defaults_to_gzip_and_only_known_names_parse() {
         "{message}"
     );
 }
+
+#[test]
+fn an_initrd_entry_that_sets_nothing_is_the_default() {
+    let lock = Lock::parse(&lock_with(&kernels_with("x86_64", KERNEL_SHA), DEFAULTS)).unwrap();
+    assert_eq!(lock.initrds["v1.0.0"], system::lock::Initrd::default());
+}

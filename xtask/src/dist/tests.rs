@@ -73,11 +73,8 @@ impl Fixture {
         initrds.insert(
             v(INITRD),
             Initrd {
-                base: None,
-                modules: vec![],
-                module_groups: Default::default(),
-                compression: Default::default(),
                 outputs,
+                ..Initrd::default()
             },
         );
         let lock = Lock {

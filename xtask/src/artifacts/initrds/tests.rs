@@ -11,16 +11,7 @@ fn v(name: &str) -> Version {
 fn lock() -> Lock {
     let mut initrds = UniqueMap::default();
     for name in ["v1", "v2"] {
-        initrds.insert(
-            v(name),
-            Initrd {
-                base: None,
-                modules: vec![],
-                module_groups: Default::default(),
-                compression: Default::default(),
-                outputs: UniqueMap::default(),
-            },
-        );
+        initrds.insert(v(name), Initrd::default());
     }
     Lock {
         schema: system::lock::SCHEMA,

@@ -33,16 +33,7 @@ fn lock_for(files: &[(Arch, &str, &[u8], Option<u64>)]) -> Lock {
     let mut kernels = UniqueMap::default();
     kernels.insert(Version::new(V).unwrap(), per_arch);
     let mut initrds = UniqueMap::default();
-    initrds.insert(
-        Version::new("i").unwrap(),
-        Initrd {
-            base: None,
-            modules: vec![],
-            module_groups: Default::default(),
-            compression: Default::default(),
-            outputs: UniqueMap::default(),
-        },
-    );
+    initrds.insert(Version::new("i").unwrap(), Initrd::default());
     Lock {
         schema: SCHEMA,
         defaults: Defaults {
