@@ -109,7 +109,11 @@ impl VsockDaemon {
     /// What the daemon printed so far (for error messages).
     pub fn output(&self) -> String {
         let read = |p: &Path| fs::read_to_string(p).unwrap_or_default();
-        format!("{}{}", read(&self.log), read(&self.log.with_extension("err")))
+        format!(
+            "{}{}",
+            read(&self.log),
+            read(&self.log.with_extension("err"))
+        )
     }
 
     /// QEMU's side: the guest's RAM as a shared memfd (vhost-user maps it into the daemon),

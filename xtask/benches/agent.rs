@@ -53,7 +53,13 @@ fn mib_per_s(bytes: usize, time: Duration) -> f64 {
 }
 
 /// A throughput figure against a baseline throughput: ratio = ours / baseline speed.
-fn throughput(what: &str, bytes: usize, ours: Duration, baseline_name: &str, base: Duration) -> Figure {
+fn throughput(
+    what: &str,
+    bytes: usize,
+    ours: Duration,
+    baseline_name: &str,
+    base: Duration,
+) -> Figure {
     Figure {
         ours: format!("{:.1} MiB/s", mib_per_s(bytes, ours)),
         baseline: format!("{baseline_name} {:.1} MiB/s", mib_per_s(bytes, base)),
@@ -91,7 +97,9 @@ async fn measure(vm: &agent_guest::AgentVm) -> anyhow::Result<Vec<Figure>> {
     exec_ok(&client, &["mkdir", "-p", "/tmp/bench"], b"").await?;
 
     let copy_in = median_of(COPY_ROUNDS, || async {
-        let written = client.copy_to_guest(&file, "/tmp/bench/payload.bin").await?;
+        let written = client
+            .copy_to_guest(&file, "/tmp/bench/payload.bin")
+            .await?;
         if written != bytes as i64 {
             bail!("copied {written} of {bytes} bytes in");
         }

@@ -61,7 +61,10 @@ async fn read_until(output: &mut ExecOutput, seen: &mut Vec<u8>, needle: &str) {
                 Some(ExecEvent::Stdout(bytes) | ExecEvent::Stderr(bytes)) => {
                     seen.extend_from_slice(&bytes)
                 }
-                other => panic!("waiting for {needle:?}, got {other:?} after {:?}", text(seen)),
+                other => panic!(
+                    "waiting for {needle:?}, got {other:?} after {:?}",
+                    text(seen)
+                ),
             }
         }
     };
@@ -114,7 +117,11 @@ async fn exec_output_exit_codes_env_cwd_user_and_the_default_shell() {
     let mut spec = ExecSpec::command(["sh", "-c", "echo $GREETING $APP_DEFAULT"]);
     spec.env.insert("GREETING".into(), "hello".into());
     let out = run(&client, spec, b"").await;
-    assert_eq!(text(&out.stdout), "hello from-config\n", "env over the app's");
+    assert_eq!(
+        text(&out.stdout),
+        "hello from-config\n",
+        "env over the app's"
+    );
     let mut spec = ExecSpec::command(["sh", "-c", "echo $APP_DEFAULT"]);
     spec.env.insert("APP_DEFAULT".into(), "overridden".into());
     assert_eq!(text(&run(&client, spec, b"").await.stdout), "overridden\n");
@@ -158,7 +165,11 @@ async fn twenty_mib_of_stdin_round_trip_through_cat() {
     let out = run(&client, ExecSpec::command(["cat"]), &input).await;
     assert_eq!(out.exit_code, 0, "{}", text(&out.stderr));
     assert_eq!(out.stdout.len(), input.len(), "bytes through cat");
-    assert_eq!(sha256_hex(&out.stdout), sha256_hex(&input), "sha256 through cat");
+    assert_eq!(
+        sha256_hex(&out.stdout),
+        sha256_hex(&input),
+        "sha256 through cat"
+    );
 }
 
 /// Output is live: the first line arrives while the process is still blocked before its
@@ -195,7 +206,9 @@ async fn tty_names_resizes_and_interrupts() {
     let out = run(&client, tty(&["tty"]), b"").await;
     let name = text(&out.stdout);
     assert!(
-        name.trim_end().strip_prefix("/dev/pts/").is_some_and(|n| n.parse::<u32>().is_ok()),
+        name.trim_end()
+            .strip_prefix("/dev/pts/")
+            .is_some_and(|n| n.parse::<u32>().is_ok()),
         "tty printed {name:?}"
     );
     assert_eq!(out.exit_code, 0);
@@ -203,11 +216,21 @@ async fn tty_names_resizes_and_interrupts() {
     // The initial size, then the size after a resize, from the same shell.
     let mut exec = client.exec(tty(&["sh"])).await.unwrap();
     let mut seen = Vec::new();
-    exec.input.write(b"stty size; echo SIZE-\"\"ONE\n").await.unwrap();
+    exec.input
+        .write(b"stty size; echo SIZE-\"\"ONE\n")
+        .await
+        .unwrap();
     read_until(&mut exec.output, &mut seen, "SIZE-ONE").await;
-    assert!(text(&seen).contains("24 80"), "initial size: {:?}", text(&seen));
+    assert!(
+        text(&seen).contains("24 80"),
+        "initial size: {:?}",
+        text(&seen)
+    );
     exec.input.resize(50, 132).await.unwrap();
-    exec.input.write(b"stty size; echo SIZE-\"\"TWO\n").await.unwrap();
+    exec.input
+        .write(b"stty size; echo SIZE-\"\"TWO\n")
+        .await
+        .unwrap();
     read_until(&mut exec.output, &mut seen, "SIZE-TWO").await;
     let after = text(&seen);
     let after = &after[after.find("SIZE-ONE").unwrap()..];
@@ -237,7 +260,11 @@ async fn a_timeout_kills_with_124_and_a_dropped_client_kills_its_process_group()
         timeout_seconds: 1,
         ..ExecSpec::command(["sleep", "100"])
     };
-    assert_eq!(run(&client, spec, b"").await.exit_code, 124, "timeout_seconds 1");
+    assert_eq!(
+        run(&client, spec, b"").await.exit_code,
+        124,
+        "timeout_seconds 1"
+    );
 
     // A client in its own runtime starts a process group (a shell and its background sleep),
     // reads their pids, then goes away with its runtime (the vsock connection closes).
@@ -263,7 +290,10 @@ async fn a_timeout_kills_with_124_and_a_dropped_client_kills_its_process_group()
     })
     .join()
     .unwrap();
-    let pids: Vec<u32> = pids.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    let pids: Vec<u32> = pids
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
     assert_eq!(pids.len(), 2, "the shell's and the sleep's pids");
     for pid in pids {
         let check = format!("if [ -d /proc/{pid} ]; then echo alive; else echo gone; fi");
@@ -308,7 +338,12 @@ fn tree_of(root: &Path) -> BTreeMap<String, (char, u32, i64, Vec<u8>)> {
     let mut entries = BTreeMap::new();
     for entry in walkdir::WalkDir::new(root).sort_by_file_name() {
         let entry = entry.unwrap();
-        let rel = entry.path().strip_prefix(root).unwrap().display().to_string();
+        let rel = entry
+            .path()
+            .strip_prefix(root)
+            .unwrap()
+            .display()
+            .to_string();
         let meta = entry.path().symlink_metadata().unwrap();
         let (kind, mtime, content) = if meta.is_symlink() {
             let target = std::fs::read_link(entry.path()).unwrap();
@@ -327,8 +362,12 @@ fn tree_of(root: &Path) -> BTreeMap<String, (char, u32, i64, Vec<u8>)> {
 fn set_mtime(path: &Path, secs: i64) {
     let file = std::fs::File::options().write(true).open(path).unwrap();
     let time = std::time::UNIX_EPOCH + Duration::from_secs(secs as u64);
-    file.set_times(std::fs::FileTimes::new().set_modified(time).set_accessed(time))
-        .unwrap();
+    file.set_times(
+        std::fs::FileTimes::new()
+            .set_modified(time)
+            .set_accessed(time),
+    )
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,15 +415,15 @@ async fn copies_a_big_file_and_a_tree_in_and_out_with_their_metadata() {
     }
     set_mtime(&tree.join("a.txt"), 1_000_000_000);
     set_mtime(&tree.join("sub/run.sh"), 1_234_567_890);
-    client
-        .copy_to_guest(&tree, "/tmp/copy/tree")
-        .await
-        .unwrap();
+    client.copy_to_guest(&tree, "/tmp/copy/tree").await.unwrap();
 
     // The guest sees the metadata.
     let s = client.stat("/tmp/copy/tree/a.txt", false).await.unwrap();
     assert!(s.exists && s.is_file, "{s:?}");
-    assert_eq!((s.mode & 0o7777, s.size, s.mtime), (0o640, 6, 1_000_000_000));
+    assert_eq!(
+        (s.mode & 0o7777, s.size, s.mtime),
+        (0o640, 6, 1_000_000_000)
+    );
     let s = client.stat("/tmp/copy/tree/link", false).await.unwrap();
     assert!(s.is_symlink && s.link_target == "a.txt", "{s:?}");
     assert_eq!(sh(&client, "/tmp/copy/tree/sub/run.sh").await, "run\n");
@@ -534,7 +573,10 @@ async fn python_grpcio_runs_an_exec_a_copy_and_a_stat_against_the_vm() {
     let workspace = xtask::workspace_root();
     let status = std::process::Command::new(PYTHON)
         .args(["-m", "grpc_tools.protoc"])
-        .arg(format!("-I{}", workspace.join("guest-agent-proto/proto").display()))
+        .arg(format!(
+            "-I{}",
+            workspace.join("guest-agent-proto/proto").display()
+        ))
         .arg(format!("--python_out={}", host.path().display()))
         .arg(format!("--grpc_python_out={}", host.path().display()))
         .arg("guest.proto")

@@ -44,7 +44,10 @@ pub fn vsock_daemon(sh: &Shell) -> anyhow::Result<()> {
         return Ok(());
     }
     let root = tools_dir();
-    eprintln!("installing {VSOCK_DAEMON} {VSOCK_DAEMON_VERSION} into {}", root.display());
+    eprintln!(
+        "installing {VSOCK_DAEMON} {VSOCK_DAEMON_VERSION} into {}",
+        root.display()
+    );
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     cmd!(
         sh,
