@@ -621,3 +621,111 @@ async fn python_grpcio_runs_an_exec_a_copy_and_a_stat_against_the_vm() {
     let s = client.stat("/tmp/py/up.txt", false).await.unwrap();
     assert_eq!(s.mode & 0o7777, 0o600, "{s:?}");
 }
+
+/// `cargo xtask vm run --vsock-socket S` (a store made by `cargo xtask artifacts` from a lock
+/// pinning this machine's Debian kernel, its initrd carrying the vsock modules) gives the
+/// guest a vsock device whose host side is S: `cargo xtask vm exec --socket S` reaches the
+/// agent, and the run ends with the app's exit code. Its own VM: this is the CLI's path.
+#[test]
+fn vm_run_with_a_vsock_socket_is_reached_by_vm_exec() {
+    use std::process::{Command, Stdio};
+    use testkit::vm::{Kernel, TEST_MODULES, VSOCK_MODULES, busybox_rootfs};
+
+    let xtask = env!("CARGO_BIN_EXE_xtask");
+    let work = tempfile::tempdir().unwrap();
+    let kernel = Kernel::debian_cloud().unwrap();
+    let image = std::fs::read(&kernel.image).unwrap();
+    let modules: Vec<&str> = TEST_MODULES.iter().chain(VSOCK_MODULES).copied().collect();
+    let lock = serde_json::json!({
+        "schema": 1,
+        "defaults": { "kernel": "debian-cloud", "initrd": "vsock-e2e" },
+        "kernels": { "debian-cloud": { "x86_64": {
+            "url": format!("file://{}", kernel.image.display()),
+            "sha256": system::hash::sha256_bytes(&image).hex(),
+            "size": image.len(),
+        } } },
+        "initrds": { "vsock-e2e": { "modules": modules, "outputs": {} } },
+    });
+    let lock_path = work.path().join("artifacts.lock");
+    let lock = system::Lock::parse(&lock.to_string()).unwrap();
+    std::fs::write(&lock_path, lock.to_json()).unwrap();
+    let data_dir = work.path().join("data");
+    let out = Command::new(xtask)
+        .args(["artifacts", "--lock"])
+        .arg(&lock_path)
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["--arch", "x86_64", "--offline", "--modules-dir"])
+        .arg(&kernel.modules)
+        .env_remove("SYSTEM_DATA_DIR")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "artifacts: {}", text(&out.stderr));
+
+    let rootfs = work.path().join("rootfs");
+    busybox_rootfs(system::Arch::X86_64, &rootfs, Path::new("/")).unwrap();
+    let agent = agent_guest::agent_binary(system::Arch::X86_64).unwrap();
+    std::fs::copy(&agent, rootfs.join("bin/guest-agent")).unwrap();
+    let socket = work.path().join("vm.vsock");
+    // The app: the agent in the background until an exec creates /tmp/done.
+    let app = "/bin/guest-agent & while [ ! -e /tmp/done ]; do sleep 0.2; done; exit 5";
+    let run = Command::new(xtask)
+        .args(["vm", "run", "--lock"])
+        .arg(&lock_path)
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .arg("--rootfs")
+        .arg(&rootfs)
+        .arg("--vsock-socket")
+        .arg(&socket)
+        .args(["--", "/bin/sh", "-c", app])
+        .env_remove("SYSTEM_DATA_DIR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + testkit::vm::BOOT_TIMEOUT;
+    let exec = loop {
+        let exec = Command::new(xtask)
+            .args(["vm", "exec", "--socket"])
+            .arg(&socket)
+            .args([
+                "--",
+                "sh",
+                "-c",
+                "echo hi-from-vm-exec; touch /tmp/done; exit 3",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        // Until the guest's agent listens, the connect or the CONNECT handshake fails.
+        if exec.status.code() == Some(3) || std::time::Instant::now() >= deadline {
+            break exec;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let run = run.wait_with_output().unwrap();
+    let (console, log) = (text(&run.stdout), text(&run.stderr));
+    assert_eq!(
+        (exec.status.code(), text(&exec.stdout).as_str()),
+        (Some(3), "hi-from-vm-exec\n"),
+        "vm exec: {}\nvm run:\n{console}\n{log}",
+        text(&exec.stderr)
+    );
+    assert!(
+        log.contains(&format!(
+            "cargo xtask vm exec --socket {}",
+            socket.display()
+        )),
+        "vm run names the exec command line:\n{log}"
+    );
+    assert_eq!(
+        run.status.code(),
+        Some(5),
+        "the app's exit code:\n{console}\n{log}"
+    );
+    assert!(
+        !socket.exists(),
+        "the hybrid socket is removed with the daemon"
+    );
+}
