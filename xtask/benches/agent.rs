@@ -1,8 +1,10 @@
-//! Guest agent figures over real virtio-vsock under QEMU (TCG here): the exec round trip of
-//! `true` (median of 50) next to a StatPath call on the same connection (the gRPC and vsock
-//! round trip without a process), and copy throughput in and out next to the same bytes as a
-//! plain exec stream (`cat >/dev/null` fed on stdin, `cat FILE` read from stdout) over the same
-//! transport; plus the agent binary's size. One VM serves every figure.
+//! Guest agent figures over real virtio-vsock under QEMU (TCG here):
+//! - the exec round trip of `true` (median of 50) next to a StatPath call on the same
+//!   connection (the gRPC and vsock round trip without a process) and to one byte echoed by a
+//!   running `cat` (the exec stream's round trip without starting a process);
+//! - copy throughput in and out next to the same bytes as a plain exec stream (`cat >/dev/null`
+//!   fed on stdin, `cat FILE` read from stdout) over the same transport;
+//! - the agent binary's size. One VM serves every figure.
 
 #[path = "../tests/agent_guest/mod.rs"]
 mod agent_guest;
@@ -48,6 +50,30 @@ where
     Ok(median(times))
 }
 
+/// The median time for one byte to go to a running `cat` and come back: the transport's echo
+/// (gRPC messages both ways, the agent's pipes), without starting a process.
+async fn echo_round_trip(client: &Client) -> anyhow::Result<Duration> {
+    let guest_client::Exec {
+        mut input,
+        mut output,
+    } = client.exec(ExecSpec::command(["cat"])).await?;
+    let mut times = Vec::with_capacity(ROUND_TRIPS);
+    for _ in 0..ROUND_TRIPS {
+        let start = Instant::now();
+        input.write(b"x").await?;
+        match output.next().await? {
+            Some(guest_client::ExecEvent::Stdout(bytes)) if bytes == b"x" => {}
+            other => bail!("cat echoed {other:?}, not one byte"),
+        }
+        times.push(start.elapsed());
+    }
+    input.close().await?;
+    match output.next().await? {
+        Some(guest_client::ExecEvent::Exit(0)) => Ok(median(times)),
+        other => bail!("cat ended with {other:?}"),
+    }
+}
+
 fn mib_per_s(bytes: usize, time: Duration) -> f64 {
     bytes as f64 / (1 << 20) as f64 / time.as_secs_f64()
 }
@@ -87,6 +113,13 @@ async fn measure(vm: &agent_guest::AgentVm) -> anyhow::Result<Vec<Figure>> {
         exec,
         "StatPath /",
         stat,
+    ));
+    let echo = echo_round_trip(&client).await?;
+    figures.push(Figure::time(
+        &format!("agent exec `true` round trip vs an echo, TCG (median of {ROUND_TRIPS})"),
+        exec,
+        "1 byte through a running `cat`",
+        echo,
     ));
 
     let bytes = COPY_MIB << 20;

@@ -729,3 +729,26 @@ fn vm_run_with_a_vsock_socket_is_reached_by_vm_exec() {
         "the hybrid socket is removed with the daemon"
     );
 }
+
+/// The same transport for an aarch64 guest (`-M virt`, TCG): the agent answers an exec and a
+/// stat over vsock. Its own VM, dropped at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aarch64_guest_agent_answers_over_vsock() {
+    let vm =
+        tokio::task::block_in_place(|| agent_guest::agent_vm_for(system::Arch::Aarch64)).unwrap();
+    let client = vm.connect().await.unwrap();
+    let out = run(
+        &client,
+        ExecSpec::command(["sh", "-c", "uname -m; exit 6"]),
+        b"",
+    )
+    .await;
+    assert_eq!(
+        (text(&out.stdout).as_str(), out.exit_code),
+        ("aarch64\n", 6),
+        "{}",
+        vm.context()
+    );
+    let s = client.stat("/bin/guest-agent", false).await.unwrap();
+    assert!(s.exists && s.is_file && s.size > 0, "{s:?}");
+}

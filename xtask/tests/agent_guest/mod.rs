@@ -56,16 +56,20 @@ impl AgentVm {
     }
 }
 
-/// The test initrd: guest-init, [`TEST_MODULES`] and [`VSOCK_MODULES`] of the host's Debian
-/// cloud kernel. Built once per process.
-fn vsock_initrd() -> &'static Path {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+/// The test initrd for `kernel`: guest-init, [`TEST_MODULES`] and [`VSOCK_MODULES`]. Built
+/// once per process and arch.
+fn vsock_initrd(arch: Arch, kernel: &Kernel) -> &'static Path {
+    static X86_64: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    static AARCH64: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let cell = match arch {
+        Arch::X86_64 => &X86_64,
+        Arch::Aarch64 => &AARCH64,
+    };
     let dir = xtask::workspace_root().join("target/vm-tests");
-    testkit::vm::initrd_once(&BUILT, &dir, "vsock-x86_64", || {
-        let kernel = Kernel::debian_cloud()?;
+    testkit::vm::initrd_once(cell, &dir, &format!("vsock-{arch}"), || {
         let modules: Vec<&str> = TEST_MODULES.iter().chain(VSOCK_MODULES).copied().collect();
         xtask::initrd::build_test_initrd(
-            Arch::X86_64,
+            arch,
             &kernel.modules,
             &modules,
             system::lock::InitrdCompression::Gzip,
@@ -106,13 +110,20 @@ pub fn agent_binary(arch: Arch) -> anyhow::Result<PathBuf> {
     Ok(binary)
 }
 
-/// Boots a VM whose agent serves on vsock port 2222, and waits until it listens.
+/// Boots an x86_64 VM whose agent serves on vsock port 2222, and waits until it listens.
 pub fn agent_vm() -> anyhow::Result<AgentVm> {
-    let agent = agent_binary(Arch::X86_64)?;
-    let kernel = Kernel::debian_cloud()?;
+    agent_vm_for(Arch::X86_64)
+}
+
+/// [`agent_vm`] for guests of `arch` (aarch64: Debian's arm64 kernel and busybox as
+/// `cargo xtask test` unpacks them, `-M virt` under TCG).
+pub fn agent_vm_for(arch: Arch) -> anyhow::Result<AgentVm> {
+    let agent = agent_binary(arch)?;
+    let arm64_root = xtask::test_suite::prepare::arm64_guest_dir();
+    let kernel = Kernel::debian_cloud_for(arch, &arm64_root)?;
     let dir = tempfile::tempdir()?;
     let tree = dir.path().join("rootfs-tree");
-    busybox_rootfs(Arch::X86_64, &tree, Path::new("/"))?;
+    busybox_rootfs(arch, &tree, &arm64_root)?;
     std::fs::copy(&agent, tree.join("bin/guest-agent"))
         .with_context(|| format!("copying {} into the rootfs", agent.display()))?;
     let rootfs = dir.path().join("rootfs.img");
@@ -131,11 +142,12 @@ pub fn agent_vm() -> anyhow::Result<AgentVm> {
     ext4_image(&config, Some(&config_tree), 4)?;
 
     let mut spec = VmSpec::new(vec![rootfs, writable, config]);
+    spec.arch = arch;
     spec.vsock = Some(Vsock {
         daemon: xtask::test_suite::prepare::vsock_daemon_path(),
         guest_cid: 3,
     });
-    let vm = Vm::start_with(&kernel.image, vsock_initrd(), &spec)?;
+    let vm = Vm::start_with(&kernel.image, vsock_initrd(arch, &kernel), &spec)?;
     vm.wait_for(LISTENING, BOOT_TIMEOUT)?;
     let socket = vm
         .vsock_socket()
