@@ -69,7 +69,7 @@ impl VsockDaemon {
             ))
             .stdin(Stdio::null())
             .stdout(fs::File::create(&log)?)
-            .stderr(fs::File::create(&log.with_extension("err"))?)
+            .stderr(fs::File::create(log.with_extension("err"))?)
             .spawn()
             .with_context(|| format!("starting {}", vsock.daemon.display()))?;
         let mut daemon = VsockDaemon {
