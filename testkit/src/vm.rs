@@ -535,15 +535,9 @@ impl Vm {
     /// holds the read end of a pipe whose write end only this process has; its EOF is the
     /// signal.
     pub fn stop_at_process_exit(&mut self) -> anyhow::Result<()> {
-        let mut pids = vec![self.child.id().to_string()];
-        pids.extend(self.vsock.as_ref().map(|d| d.pid().to_string()));
-        let reaper = Command::new("sh")
-            .args(["-c", "read -r _; kill -KILL \"$@\" 2>/dev/null", "reaper"])
-            .args(&pids)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting the reaper shell for a shared VM")?;
+        let mut pids = vec![self.child.id()];
+        pids.extend(self.vsock.as_ref().map(VsockDaemon::pid));
+        let reaper = kill_at_eof(&pids)?;
         self.reaper = Some(reaper);
         Ok(())
     }
@@ -618,6 +612,18 @@ impl Drop for Vm {
     }
 }
 
+/// A `sh` that SIGKILLs `pids` once its stdin (a pipe only this process holds) reaches EOF:
+/// when this process exits, or when the returned child's stdin is dropped.
+fn kill_at_eof(pids: &[u32]) -> anyhow::Result<Child> {
+    Command::new("sh")
+        .args(["-c", "read -r _; kill -KILL \"$@\" 2>/dev/null", "reaper"])
+        .args(pids.iter().map(u32::to_string))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting the reaper shell for a shared VM")
+}
+
 /// How long a boot may take before the harness gives up: generous for TCG on a busy machine.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -643,5 +649,23 @@ pub fn initrd_once(
     match built {
         Ok(path) => path,
         Err(e) => panic!("building the {name} test initrd: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn the_reaper_kills_its_pids_when_its_pipe_closes() {
+        let mut victim = Command::new("sleep").arg("1000").spawn().unwrap();
+        let mut reaper = kill_at_eof(&[victim.id()]).unwrap();
+        // Still alive while the pipe is open.
+        thread::sleep(Duration::from_millis(100));
+        assert!(victim.try_wait().unwrap().is_none());
+        drop(reaper.stdin.take());
+        reaper.wait().unwrap();
+        assert_eq!(victim.wait().unwrap().signal(), Some(9), "SIGKILL");
     }
 }

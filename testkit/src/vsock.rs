@@ -140,3 +140,33 @@ impl Drop for VsockDaemon {
         let _ = fs::remove_file(&self.hybrid_socket);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start_error(daemon: &Path, dir: &Path) -> String {
+        let vsock = Vsock {
+            daemon: daemon.to_owned(),
+            guest_cid: 3,
+        };
+        match VsockDaemon::start(&vsock, dir) {
+            Ok(_) => panic!("started {}", daemon.display()),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn a_missing_daemon_names_the_prepare_command_and_bad_paths_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = start_error(&dir.path().join("nope"), dir.path());
+        assert!(err.contains(crate::vm::PREPARE_COMMAND), "{err}");
+        let odd = dir.path().join("a,b");
+        fs::create_dir(&odd).unwrap();
+        let err = start_error(Path::new("/bin/true"), &odd);
+        assert!(err.contains("cannot hold ','"), "{err}");
+        // A daemon that exits at once: its exit is reported, not a long wait.
+        let err = start_error(Path::new("/bin/false"), dir.path());
+        assert!(err.contains("exited"), "{err}");
+    }
+}
