@@ -251,10 +251,23 @@ async fn tty_names_resizes_and_interrupts() {
         128 + 2,
         "Ctrl-C: SIGINT"
     );
+
+    // Closing stdin (not the call) is EOF for a tty process too; the call stays open for the
+    // exit code.
+    let mut exec = client.exec(tty(&["cat"])).await.unwrap();
+    let mut seen = Vec::new();
+    exec.input.write(b"typed\n").await.unwrap();
+    read_until(&mut exec.output, &mut seen, "typed\r\ntyped\r\n").await;
+    exec.input.close_stdin().await.unwrap();
+    assert_eq!(
+        exit_code(&mut exec.output, &mut seen).await,
+        0,
+        "cat saw EOF"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_timeout_kills_with_124_and_a_dropped_client_kills_its_process_group() {
+async fn timeouts_signals_and_dropped_clients_end_their_processes() {
     let (vm, client) = client().await;
     let spec = ExecSpec {
         timeout_seconds: 1,
@@ -265,6 +278,38 @@ async fn a_timeout_kills_with_124_and_a_dropped_client_kills_its_process_group()
         124,
         "timeout_seconds 1"
     );
+
+    // A signal request reaches the running process.
+    let mut exec = client
+        .exec(ExecSpec::command([
+            "sh",
+            "-c",
+            "echo READY; exec sleep 100",
+        ]))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut exec.output, &mut seen, "READY").await;
+    exec.input.signal(15).await.unwrap();
+    assert_eq!(
+        exit_code(&mut exec.output, &mut seen).await,
+        128 + 15,
+        "SIGTERM"
+    );
+
+    // One exec dropped (its stream reset) while the connection stays: its process group dies.
+    let mut exec = client
+        .exec(ExecSpec::command([
+            "sh",
+            "-c",
+            "sleep 1000 & echo $$ $!; wait",
+        ]))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut exec.output, &mut seen, "\n").await;
+    drop(exec);
+    assert_all_gone(&client, &text(&seen)).await;
 
     // A client in its own runtime starts a process group (a shell and its background sleep),
     // reads their pids, then goes away with its runtime (the vsock connection closes).
@@ -290,6 +335,12 @@ async fn a_timeout_kills_with_124_and_a_dropped_client_kills_its_process_group()
     })
     .join()
     .unwrap();
+    assert_all_gone(&client, &pids).await;
+}
+
+/// Waits until every pid in `pids` (whitespace-separated: a shell's and its child's) is gone
+/// from the guest's /proc, asked through `client`.
+async fn assert_all_gone(client: &Client, pids: &str) {
     let pids: Vec<u32> = pids
         .split_whitespace()
         .map(|p| p.parse().unwrap())
