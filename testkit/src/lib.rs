@@ -1,10 +1,11 @@
 //! What the tests and benchmarks need around the code under test, and nothing a shipped binary
 //! contains: a scripted HTTP server on 127.0.0.1 ([`http`]), OCI fixture images and registries
 //! ([`oci`]), a QEMU runner for booting guest-init ([`vm`]) and deterministic payloads
-//! ([`noise`]).
+//! ([`noise`]), and guest vsock through `vhost-device-vsock` ([`vsock`]).
 
 pub mod bench;
 pub mod http;
 pub mod noise;
 pub mod oci;
 pub mod vm;
+pub mod vsock;

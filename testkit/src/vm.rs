@@ -21,6 +21,9 @@ use anyhow::{Context, bail};
 use guest_protocol::{EXIT_LINE_PREFIX, ExitLine, ExitReason, find_exit_line};
 use system::Arch;
 
+pub use crate::vsock::Vsock;
+use crate::vsock::VsockDaemon;
+
 /// Debian cloud kernel modules a test initrd carries: block devices, the overlay root, and the
 /// ACPI power button delivered as an input event.
 pub const TEST_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "overlay", "button", "evdev"];
@@ -206,6 +209,14 @@ pub fn busybox_rootfs(arch: Arch, dir: &Path, arm64_root: &Path) -> anyhow::Resu
     Ok(())
 }
 
+/// Debian cloud kernel modules for guest vsock over a virtio device (`VmSpec::vsock`), in
+/// load order.
+pub const VSOCK_MODULES: &[&str] = &[
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
+];
+
 /// Debian cloud kernel modules for a virtio-net NIC (`virtio_net` pulls `net_failover` and
 /// `failover` in through modules.dep).
 pub const NET_MODULES: &[&str] = &["virtio_net"];
@@ -234,6 +245,9 @@ pub struct VmSpec {
     pub arch: Arch,
     /// Extra QEMU arguments, appended (e.g. `-device virtio-rng-pci`).
     pub qemu_args: Vec<String>,
+    /// A vsock device served by `vhost-device-vsock`; [`Vm::vsock_socket`] is its hybrid
+    /// socket. The guest needs [`VSOCK_MODULES`].
+    pub vsock: Option<Vsock>,
 }
 
 impl VmSpec {
@@ -245,6 +259,7 @@ impl VmSpec {
             memory_mib: 512,
             arch: Arch::X86_64,
             qemu_args: Vec::new(),
+            vsock: None,
         }
     }
 }
@@ -287,6 +302,10 @@ pub struct Vm {
     /// How many of QEMU's two output streams reached their end (2: QEMU is gone).
     closed: Arc<AtomicUsize>,
     monitor: PathBuf,
+    /// Dropped after QEMU is killed (fields drop after `Drop::drop`).
+    vsock: Option<VsockDaemon>,
+    /// Kills QEMU and the daemon when this process exits (see [`Vm::stop_at_process_exit`]).
+    reaper: Option<Child>,
     _dir: tempfile::TempDir,
 }
 
@@ -378,6 +397,14 @@ impl Vm {
             Arch::X86_64 => ("qemu-system-x86_64", "qemu-system-x86", "pc", "ttyS0"),
             Arch::Aarch64 => ("qemu-system-aarch64", "qemu-system-arm", "virt", "ttyAMA0"),
         };
+        let (vsock, machine, vsock_args) = match &spec.vsock {
+            None => (None, machine.to_owned(), Vec::new()),
+            Some(vsock) => {
+                let daemon = VsockDaemon::start(vsock, dir.path())?;
+                let (machine, args) = daemon.qemu_args(machine, spec.memory_mib);
+                (Some(daemon), machine, args)
+            }
+        };
         let mut cmd = Command::new(qemu);
         cmd.args([
             "-nodefaults",
@@ -388,7 +415,7 @@ impl Vm {
         ])
         .args([
             "-M",
-            machine,
+            &machine,
             "-accel",
             &accel,
             "-m",
@@ -436,6 +463,7 @@ impl Vm {
             cmd.arg("-drive")
                 .arg(format!("file={},if=virtio,format=raw", disk.display()));
         }
+        cmd.args(&vsock_args);
         cmd.args(&spec.qemu_args);
         let mut child = cmd
             .stdin(Stdio::null())
@@ -477,8 +505,41 @@ impl Vm {
             console,
             closed,
             monitor,
+            vsock,
+            reaper: None,
             _dir: dir,
         })
+    }
+
+    /// The hybrid vsock socket hosts connect to (`CONNECT <port>\n`), when the spec had a
+    /// vsock device.
+    pub fn vsock_socket(&self) -> Option<&Path> {
+        self.vsock.as_ref().map(|d| d.hybrid_socket.as_path())
+    }
+
+    /// What the vsock daemon printed so far (empty without one).
+    pub fn vsock_log(&self) -> String {
+        self.vsock
+            .as_ref()
+            .map(VsockDaemon::output)
+            .unwrap_or_default()
+    }
+
+    /// The console so far.
+    pub fn console(&self) -> String {
+        self.console.0.lock().unwrap().clone()
+    }
+
+    /// For a VM kept in a `static` (shared by a test binary's tests, never dropped): QEMU and
+    /// the vsock daemon are killed when this process exits, however it exits. A `sh` child
+    /// holds the read end of a pipe whose write end only this process has; its EOF is the
+    /// signal.
+    pub fn stop_at_process_exit(&mut self) -> anyhow::Result<()> {
+        let mut pids = vec![self.child.id()];
+        pids.extend(self.vsock.as_ref().map(VsockDaemon::pid));
+        let reaper = kill_at_eof(&pids)?;
+        self.reaper = Some(reaper);
+        Ok(())
     }
 
     /// Waits until a console line contains `needle`; fails at once when QEMU has exited.
@@ -541,9 +602,26 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        // The reaper first: it must never see pids that were reused after these exits.
+        if let Some(mut reaper) = self.reaper.take() {
+            let _ = reaper.kill();
+            let _ = reaper.wait();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A `sh` that SIGKILLs `pids` once its stdin (a pipe only this process holds) reaches EOF:
+/// when this process exits, or when the returned child's stdin is dropped.
+fn kill_at_eof(pids: &[u32]) -> anyhow::Result<Child> {
+    Command::new("sh")
+        .args(["-c", "read -r _; kill -KILL \"$@\" 2>/dev/null", "reaper"])
+        .args(pids.iter().map(u32::to_string))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting the reaper shell for a shared VM")
 }
 
 /// How long a boot may take before the harness gives up: generous for TCG on a busy machine.
@@ -571,5 +649,23 @@ pub fn initrd_once(
     match built {
         Ok(path) => path,
         Err(e) => panic!("building the {name} test initrd: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn the_reaper_kills_its_pids_when_its_pipe_closes() {
+        let mut victim = Command::new("sleep").arg("1000").spawn().unwrap();
+        let mut reaper = kill_at_eof(&[victim.id()]).unwrap();
+        // Still alive while the pipe is open.
+        thread::sleep(Duration::from_millis(100));
+        assert!(victim.try_wait().unwrap().is_none());
+        drop(reaper.stdin.take());
+        reaper.wait().unwrap();
+        assert_eq!(victim.wait().unwrap().signal(), Some(9), "SIGKILL");
     }
 }

@@ -38,6 +38,10 @@ enum Case {
     /// Boot guest-init 10 times with networking on and 10 times off under QEMU: PID 1 start →
     /// entrypoint exec (medians) and the network phase alone.
     Network,
+    /// The guest agent over real virtio-vsock under QEMU: exec round trip of `true` (median of
+    /// 50) vs a StatPath call, copy in/out throughput vs the same bytes as an exec stream, and
+    /// the agent binary's size.
+    Agent,
     /// `dist` vs `tar -czf` of the same store files (time and size), and `artifacts --from`
     /// vs `tar -xzf` + a full verify.
     Dist,
@@ -47,13 +51,14 @@ enum Case {
 }
 
 impl Case {
-    const EACH: [Case; 7] = [
+    const EACH: [Case; 8] = [
         Case::Verify,
         Case::Layers,
         Case::Download,
         Case::Initrd,
         Case::Boot,
         Case::Network,
+        Case::Agent,
         Case::Dist,
     ];
 
@@ -65,6 +70,7 @@ impl Case {
             Case::Initrd => "initrd",
             Case::Boot => "boot",
             Case::Network => "network",
+            Case::Agent => "agent",
             Case::Dist => "dist",
             Case::All => unreachable!("`all` runs the others"),
         }

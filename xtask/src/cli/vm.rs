@@ -67,6 +67,11 @@ struct Run {
     /// Seconds before QEMU is stopped.
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     timeout: u64,
+    /// Give the guest a vsock device whose host side is this hybrid vsock socket, as Cloud
+    /// Hypervisor's `--vsock socket=PATH` does (served by rust-vmm's vhost-device-vsock), so
+    /// `cargo xtask vm exec --socket PATH` reaches the guest agent.
+    #[arg(long, value_name = "PATH")]
+    vsock_socket: Option<PathBuf>,
     /// The entrypoint and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -142,6 +147,7 @@ impl Run {
             accel: args.accel,
             timeout: Duration::from_secs(args.timeout),
             echo: true,
+            vsock_socket: args.vsock_socket.as_deref().map(from_workspace),
         })?;
         eprintln!(
             "vm: {} (kernel {}, initrd {})",

@@ -21,13 +21,14 @@ pub struct Options {
 }
 
 /// Prepares the machine (rustup targets, apt packages, the arm64 kernel and busybox for the
-/// aarch64 VM tests, the systemd rootfs image for the systemd-mode VM test), then runs fmt, clippy, every test and the reproducibility check.
+/// aarch64 VM tests, the systemd rootfs image for the systemd-mode VM test, the vsock device daemon), then runs fmt, clippy, every test and the reproducibility check.
 pub fn run(options: &Options) -> anyhow::Result<()> {
     let sh = Shell::new()?;
     sh.change_dir(crate::workspace_root());
     crate::toolchain::ensure_targets(&sh, &crate::workspace_root(), false)?;
     prepare::apt_packages(&sh)?;
     prepare::arm64_guest(&sh)?;
+    prepare::vsock_daemon(&sh)?;
     systemd_rootfs::prepare(&sh)?;
     if options.prepare_only {
         return Ok(());

@@ -15,6 +15,59 @@ pub fn arm64_guest_dir() -> PathBuf {
     crate::workspace_root().join("target/vm-tests/arm64-kernel/root")
 }
 
+/// rust-vmm's vsock device daemon: the VM tests' stand-in for Cloud Hypervisor's vsock (QEMU
+/// `vhost-user-vsock-pci` on one side, the same hybrid Unix socket on the other).
+pub const VSOCK_DAEMON: &str = "vhost-device-vsock";
+/// The pinned version of [`VSOCK_DAEMON`].
+pub const VSOCK_DAEMON_VERSION: &str = "0.3.0";
+
+/// Where `cargo xtask test` installs [`VSOCK_DAEMON`] (`cargo install --root`).
+pub fn tools_dir() -> PathBuf {
+    crate::workspace_root().join("target/vm-tests/tools")
+}
+
+/// The installed [`VSOCK_DAEMON`] binary.
+pub fn vsock_daemon_path() -> PathBuf {
+    tools_dir().join("bin").join(VSOCK_DAEMON)
+}
+
+/// Installs [`VSOCK_DAEMON`] [`VSOCK_DAEMON_VERSION`] with `cargo install --locked` into
+/// [`tools_dir`], unless the binary there already reports that version.
+pub fn vsock_daemon(sh: &Shell) -> anyhow::Result<()> {
+    let binary = vsock_daemon_path();
+    let reported = cmd!(sh, "{binary} --version")
+        .quiet()
+        .ignore_stderr()
+        .read()
+        .unwrap_or_default();
+    if reports_version(&reported, VSOCK_DAEMON_VERSION) {
+        return Ok(());
+    }
+    let root = tools_dir();
+    eprintln!(
+        "installing {VSOCK_DAEMON} {VSOCK_DAEMON_VERSION} into {}",
+        root.display()
+    );
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    cmd!(
+        sh,
+        "{cargo} install --locked --version {VSOCK_DAEMON_VERSION} --root {root} {VSOCK_DAEMON}"
+    )
+    .run()
+    .with_context(|| {
+        format!(
+            "installing {VSOCK_DAEMON} {VSOCK_DAEMON_VERSION} (the vsock VM tests' device daemon) \
+             from crates.io; it needs the network once, then {} is reused",
+            binary.display()
+        )
+    })
+}
+
+/// Whether `--version` output (`vhost-device-vsock 0.3.0`) names exactly `version`.
+fn reports_version(output: &str, version: &str) -> bool {
+    output.split_whitespace().nth(1) == Some(version)
+}
+
 /// Debian packages the tests use: (package, why). Installed when missing and running as root.
 const APT_PACKAGES: &[(&str, &str)] = &[
     (
@@ -250,6 +303,14 @@ fn apt_installed(sh: &Shell, package: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_vsock_daemon_is_reinstalled_unless_it_reports_the_pinned_version() {
+        assert!(reports_version("vhost-device-vsock 0.3.0\n", "0.3.0"));
+        assert!(!reports_version("vhost-device-vsock 0.2.0\n", "0.3.0"));
+        assert!(!reports_version("vhost-device-vsock 0.3.0-rc1", "0.3.0"));
+        assert!(!reports_version("", "0.3.0"));
+    }
 
     #[test]
     fn finds_the_real_arm64_kernel_package() {

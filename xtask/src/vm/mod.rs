@@ -8,6 +8,7 @@
 //! streams to stdout, and the app's exit code is read from guest-init's exit line.
 
 pub mod qemu;
+pub mod vsock;
 
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -42,6 +43,9 @@ pub struct RunOptions {
     pub timeout: Duration,
     /// Where the console goes as it arrives (stdout for the command).
     pub echo: bool,
+    /// Give the guest a vsock device whose host side is this hybrid vsock socket (Cloud
+    /// Hypervisor's `--vsock socket=`), served by `vhost-device-vsock` for the run.
+    pub vsock_socket: Option<PathBuf>,
 }
 
 /// How the guest ended.
@@ -93,6 +97,20 @@ pub fn run(options: &RunOptions) -> anyhow::Result<Outcome> {
     let writable = dir.path().join("writable.img");
     ext4_image(&writable, None, 64)?;
     let config = config_disk(&options.command, dir.path())?;
+    let vsock = match &options.vsock_socket {
+        None => None,
+        Some(socket) => {
+            let daemon = vsock::VsockDaemon::start(socket, dir.path())?;
+            eprintln!(
+                "vm: guest vsock (cid {}) on {}; reach the guest agent with\n  \
+                 cargo xtask vm exec --socket {} -- COMMAND...",
+                vsock::GUEST_CID,
+                socket.display(),
+                socket.display()
+            );
+            Some(daemon)
+        }
+    };
 
     let boot = qemu::Boot {
         arch: options.arch,
@@ -105,8 +123,11 @@ pub fn run(options: &RunOptions) -> anyhow::Result<Outcome> {
         initrd: initrd.clone(),
         disks: vec![rootfs, writable, config],
         append: String::new(),
+        vhost_user_vsock: vsock.as_ref().map(|d| d.vhost_user_socket.clone()),
     };
     let console = console_of(boot, options.timeout, options.echo)?;
+    // QEMU is gone: the daemon and its sockets go too.
+    drop(vsock);
     if console.contains("Kernel panic") {
         bail!("the guest kernel panicked (the console is above)");
     }
@@ -320,6 +341,7 @@ mod tests {
             accel: None,
             timeout: Duration::from_secs(1),
             echo: false,
+            vsock_socket: None,
         })
         .unwrap_err()
         .to_string();

@@ -40,6 +40,9 @@ pub struct Boot {
     pub disks: Vec<PathBuf>,
     /// Appended to `console=<tty> panic=-1 loglevel=4`.
     pub append: String,
+    /// A vhost-user vsock device served on this socket (by `vhost-device-vsock`); the guest's
+    /// RAM is then a shared memfd the daemon maps.
+    pub vhost_user_vsock: Option<PathBuf>,
 }
 
 impl Boot {
@@ -55,8 +58,13 @@ impl Boot {
             "none",
             "-no-reboot",
         ])
-        .args(["-M", machine, "-accel", &self.accel])
-        .args(["-m", &self.memory_mib.to_string()]);
+        .arg("-M");
+        match &self.vhost_user_vsock {
+            None => cmd.arg(machine),
+            Some(_) => cmd.arg(format!("{machine},memory-backend=mem")),
+        };
+        cmd.args(["-accel", &self.accel])
+            .args(["-m", &self.memory_mib.to_string()]);
         if self.arch == Arch::Aarch64 {
             cmd.args([
                 "-cpu",
@@ -78,6 +86,16 @@ impl Boot {
             cmd.arg("-drive")
                 .arg(format!("file={},if=virtio,format=raw", disk.display()));
         }
+        if let Some(socket) = &self.vhost_user_vsock {
+            cmd.arg("-object")
+                .arg(format!(
+                    "memory-backend-memfd,id=mem,size={}M,share=on",
+                    self.memory_mib
+                ))
+                .arg("-chardev")
+                .arg(format!("socket,id=vsock0,path={}", socket.display()))
+                .args(["-device", "vhost-user-vsock-pci,chardev=vsock0"]);
+        }
         cmd
     }
 }
@@ -96,6 +114,7 @@ mod tests {
             initrd: "/i".into(),
             disks: vec!["/a.img".into(), "/b.img".into()],
             append: String::new(),
+            vhost_user_vsock: None,
         };
         let cmd = boot.command();
         let args: Vec<String> = cmd
@@ -116,5 +135,37 @@ mod tests {
             Arch::X86_64
         };
         assert_eq!(accelerator(foreign), "tcg");
+    }
+
+    #[test]
+    fn a_vsock_device_shares_the_guest_memory_with_its_daemon() {
+        let boot = Boot {
+            arch: Arch::X86_64,
+            accel: "tcg".into(),
+            memory_mib: 512,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            disks: vec![],
+            append: String::new(),
+            vhost_user_vsock: Some("/run/vhu.sock".into()),
+        };
+        let args: Vec<String> = boot
+            .command()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let text = args.join(" ");
+        assert!(
+            text.contains("-M pc,memory-backend=mem -accel tcg -m 512"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "-object memory-backend-memfd,id=mem,size=512M,share=on \
+                 -chardev socket,id=vsock0,path=/run/vhu.sock \
+                 -device vhost-user-vsock-pci,chardev=vsock0"
+            ),
+            "{text}"
+        );
     }
 }

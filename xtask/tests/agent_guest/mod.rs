@@ -1,0 +1,193 @@
+//! The guest agent in a real VM, reached over real virtio-vsock: QEMU's `vhost-user-vsock-pci`
+//! served by rust-vmm's `vhost-device-vsock`, whose hybrid Unix socket is exactly Cloud
+//! Hypervisor's (`CONNECT 2222\n` → `OK 2222\n`). Shared by the agent VM tests
+//! (`tests/agent_vm.rs`) and the agent benchmark (`benches/agent.rs`).
+//!
+//! [`agent_vm`] is the ONE place that decides how the agent gets into the guest. Until
+//! guest-init starts the agent from the initrd, it runs as the application: the rootfs carries
+//! the musl-built `guest-agent` as `/bin/guest-agent` and config.json's entrypoint starts it
+//! (busybox provides `sh` and the tools exec'd commands use). Switching to "initrd built with
+//! the agent, guest-init starts it" changes only [`agent_vm`] (the initrd and the entrypoint).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use guest_client::{AGENT_PORT, Client};
+use guest_protocol::Config;
+use system::Arch;
+use testkit::vm::{
+    BOOT_TIMEOUT, Kernel, TEST_MODULES, VSOCK_MODULES, Vm, VmSpec, Vsock, busybox_rootfs,
+    ext4_image,
+};
+
+/// What the agent logs once it accepts connections (guest-agent's main).
+const LISTENING: &str = "guest-agent: listening on vsock port 2222";
+
+/// The guest's writable disk: room for the 50 MiB copies (sparse on the host).
+const WRITABLE_MIB: u32 = 512;
+
+/// A booted VM whose agent answers on vsock port 2222.
+pub struct AgentVm {
+    pub vm: Vm,
+    /// The hybrid vsock socket hosts connect to.
+    pub socket: PathBuf,
+    _disks: tempfile::TempDir,
+}
+
+impl AgentVm {
+    /// A new connection to the agent.
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        Client::connect(&self.socket, AGENT_PORT)
+            .await
+            .with_context(|| self.context())
+    }
+
+    /// The console and the vsock daemon's log, for failure messages.
+    pub fn context(&self) -> String {
+        format!(
+            "console:\n{}\nvhost-device-vsock:\n{}",
+            self.vm.console(),
+            self.vm.vsock_log()
+        )
+    }
+}
+
+/// The test initrd for `kernel`: guest-init, [`TEST_MODULES`] and [`VSOCK_MODULES`]. Built
+/// once per process and arch.
+fn vsock_initrd(arch: Arch, kernel: &Kernel) -> &'static Path {
+    static X86_64: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    static AARCH64: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let cell = match arch {
+        Arch::X86_64 => &X86_64,
+        Arch::Aarch64 => &AARCH64,
+    };
+    let dir = xtask::workspace_root().join("target/vm-tests");
+    testkit::vm::initrd_once(cell, &dir, &format!("vsock-{arch}"), || {
+        let modules: Vec<&str> = TEST_MODULES.iter().chain(VSOCK_MODULES).copied().collect();
+        xtask::initrd::build_test_initrd(
+            arch,
+            &kernel.modules,
+            &modules,
+            system::lock::InitrdCompression::Gzip,
+        )
+    })
+}
+
+/// `guest-agent` for `arch`'s musl target (release), built the way the test initrds build
+/// guest-init: the same `target/guest` dir and path-remapping flags, so neither build
+/// invalidates the other. Checked to be a static ELF for `arch`.
+pub fn agent_binary(arch: Arch) -> anyhow::Result<PathBuf> {
+    use xtask::initrd::guest_init;
+    let workspace = xtask::workspace_root();
+    let target_dir = guest_init::target_dir(&workspace);
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
+    let flags = guest_init::encoded_rustflags(&workspace, &target_dir, home.as_deref());
+    let sh = xshell::Shell::new()?;
+    xtask::toolchain::ensure_targets(&sh, &workspace, false)?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let triple = arch.musl_target();
+    let status = std::process::Command::new(cargo)
+        .current_dir(&workspace)
+        .env("CARGO_ENCODED_RUSTFLAGS", &flags)
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .args(["build", "--package", "guest-agent", "--bin", "guest-agent"])
+        .args(["--release", "--target", triple])
+        .status()
+        .context("running cargo build for guest-agent")?;
+    if !status.success() {
+        bail!("cargo build --package guest-agent --release --target {triple} failed ({status})");
+    }
+    let binary = target_dir.join(triple).join("release/guest-agent");
+    let bytes = std::fs::read(&binary).with_context(|| format!("reading {}", binary.display()))?;
+    guest_init::check_static_elf(&bytes, arch)
+        .with_context(|| format!("{} cannot run in the guest", binary.display()))?;
+    Ok(binary)
+}
+
+/// Boots an x86_64 VM whose agent serves on vsock port 2222, and waits until it listens.
+pub fn agent_vm() -> anyhow::Result<AgentVm> {
+    agent_vm_for(Arch::X86_64)
+}
+
+/// [`agent_vm`] for guests of `arch` (aarch64: Debian's arm64 kernel and busybox as
+/// `cargo xtask test` unpacks them, `-M virt` under TCG).
+pub fn agent_vm_for(arch: Arch) -> anyhow::Result<AgentVm> {
+    let agent = agent_binary(arch)?;
+    let arm64_root = xtask::test_suite::prepare::arm64_guest_dir();
+    let kernel = Kernel::debian_cloud_for(arch, &arm64_root)?;
+    let dir = tempfile::tempdir()?;
+    let tree = dir.path().join("rootfs-tree");
+    busybox_rootfs(arch, &tree, &arm64_root)?;
+    std::fs::copy(&agent, tree.join("bin/guest-agent"))
+        .with_context(|| format!("copying {} into the rootfs", agent.display()))?;
+    let rootfs = dir.path().join("rootfs.img");
+    ext4_image(&rootfs, Some(&tree), 64)?;
+    let writable = dir.path().join("writable.img");
+    ext4_image(&writable, None, WRITABLE_MIB)?;
+    let config_tree = dir.path().join("config-tree");
+    std::fs::create_dir_all(&config_tree)?;
+    // APP_DEFAULT: an application default an exec's env sits over.
+    let config = Config::exec(["/bin/guest-agent"])
+        .with_env("APP_DEFAULT", "from-config")
+        .to_json()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    std::fs::write(config_tree.join("config.json"), config)?;
+    let config = dir.path().join("config.img");
+    ext4_image(&config, Some(&config_tree), 4)?;
+
+    let mut spec = VmSpec::new(vec![rootfs, writable, config]);
+    spec.arch = arch;
+    spec.vsock = Some(Vsock {
+        daemon: xtask::test_suite::prepare::vsock_daemon_path(),
+        guest_cid: 3,
+    });
+    let vm = Vm::start_with(&kernel.image, vsock_initrd(arch, &kernel), &spec)?;
+    vm.wait_for(LISTENING, BOOT_TIMEOUT)?;
+    let socket = vm
+        .vsock_socket()
+        .context("the spec had a vsock device")?
+        .to_owned();
+    Ok(AgentVm {
+        vm,
+        socket,
+        _disks: dir,
+    })
+}
+
+/// One agent VM for the whole test process (TCG boots are slow): booted by the first caller,
+/// killed when the process exits. A failed boot fails every caller with its cause.
+pub fn shared_agent_vm() -> &'static AgentVm {
+    static VM: OnceLock<Result<AgentVm, String>> = OnceLock::new();
+    let vm = VM.get_or_init(|| {
+        let mut vm = agent_vm().map_err(|e| format!("{e:#}"))?;
+        vm.vm.stop_at_process_exit().map_err(|e| format!("{e:#}"))?;
+        Ok(vm)
+    });
+    match vm {
+        Ok(vm) => vm,
+        Err(e) => panic!("booting the agent VM: {e}"),
+    }
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, failing after `timeout` (a hang guard,
+/// never an assertion on speed).
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
