@@ -77,6 +77,7 @@ impl Fixture {
                 modules: vec![],
                 module_groups: Default::default(),
                 compression: Default::default(),
+                agent: false,
                 outputs,
             },
         );

@@ -40,6 +40,7 @@ fn lock_for(files: &[(Arch, &str, &[u8], Option<u64>)]) -> Lock {
             modules: vec![],
             module_groups: Default::default(),
             compression: Default::default(),
+            agent: false,
             outputs: UniqueMap::default(),
         },
     );
