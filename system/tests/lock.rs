@@ -215,7 +215,10 @@ fn generated_constants_match_the_lock() {
     // The previous default is kept, for hosts whose running instances use it.
     assert_eq!(system::INITRD_V1_0_0.as_str(), "v1.0.0");
     let lock = system::embedded_lock();
-    assert!(lock.initrds["v1.1.0"].agent, "v1.1.0 carries the guest agent");
+    assert!(
+        lock.initrds["v1.1.0"].agent,
+        "v1.1.0 carries the guest agent"
+    );
     assert!(!lock.initrds["v1.0.0"].agent, "v1.0.0 stays as it was");
 }
 

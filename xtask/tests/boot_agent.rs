@@ -132,9 +132,7 @@ exit 3"#
     );
     assert_eq!(count(after, cannot), 1, "{console}");
     // The kill is logged as a restart with its back-off.
-    let restart = format!(
-        "agent: the serving agent (pid {first}) was killed by signal 15 after"
-    );
+    let restart = format!("agent: the serving agent (pid {first}) was killed by signal 15 after");
     assert!(after.contains(&restart), "no `{restart}`:\n{console}");
     assert!(after.contains("restarting it in 250 ms"), "{console}");
     assert!(

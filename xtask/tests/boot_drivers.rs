@@ -73,7 +73,8 @@ fn initrd(kind: Initrd) -> &'static Path {
         xtask::initrd::build_test_initrd(&xtask::initrd::TestInitrd {
             groups: groups.clone(),
             firmware_dir: Some(firmware.path().to_owned()),
-            ..xtask::initrd::TestInitrd::new(Arch::X86_64).with_modules(&kernel.modules, TEST_MODULES)
+            ..xtask::initrd::TestInitrd::new(Arch::X86_64)
+                .with_modules(&kernel.modules, TEST_MODULES)
         })
     })
 }

@@ -340,10 +340,18 @@ mod tests {
         };
         let before = both(root);
         assert_ne!(before, fingerprint(root, "x86_64-unknown-linux-musl"));
-        fs::write(root.join("other/src/main.rs"), "// the second package changed\n").unwrap();
+        fs::write(
+            root.join("other/src/main.rs"),
+            "// the second package changed\n",
+        )
+        .unwrap();
         let after_other = both(root);
         assert_ne!(before, after_other, "the second package");
-        fs::write(root.join("lib/src/main.rs"), "// the first one's dependency\n").unwrap();
+        fs::write(
+            root.join("lib/src/main.rs"),
+            "// the first one's dependency\n",
+        )
+        .unwrap();
         assert_ne!(after_other, both(root), "a dependency of the first package");
     }
 

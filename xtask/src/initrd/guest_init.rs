@@ -124,7 +124,8 @@ pub fn build_all(
     for &arch in arches {
         let fingerprint = Fingerprint::of_build(workspace, &PACKAGES, arch.musl_target(), &flags)?;
         let current = |package| {
-            let (bytes, sha256) = fingerprint::current(&binary(arch, package), fingerprint.as_ref()?)?;
+            let (bytes, sha256) =
+                fingerprint::current(&binary(arch, package), fingerprint.as_ref()?)?;
             Some(GuestInit { bytes, sha256 })
         };
         match (current(PACKAGE), current(AGENT_PACKAGE)) {
@@ -171,7 +172,7 @@ pub fn build_all(
         )
     })?;
     for (arch, fingerprint) in stale {
-        let mut checked = |package| -> anyhow::Result<GuestInit> {
+        let checked = |package| -> anyhow::Result<GuestInit> {
             let path = binary(arch, package);
             let binary = read_checked(&path, arch, workspace, &target_dir, &flags)?;
             if let Some(fingerprint) = &fingerprint {

@@ -218,16 +218,25 @@ fn an_agent_recipe_carries_the_agent_and_records_its_digest() {
         Digest(system::hash::sha256_bytes(&agent))
     );
     assert_ne!(with.inputs[INPUT_RECIPE], without.inputs[INPUT_RECIPE]);
-    assert_eq!(with.inputs[INPUT_GUEST_INIT], without.inputs[INPUT_GUEST_INIT]);
+    assert_eq!(
+        with.inputs[INPUT_GUEST_INIT],
+        without.inputs[INPUT_GUEST_INIT]
+    );
     let blob = std::fs::read(f.store.layout().blob(&with.sha256)).unwrap();
-    let tree = crate::initrd::cpio_read::read_newc(&Compression::Gzip.decode_all(&blob).unwrap())
-        .unwrap();
+    let tree =
+        crate::initrd::cpio_read::read_newc(&Compression::Gzip.decode_all(&blob).unwrap()).unwrap();
     let node = tree
         .get(&TreePath::new(recipe::AGENT_PATH).unwrap())
         .expect("the agent is in the archive");
-    assert_eq!((node.kind.clone(), node.mode), (NodeKind::File(agent), 0o755));
+    assert_eq!(
+        (node.kind.clone(), node.mode),
+        (NodeKind::File(agent), 0o755)
+    );
     assert!(
-        f.output("v1", Arch::X86_64).inputs.get(INPUT_AGENT).is_none(),
+        f.output("v1", Arch::X86_64)
+            .inputs
+            .get(INPUT_AGENT)
+            .is_none(),
         "no agent input without the flag"
     );
 
@@ -529,6 +538,7 @@ fn a_base_image_initrd_from_a_local_layout_carries_the_base_and_guest_init() {
     let has = |needle: &[u8]| archive.windows(needle.len()).any(|w| w == needle);
     assert!(has(b"bin/busybox\0"), "the base's files are in the initrd");
     assert!(has(b"busybox for x86_64"), "the x86_64 layer was applied");
-    assert!(has(b"\x7fELF a x86_64"), "guest-init is /init");
+    assert!(has(b"\x7fELF init a x86_64"), "guest-init is /init");
+    assert!(!has(b"\x7fELF agent"), "no agent without the recipe flag");
     assert!(has(b"init\0"));
 }
