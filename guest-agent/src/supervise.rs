@@ -259,11 +259,21 @@ fn sigset(signals: &[i32]) -> libc::sigset_t {
 
 impl Host for LinuxHost {
     fn spawn_server(&mut self) -> io::Result<i32> {
-        // std empties the child's signal mask; its stdio is ours (the console).
-        let child = std::process::Command::new("/proc/self/exe")
-            .arg0("guest-agent")
-            .args(&self.server_args)
-            .spawn()?;
+        let mut command = std::process::Command::new("/proc/self/exe");
+        command.arg0("guest-agent").args(&self.server_args);
+        // The signals blocked for sigtimedwait would survive the exec and make the serving
+        // agent deaf to SIGTERM. Its stdio is ours (the console).
+        // SAFETY: sigprocmask is a raw syscall on a set built before fork.
+        unsafe {
+            command.pre_exec(|| {
+                let empty = sigset(&[]);
+                if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn()?;
         // Reaped by `wait` through waitpid(-1); the handle is dropped without waiting.
         Ok(child.id() as i32)
     }
