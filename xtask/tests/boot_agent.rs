@@ -136,7 +136,8 @@ exit 3"#
         before.contains("Attach a vsock device"),
         "the line says what to do:\n{console}"
     );
-    assert_eq!(count(after, cannot), 1, "{console}");
+    // The restarted one says it again at most once (the power off may come first).
+    assert!(count(after, cannot) <= 1, "{console}");
     // The kill is logged as a restart with its back-off.
     let restart = format!("agent: the serving agent (pid {first}) was killed by signal 15 after");
     assert!(after.contains(&restart), "no `{restart}`:\n{console}");
@@ -149,10 +150,13 @@ exit 3"#
     );
 }
 
-/// The value of the first whitespace-separated `KEY=value` token (`key` is `KEY=`).
+/// The value of the first whitespace-separated `KEY=value` token (`key` is `KEY=`) the
+/// application printed (not in guest-init's lines, which quote the script).
 fn value_of(console: &str, key: &str) -> String {
     console
-        .split_whitespace()
+        .lines()
+        .filter(|line| !line.starts_with("[guest-init "))
+        .flat_map(str::split_whitespace)
         .find_map(|token| token.strip_prefix(key).map(str::to_owned))
         .unwrap_or_default()
 }
