@@ -504,7 +504,7 @@ mod tests {
         let mut host = World {
             lifetimes: VecDeque::from([
                 (5 * MS, Some(Status::Signal(libc::SIGKILL))),
-                (0 * MS, None),
+                (Duration::ZERO, None),
             ]),
             ..World::default()
         }

@@ -233,10 +233,9 @@ fn an_agent_recipe_carries_the_agent_and_records_its_digest() {
         (NodeKind::File(agent), 0o755)
     );
     assert!(
-        f.output("v1", Arch::X86_64)
+        !f.output("v1", Arch::X86_64)
             .inputs
-            .get(INPUT_AGENT)
-            .is_none(),
+            .contains_key(INPUT_AGENT),
         "no agent input without the flag"
     );
 
