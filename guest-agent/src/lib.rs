@@ -4,13 +4,17 @@
 //! security model.
 //!
 //! [`serve_connection`] serves one connection on any byte stream; the binary hands it vsock
-//! connections only (tests hand it Unix sockets).
+//! connections only (tests hand it Unix sockets). [`supervise`] is the binary's
+//! `--supervise` mode, which guest-init starts: it keeps the serving agent running.
+//! [`console`] writes the agent's log lines in guest-init's format.
 
 mod call;
+pub mod console;
 mod copy_from;
 mod copy_to;
 mod exec;
 mod server;
 mod stat;
+pub mod supervise;
 
 pub use server::serve_connection;

@@ -8,7 +8,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::sync::{Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 struct Sinks {
     console: Option<File>,
@@ -41,8 +41,19 @@ pub fn attach_console() {
     }
 }
 
-pub fn format_line(ms: u128, phase: &str, message: &str) -> String {
-    format!("[guest-init +{ms}] {phase}: {message}")
+pub use guest_protocol::log_line::format_line;
+
+/// When PID 1 started, in ms on `CLOCK_MONOTONIC` (the clock `Instant` reads on Linux): the
+/// zero the agent's lines count from, so they line up with ours.
+pub fn start_monotonic_ms() -> u128 {
+    // SAFETY: clock_gettime only writes the timespec we own.
+    let now = unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    };
+    let since_start = START.get_or_init(Instant::now).elapsed();
+    now.saturating_sub(since_start).as_millis()
 }
 
 pub fn log(phase: &str, message: &str) {
@@ -99,11 +110,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn line_format() {
-        assert_eq!(
-            format_line(123, "mount", "mounted /proc"),
-            "[guest-init +123] mount: mounted /proc"
-        );
+    fn the_start_on_the_monotonic_clock_is_in_the_past_and_stable() {
+        start_clock();
+        let first = start_monotonic_ms();
+        std::thread::sleep(Duration::from_millis(3));
+        let second = start_monotonic_ms();
+        // Both readings compute the same instant; rounding may move it by a millisecond.
+        assert!(first.abs_diff(second) <= 1, "{first} vs {second}");
+        assert!(first > 0);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! The network phase has its own seam, `network::Netlink` (the
 //! rtnetlink socket in production); its name-service files are tested on temporary trees.
 
+mod agent;
 mod command;
 mod config;
 mod drivers;
@@ -162,9 +163,16 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
     if !written.0.is_empty() {
         info!("network", "wrote {} in the image", written.0.join(", "));
     }
+    // The switch frees the initramfs: the agent's binary is copied out of it first.
+    let agent = agent::load(sys);
     root::switch_root(sys, Path::new(root::NEW_ROOT))
         .map_err(|e| Fatal::new("root", ExitReason::Rootfs, e))?;
     timings.mark("root");
+    // Root's environment for the agent (its execs overlay theirs on it), inside the new root.
+    let start_agent = |exe| {
+        let env = command::environment(&config.env, "/root");
+        agent::start(sys, exe, env, logger::start_monotonic_ms())
+    };
 
     if let Err(err) = network::loopback_up(sys) {
         info!("network", "{err} (continuing without loopback)");
@@ -172,6 +180,8 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
 
     match config.effective_init_mode() {
         InitMode::Systemd => {
+            // Before the exec: the supervisor is a process of its own and outlives it.
+            agent.map(start_agent);
             timings.mark("exec");
             info!("timings", "{}", timings.line());
             Err(mode_systemd::hand_over(sys, &config))
@@ -189,6 +199,8 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
                 launch.workdir.display()
             );
             info!("timings", "{}", timings.line());
+            // After the application's start, so it never waits for the agent.
+            agent.map(start_agent);
             let exit = mode_exec::supervise(sys, app, config.shutdown_grace);
             info!("exec", "application exited: {exit:?}");
             Ok(exit)

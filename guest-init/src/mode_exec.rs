@@ -423,4 +423,30 @@ mod tests {
         sys.deliver(signal(libc::SIGTERM));
         assert_eq!(supervise(&sys, app, Duration::from_secs(1)).code(), 143);
     }
+
+    #[test]
+    fn the_agent_dying_is_ignored_and_a_running_agent_does_not_keep_the_vm_up() {
+        use crate::syscalls::ExeFd;
+        use crate::syscalls::fake::SEALED_FD;
+        let sys = Recorder::default();
+        let app = spawn(&sys, &launch()).unwrap();
+        let agent = crate::agent::start(&sys, ExeFd(SEALED_FD), BTreeMap::new(), 0).unwrap();
+        sys.exit_child(agent, AppExit::Exited(1));
+        // Reaped, not mistaken for the application; signals still go to the application only.
+        sys.deliver(signal(libc::SIGTERM));
+        assert_eq!(supervise(&sys, app, Duration::from_secs(1)).code(), 143);
+        assert_eq!(kills(&sys), [(app, libc::SIGTERM)]);
+
+        let sys = Recorder::default();
+        let app = spawn(&sys, &launch()).unwrap();
+        let agent = crate::agent::start(&sys, ExeFd(SEALED_FD), BTreeMap::new(), 0).unwrap();
+        sys.exit_child(app, AppExit::Exited(0));
+        // The application's exit ends supervision at once; the agent is left to the power off.
+        assert_eq!(
+            supervise(&sys, app, Duration::from_secs(1)),
+            AppExit::Exited(0)
+        );
+        assert_eq!(sys.children(), [(agent, ChildState::running())]);
+        assert!(kills(&sys).is_empty());
+    }
 }

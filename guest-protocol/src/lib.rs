@@ -12,10 +12,12 @@
 //!   by the initrd builder and read by guest-init.
 //! - [`user`]: `user` (name, uid, name:group, uid:gid) resolved against an image's
 //!   /etc/passwd and /etc/group; guest-init and the guest agent both use it.
+//! - [`log_line`]: the console log line guest-init and the guest agent both write.
 
 pub mod cmdline;
 pub mod config;
 pub mod exit;
+pub mod log_line;
 pub mod module_groups;
 pub mod user;
 

@@ -85,6 +85,11 @@ pub struct Initrd {
     /// How the archive is compressed; `gzip` when absent (locks written before the field).
     #[serde(default, skip_serializing_if = "InitrdCompression::is_default")]
     pub compression: InitrdCompression,
+    /// The initrd carries the guest agent (built from this workspace like guest-init, its
+    /// digest recorded as the `agent` input) and guest-init starts it. Left out when false,
+    /// so locks written before the field read and write back unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub agent: bool,
     /// What was built, per architecture.
     #[serde(default)]
     pub outputs: UniqueMap<Arch, InitrdOutput>,

@@ -195,7 +195,38 @@ fn generated_constants_match_the_lock() {
     );
     assert_eq!(system::KERNELS.len(), system::embedded_lock().kernels.len());
     assert_eq!(system::INITRDS.len(), system::embedded_lock().initrds.len());
-    assert_eq!(system::DEFAULT_INITRD, system::INITRD_V1_0_0);
+    assert_eq!(system::DEFAULT_INITRD, system::INITRD_V1_1_0);
+    // The previous default is kept, for hosts whose running instances use it.
+    assert_eq!(system::INITRD_V1_0_0.as_str(), "v1.0.0");
+    let lock = system::embedded_lock();
+    assert!(
+        lock.initrds["v1.1.0"].agent,
+        "v1.1.0 carries the guest agent"
+    );
+    assert!(!lock.initrds["v1.0.0"].agent, "v1.0.0 stays as it was");
+}
+
+#[test]
+fn the_agent_flag_defaults_to_false_and_is_written_only_when_set() {
+    let kernels = format!(
+        r#"{{ "ch-release-v6.16.9-20260508": {} }}"#,
+        kernel("x86_64", KERNEL_SHA)
+    );
+    // A lock written before the field: no agent, and written back without the field.
+    let old = Lock::parse(&lock_with(&kernels, DEFAULTS)).unwrap();
+    assert!(!old.initrds["v1.0.0"].agent);
+    assert!(!old.to_json().contains("agent"));
+    let text = lock_with(&kernels, DEFAULTS).replace(
+        r#"{ "outputs": {} }"#,
+        r#"{ "agent": true, "outputs": {} }"#,
+    );
+    let lock = Lock::parse(&text).unwrap();
+    assert!(lock.initrds["v1.0.0"].agent);
+    assert!(lock.to_json().contains(r#""agent": true"#));
+    assert_eq!(Lock::parse(&lock.to_json()).unwrap(), lock);
+    let (path, message) = error_of(&text.replace("true", r#""yes""#));
+    assert_eq!(path, r#"initrds."v1.0.0".agent"#);
+    assert!(message.contains("boolean"), "{message}");
 }
 
 #[test]

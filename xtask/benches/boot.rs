@@ -13,6 +13,7 @@ use testkit::bench::{Figure, Target, format_duration, median};
 use xshell::Shell;
 
 use testkit::vm::{self, BOOT_TIMEOUT, Vm, VmSpec};
+use xtask::initrd::TestInitrd;
 use xtask::initrd::guest_init::{self, BuildOptions};
 
 const BOOTS: usize = 10;
@@ -23,24 +24,23 @@ fn run(sh: &Shell) -> anyhow::Result<()> {
     let workspace = xtask::workspace_root();
     for arch in Arch::ALL {
         let binary = guest_init::build(sh, &workspace, arch, &BuildOptions::default())?;
-        let minimal = xtask::initrd::build_test_initrd(
-            arch,
-            std::path::Path::new(""),
-            &[],
-            Default::default(),
-        )?;
+        let minimal = xtask::initrd::build_test_initrd(&TestInitrd::new(arch))?;
+        let with_agent = xtask::initrd::build_test_initrd(&TestInitrd {
+            agent: true,
+            ..TestInitrd::new(arch)
+        })?;
         println!(
-            "{arch}: guest-init {} bytes; minimal initrd (no modules) {} bytes gzip",
-            binary.bytes.len(),
-            minimal.len()
+            "{arch}: guest-init {} bytes, guest-agent {} bytes; minimal initrd (no modules) {} \
+             bytes gzip, {} bytes with the agent",
+            binary.guest_init.bytes.len(),
+            binary.agent.bytes.len(),
+            minimal.len(),
+            with_agent.len()
         );
     }
     let kernel = vm::Kernel::debian_cloud()?;
     let test_initrd = xtask::initrd::build_test_initrd(
-        Arch::X86_64,
-        &kernel.modules,
-        vm::TEST_MODULES,
-        Default::default(),
+        &TestInitrd::new(Arch::X86_64).with_modules(&kernel.modules, vm::TEST_MODULES),
     )?;
     println!(
         "x86_64 test initrd (+ {} and their dependencies): {} bytes",
@@ -131,8 +131,10 @@ fn unpack_costs(
         vm::accelerator()
     );
     for compression in InitrdCompression::ALL {
-        let bytes =
-            xtask::initrd::build_test_initrd(Arch::X86_64, modules, vm::TEST_MODULES, compression)?;
+        let bytes = xtask::initrd::build_test_initrd(&TestInitrd {
+            compression,
+            ..TestInitrd::new(Arch::X86_64).with_modules(modules, vm::TEST_MODULES)
+        })?;
         let initrd = dir.join(format!("initrd.{compression}"));
         fs::write(&initrd, &bytes)?;
         let mut unpack = Vec::new();

@@ -162,6 +162,7 @@ fn lock(k_sha: system::Sha256, k_size: u64, i_sha: system::Sha256, i_size: u64) 
             modules: vec![],
             module_groups: Default::default(),
             compression: Default::default(),
+            agent: false,
             outputs,
         },
     );

@@ -48,6 +48,8 @@ fn disks(dir: &Path, name: &str, config: &str) -> anyhow::Result<VmSpec> {
     Ok(spec)
 }
 
+use xtask::initrd::TestInitrd;
+
 fn main() -> anyhow::Result<()> {
     let kernel = vm::Kernel::debian_cloud()?;
     let modules: Vec<&str> = vm::TEST_MODULES
@@ -56,10 +58,7 @@ fn main() -> anyhow::Result<()> {
         .copied()
         .collect();
     let initrd_bytes = xtask::initrd::build_test_initrd(
-        Arch::X86_64,
-        &kernel.modules,
-        &modules,
-        system::lock::InitrdCompression::Gzip,
+        &TestInitrd::new(Arch::X86_64).with_modules(&kernel.modules, &modules),
     )?;
     let dir = tempfile::tempdir()?;
     let initrd = dir.path().join("initrd.gz");

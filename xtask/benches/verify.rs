@@ -41,6 +41,7 @@ fn run(sh: &Shell) -> anyhow::Result<()> {
             modules: vec![],
             module_groups: Default::default(),
             compression: Default::default(),
+            agent: false,
             outputs: UniqueMap::default(),
         },
     );

@@ -674,7 +674,7 @@ async fn python_grpcio_runs_an_exec_a_copy_and_a_stat_against_the_vm() {
 }
 
 /// `cargo xtask vm run --vsock-socket S` (a store made by `cargo xtask artifacts` from a lock
-/// pinning this machine's Debian kernel, its initrd carrying the vsock modules) gives the
+/// pinning this machine's Debian kernel, its initrd carrying the vsock modules and the agent) gives the
 /// guest a vsock device whose host side is S: `cargo xtask vm exec --socket S` reaches the
 /// agent, and the run ends with the app's exit code. Its own VM: this is the CLI's path.
 #[test]
@@ -695,7 +695,7 @@ fn vm_run_with_a_vsock_socket_is_reached_by_vm_exec() {
             "sha256": system::hash::sha256_bytes(&image).hex(),
             "size": image.len(),
         } } },
-        "initrds": { "vsock-e2e": { "modules": modules, "outputs": {} } },
+        "initrds": { "vsock-e2e": { "modules": modules, "agent": true, "outputs": {} } },
     });
     let lock_path = work.path().join("artifacts.lock");
     let lock = system::Lock::parse(&lock.to_string()).unwrap();
@@ -715,11 +715,9 @@ fn vm_run_with_a_vsock_socket_is_reached_by_vm_exec() {
 
     let rootfs = work.path().join("rootfs");
     busybox_rootfs(system::Arch::X86_64, &rootfs, Path::new("/")).unwrap();
-    let agent = agent_guest::agent_binary(system::Arch::X86_64).unwrap();
-    std::fs::copy(&agent, rootfs.join("bin/guest-agent")).unwrap();
     let socket = work.path().join("vm.vsock");
-    // The app: the agent in the background until an exec creates /tmp/done.
-    let app = "/bin/guest-agent & while [ ! -e /tmp/done ]; do sleep 0.2; done; exit 5";
+    // The app waits until an exec creates /tmp/done; guest-init started the agent beside it.
+    let app = "while [ ! -e /tmp/done ]; do sleep 0.2; done; exit 5";
     let run = Command::new(xtask)
         .args(["vm", "run", "--lock"])
         .arg(&lock_path)
@@ -800,6 +798,9 @@ async fn an_aarch64_guest_agent_answers_over_vsock() {
         "{}",
         vm.context()
     );
-    let s = client.stat("/bin/guest-agent", false).await.unwrap();
+    let s = client.stat("/bin/busybox", false).await.unwrap();
     assert!(s.exists && s.is_file && s.size > 0, "{s:?}");
+    // The agent answering came from the initrd: the image has none.
+    let s = client.stat("/bin/guest-agent", false).await.unwrap();
+    assert!(!s.exists, "{s:?}");
 }

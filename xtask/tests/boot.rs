@@ -27,7 +27,9 @@ fn test_initrd(arch: Arch) -> &'static Path {
     let dir = xtask::workspace_root().join("target/vm-tests");
     testkit::vm::initrd_once(cell, &dir, arch.as_str(), || {
         let kernel = Kernel::debian_cloud_for(arch, &arm64_guest_dir())?;
-        xtask::initrd::build_test_initrd(arch, &kernel.modules, TEST_MODULES, Default::default())
+        xtask::initrd::build_test_initrd(
+            &xtask::initrd::TestInitrd::new(arch).with_modules(&kernel.modules, TEST_MODULES),
+        )
     })
 }
 

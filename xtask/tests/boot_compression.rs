@@ -11,9 +11,11 @@ use testkit::vm::{BOOT_TIMEOUT, Kernel, TEST_MODULES, Vm, VmSpec, busybox_rootfs
 /// Boots the test initrd compressed as `compression` and expects the app's exit code 0.
 fn boots_with(compression: InitrdCompression) {
     let kernel = Kernel::debian_cloud().unwrap();
-    let initrd =
-        xtask::initrd::build_test_initrd(Arch::X86_64, &kernel.modules, TEST_MODULES, compression)
-            .unwrap();
+    let initrd = xtask::initrd::build_test_initrd(&xtask::initrd::TestInitrd {
+        compression,
+        ..xtask::initrd::TestInitrd::new(Arch::X86_64).with_modules(&kernel.modules, TEST_MODULES)
+    })
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let tree = dir.path().join("rootfs-tree");
     busybox_rootfs(Arch::X86_64, &tree, std::path::Path::new("/")).unwrap();

@@ -70,14 +70,12 @@ fn initrd(kind: Initrd) -> &'static Path {
         let file = firmware.path().join(FIRMWARE);
         fs::create_dir_all(file.parent().unwrap())?;
         fs::write(&file, FIRMWARE_TEXT)?;
-        xtask::initrd::build_test_initrd_with_groups(
-            Arch::X86_64,
-            &kernel.modules,
-            TEST_MODULES,
-            &groups,
-            Some(firmware.path()),
-            system::lock::InitrdCompression::Gzip,
-        )
+        xtask::initrd::build_test_initrd(&xtask::initrd::TestInitrd {
+            groups: groups.clone(),
+            firmware_dir: Some(firmware.path().to_owned()),
+            ..xtask::initrd::TestInitrd::new(Arch::X86_64)
+                .with_modules(&kernel.modules, TEST_MODULES)
+        })
     })
 }
 

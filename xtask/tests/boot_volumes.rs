@@ -46,10 +46,7 @@ fn initrd(kind: Initrd) -> &'static Path {
     testkit::vm::initrd_once(cell, &dir, &format!("volumes-{name}"), || {
         let kernel = Kernel::debian_cloud()?;
         xtask::initrd::build_test_initrd(
-            Arch::X86_64,
-            &kernel.modules,
-            &modules,
-            system::lock::InitrdCompression::Gzip,
+            &xtask::initrd::TestInitrd::new(Arch::X86_64).with_modules(&kernel.modules, &modules),
         )
     })
 }

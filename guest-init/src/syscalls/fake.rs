@@ -19,6 +19,8 @@ use super::*;
 pub const INIT_PID: i32 = 1;
 /// The first pid the fake hands out.
 pub const FIRST_CHILD_PID: i32 = 100;
+/// The descriptor [`Syscalls::seal_executable`] hands out.
+pub const SEALED_FD: i32 = 7;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
@@ -69,6 +71,9 @@ pub enum Call {
     },
     /// A step the child ran between fork and exec.
     InChild(ChildStep),
+    /// The child execs a sealed executable by descriptor ([`Process::spawn_fd`]).
+    ExecFd(ExeFd),
+    SealExecutable(PathBuf),
     Exec(PathBuf),
     Reboot(Power),
     OpenInput(PathBuf),
@@ -94,6 +99,7 @@ pub enum Op {
     HoldInitramfs,
     ChdirInitramfs,
     FreeInitramfs,
+    SealExecutable,
     BlockSignals,
     WaitSignal,
     Kill { pid: i32 },
@@ -510,6 +516,15 @@ impl Syscalls for Recorder {
             bytes: 4096,
         })
     }
+
+    /// The descriptor number is [`SEALED_FD`]; the file must exist (`with_existing`).
+    fn seal_executable(&self, path: &Path) -> io::Result<ExeFd> {
+        self.call(Call::SealExecutable(path.to_owned()), Op::SealExecutable)?;
+        if !self.exists(path) {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        }
+        Ok(ExeFd(SEALED_FD))
+    }
 }
 
 impl Recorder {
@@ -615,6 +630,11 @@ impl Process for Recorder {
         let state = s.spawned.take().unwrap_or_else(ChildState::running);
         s.children.push((pid, state));
         Ok(pid)
+    }
+
+    fn spawn_fd(&self, exe: ExeFd, spawn: &Spawn) -> Result<i32, SpawnError> {
+        self.state().calls.push(Call::ExecFd(exe));
+        self.spawn(spawn)
     }
 
     fn exec(&self, spawn: &Spawn) -> SpawnError {

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use rustix::process::{Gid, Uid};
 
 use super::{
-    AppExit, ChildStep, Clock, Freed, Machine, MountFlags, Power, Process, Reaped, Received, Spawn,
-    SpawnError, Syscalls, WaitMode,
+    AppExit, ChildStep, Clock, ExeFd, Freed, Machine, MountFlags, Power, Process, Reaped, Received,
+    Spawn, SpawnError, Syscalls, WaitMode,
 };
 
 /// `si_code` of signals the kernel sends itself (Ctrl-Alt-Del goes out as SI_KERNEL).
@@ -159,6 +159,78 @@ impl Syscalls for Linux {
 
     fn free_initramfs(&self, mountinfo: &Path) -> io::Result<Freed> {
         crate::initramfs::free_root(mountinfo)
+    }
+
+    fn seal_executable(&self, path: &Path) -> io::Result<ExeFd> {
+        use rustix::fs::{MemfdFlags, SealFlags};
+        use std::io::Write;
+        use std::os::fd::IntoRawFd;
+        let bytes = std::fs::read(path)?;
+        let base = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
+        // MFD_EXEC says "executable" to kernels with vm.memfd_noexec (6.3+); older ones refuse
+        // the flag, and their memfds are executable anyway.
+        let fd = match rustix::fs::memfd_create(c"guest-agent", base | MemfdFlags::EXEC) {
+            Err(rustix::io::Errno::INVAL) => rustix::fs::memfd_create(c"guest-agent", base)?,
+            other => other?,
+        };
+        let mut file = File::from(fd);
+        file.write_all(&bytes)?;
+        rustix::fs::fcntl_add_seals(
+            &file,
+            SealFlags::SEAL | SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE,
+        )?;
+        // Held for the life of PID 1: the agent's restarts exec it again.
+        Ok(ExeFd(file.into_raw_fd()))
+    }
+}
+
+/// argv and envp for `fexecve`, built before fork: the child must not allocate.
+struct ExecArgs {
+    _strings: Vec<std::ffi::CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+// SAFETY: the pointers point into `_strings`, owned by the same value and never changed.
+unsafe impl Send for ExecArgs {}
+unsafe impl Sync for ExecArgs {}
+
+impl ExecArgs {
+    fn new(spawn: &Spawn) -> io::Result<ExecArgs> {
+        let nul = |_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in argv or env");
+        let env: Vec<String> = match &spawn.env {
+            Some(env) => env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            None => std::env::vars().map(|(k, v)| format!("{k}={v}")).collect(),
+        };
+        let argv: Vec<std::ffi::CString> = spawn
+            .argv
+            .iter()
+            .map(|a| std::ffi::CString::new(a.as_str()).map_err(nul))
+            .collect::<io::Result<_>>()?;
+        let envp: Vec<std::ffi::CString> = env
+            .into_iter()
+            .map(|e| std::ffi::CString::new(e).map_err(nul))
+            .collect::<io::Result<_>>()?;
+        let pointers = |strings: &[std::ffi::CString]| {
+            let mut list: Vec<*const libc::c_char> = strings.iter().map(|s| s.as_ptr()).collect();
+            list.push(std::ptr::null());
+            list
+        };
+        let (argv_ptrs, envp_ptrs) = (pointers(&argv), pointers(&envp));
+        let mut strings = argv;
+        strings.extend(envp);
+        Ok(ExecArgs {
+            _strings: strings,
+            argv: argv_ptrs,
+            envp: envp_ptrs,
+        })
+    }
+
+    /// Exec `exe` with these arguments; returns only on failure, with its error.
+    fn fexecve(&self, exe: ExeFd) -> io::Error {
+        // SAFETY: both lists are NUL-terminated arrays of pointers into `_strings`.
+        unsafe { libc::fexecve(exe.0, self.argv.as_ptr(), self.envp.as_ptr()) };
+        io::Error::last_os_error()
     }
 }
 
@@ -335,6 +407,20 @@ impl Process for Linux {
             Ok(mut cmd) => SpawnError::Start(cmd.exec()),
             Err(err) => err,
         }
+    }
+
+    fn spawn_fd(&self, exe: ExeFd, spawn: &Spawn) -> Result<i32, SpawnError> {
+        let args = ExecArgs::new(spawn).map_err(SpawnError::Start)?;
+        let mut cmd = command(spawn)?;
+        // After the child's steps: exec the descriptor (musl's fexecve is execveat with
+        // AT_EMPTY_PATH). It returns only on failure, which std reports as the spawn's error;
+        // the program path std would exec next is never reached.
+        // SAFETY: fexecve is a raw syscall on memory prepared before fork.
+        unsafe {
+            cmd.pre_exec(move || Err(args.fexecve(exe)));
+        }
+        let child = cmd.spawn().map_err(SpawnError::Start)?;
+        Ok(child.id() as i32)
     }
 }
 

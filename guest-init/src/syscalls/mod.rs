@@ -71,7 +71,15 @@ pub trait Syscalls: Clock {
     /// keeping subtrees `mountinfo` shows bind-mounted elsewhere) while `/` is still the
     /// initramfs. Refuses when `/` is not a ramfs/tmpfs.
     fn free_initramfs(&self, mountinfo: &Path) -> io::Result<Freed>;
+    /// Copy the executable at `path` into a sealed, close-on-exec memfd (no write, grow or
+    /// shrink ever again) that lives as long as PID 1: it outlives the initramfs, and exec
+    /// by descriptor ([`Process::spawn_fd`]) needs no path in anyone's filesystem.
+    fn seal_executable(&self, path: &Path) -> io::Result<ExeFd>;
 }
+
+/// A sealed in-memory executable ([`Syscalls::seal_executable`]), held open for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExeFd(pub i32);
 
 /// What deleting the initramfs gave back.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -166,6 +174,9 @@ pub trait Process: Clock {
     fn spawn(&self, spawn: &Spawn) -> Result<i32, SpawnError>;
     /// Run [`Spawn::in_child`] and exec in place of this process. Returns only on failure.
     fn exec(&self, spawn: &Spawn) -> SpawnError;
+    /// [`Process::spawn`], but the child execs `exe` by descriptor (`execveat` with
+    /// `AT_EMPTY_PATH`); [`Spawn::program`] only names it in errors.
+    fn spawn_fd(&self, exe: ExeFd, spawn: &Spawn) -> Result<i32, SpawnError>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

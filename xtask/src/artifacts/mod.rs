@@ -223,7 +223,7 @@ fn sync_initrds(
         built
             .get(&arch)
             .cloned()
-            .with_context(|| format!("guest-init for {arch} was not built"))
+            .with_context(|| format!("guest-init and the agent for {arch} were not built"))
     };
     initrds::sync_initrds(lock, store, &plan, &mut build, report)
 }

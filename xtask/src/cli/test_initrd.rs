@@ -6,7 +6,7 @@ use system::lock::InitrdCompression;
 
 /// Build a minimal-profile initrd with kernel modules for VM tests (nothing is stored, the
 /// lock is not touched): `cargo xtask test-initrd --modules-dir /lib/modules/<kver> --modules
-/// virtio_pci,virtio_blk,overlay --out initrd.gz`.
+/// virtio_pci,virtio_blk,overlay [--agent] --out initrd.gz`.
 #[derive(clap::Args)]
 pub struct TestInitrd {
     #[arg(long, default_value_t = Arch::host())]
@@ -20,6 +20,9 @@ pub struct TestInitrd {
     /// How to compress the archive: gzip, zstd, lz4 (the kernel's legacy frame) or none.
     #[arg(long, default_value_t = InitrdCompression::Gzip)]
     pub compression: InitrdCompression,
+    /// Carry the guest agent (built with guest-init); guest-init then starts it.
+    #[arg(long)]
+    pub agent: bool,
     /// Where to write the initrd.
     #[arg(long)]
     pub out: PathBuf,
@@ -27,12 +30,16 @@ pub struct TestInitrd {
 
 impl TestInitrd {
     pub fn run(self) -> anyhow::Result<()> {
-        let names: Vec<&str> = self.modules.iter().map(String::as_str).collect();
-        if !names.is_empty() && self.modules_dir.is_none() {
+        if !self.modules.is_empty() && self.modules_dir.is_none() {
             bail!("--modules needs --modules-dir (e.g. /lib/modules/<kver>)");
         }
-        let dir = self.modules_dir.unwrap_or_default();
-        let bytes = xtask::initrd::build_test_initrd(self.arch, &dir, &names, self.compression)?;
+        let bytes = xtask::initrd::build_test_initrd(&xtask::initrd::TestInitrd {
+            modules_dir: self.modules_dir.unwrap_or_default(),
+            modules: self.modules,
+            compression: self.compression,
+            agent: self.agent,
+            ..xtask::initrd::TestInitrd::new(self.arch)
+        })?;
         std::fs::write(&self.out, &bytes)
             .with_context(|| format!("writing {}", self.out.display()))?;
         eprintln!(

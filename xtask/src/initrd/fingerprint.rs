@@ -5,7 +5,8 @@
 //! recorded next to the binary (`guest-init.fingerprint`). When the digest still matches and the
 //! binary still hashes to what was recorded, cargo is skipped. Anything the digest does not
 //! cover is a reason to run cargo, never to skip it:
-//! - the files of guest-init's package and of every path dependency its `Cargo.toml`s name;
+//! - the files of the built packages (guest-init and the guest agent: one cargo run builds
+//!   both) and of every path dependency their `Cargo.toml`s name;
 //! - the workspace's `Cargo.toml` (profiles), `Cargo.lock`, `rust-toolchain.toml` and
 //!   `.cargo/config.toml` (linkers);
 //! - the toolchain: the `rustc` beside the running `$CARGO`, or rustup's for the pinned channel
@@ -37,11 +38,11 @@ const WORKSPACE_FILES: [&str; 4] = [
 pub struct Fingerprint(String);
 
 impl Fingerprint {
-    /// The inputs of building `package` (a directory of `workspace`) for `triple` with `flags`.
-    /// `None` when the toolchain cannot be identified: then only cargo can tell.
+    /// The inputs of building `packages` (directories of `workspace`) for `triple` with
+    /// `flags`. `None` when the toolchain cannot be identified: then only cargo can tell.
     pub fn of_build(
         workspace: &Path,
-        package: &str,
+        packages: &[&str],
         triple: &str,
         flags: &str,
     ) -> anyhow::Result<Option<Fingerprint>> {
@@ -60,7 +61,11 @@ impl Fingerprint {
             let bytes = fs::read(workspace.join(name)).ok();
             digest.field(name, bytes.as_deref().unwrap_or(b"\0absent"));
         }
-        for dir in package_closure(workspace, &workspace.join(package))? {
+        let mut dirs = BTreeSet::new();
+        for package in packages {
+            dirs.extend(package_closure(workspace, &workspace.join(package))?);
+        }
+        for dir in dirs {
             for file in source_files(&dir)? {
                 let bytes = fs::read(&file)?;
                 let name = file.strip_prefix(workspace).unwrap_or(&file);
@@ -277,7 +282,7 @@ mod tests {
 
     fn fingerprint(root: &Path, triple: &str) -> Fingerprint {
         // Tests run under cargo, which sets $CARGO: the toolchain is identifiable.
-        Fingerprint::of_build(root, "app", triple, "-Cflag")
+        Fingerprint::of_build(root, &["app"], triple, "-Cflag")
             .unwrap()
             .expect("$CARGO is set under cargo test")
     }
@@ -318,10 +323,36 @@ mod tests {
                 "{file}"
             );
         }
-        let other_flags = Fingerprint::of_build(root, "app", "x86_64-unknown-linux-musl", "-Cx")
+        let other_flags = Fingerprint::of_build(root, &["app"], "x86_64-unknown-linux-musl", "-Cx")
             .unwrap()
             .unwrap();
         assert_ne!(other_flags, fingerprint(root, "x86_64-unknown-linux-musl"));
+    }
+
+    #[test]
+    fn a_build_of_two_packages_covers_both_closures() {
+        let dir = workspace();
+        let root = dir.path();
+        let both = |root: &Path| {
+            Fingerprint::of_build(root, &["app", "other"], "x86_64-unknown-linux-musl", "-C")
+                .unwrap()
+                .unwrap()
+        };
+        let before = both(root);
+        assert_ne!(before, fingerprint(root, "x86_64-unknown-linux-musl"));
+        fs::write(
+            root.join("other/src/main.rs"),
+            "// the second package changed\n",
+        )
+        .unwrap();
+        let after_other = both(root);
+        assert_ne!(before, after_other, "the second package");
+        fs::write(
+            root.join("lib/src/main.rs"),
+            "// the first one's dependency\n",
+        )
+        .unwrap();
+        assert_ne!(after_other, both(root), "a dependency of the first package");
     }
 
     #[test]

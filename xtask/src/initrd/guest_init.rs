@@ -1,5 +1,6 @@
-//! guest-init for the initrd: cross-built for `<arch>-unknown-linux-musl`, reproducibly, and
-//! refused unless it is a static ELF for the right machine.
+//! guest-init and the guest agent for the initrd: cross-built for `<arch>-unknown-linux-musl`
+//! by one cargo run, reproducibly, and refused unless each is a static ELF for the right
+//! machine with no trace of the build paths.
 //!
 //! Reproducible means no trace of where it was built: `--remap-path-prefix` maps the workspace,
 //! the target dir and the cargo home to fixed names, the release profile pins codegen units,
@@ -18,12 +19,23 @@ use super::fingerprint::{self, Fingerprint};
 
 /// The name guest-init's package and binary have.
 pub const PACKAGE: &str = "guest-init";
+/// The name the guest agent's package and binary have.
+pub const AGENT_PACKAGE: &str = "guest-agent";
+/// Every package (= binary) a guest build makes, in one cargo run.
+const PACKAGES: [&str; 2] = [PACKAGE, AGENT_PACKAGE];
 
-/// A built, checked guest-init binary.
+/// A built, checked static guest binary (guest-init or the agent).
 #[derive(Debug, Clone)]
 pub struct GuestInit {
     pub bytes: Vec<u8>,
     pub sha256: Sha256,
+}
+
+/// What one guest build gives for an arch: guest-init and the guest agent.
+#[derive(Debug, Clone)]
+pub struct GuestBinaries {
+    pub guest_init: GuestInit,
+    pub agent: GuestInit,
 }
 
 /// How to call cargo.
@@ -73,51 +85,54 @@ pub fn encoded_rustflags(workspace: &Path, target_dir: &Path, cargo_home: Option
     flags.join("\x1f")
 }
 
-/// Builds guest-init for `arch` (release) and returns it, checked.
+/// Builds guest-init and the agent for `arch` (release) and returns them, checked.
 pub fn build(
     sh: &Shell,
     workspace: &Path,
     arch: Arch,
     options: &BuildOptions,
-) -> anyhow::Result<GuestInit> {
+) -> anyhow::Result<GuestBinaries> {
     let mut built = build_all(sh, workspace, &[arch], options)?;
     Ok(built
         .remove(&arch)
         .expect("build_all returns every arch asked for"))
 }
 
-/// Builds guest-init for every arch in `arches` (release) and returns them, checked. A binary
-/// whose recorded [`Fingerprint`] still matches its inputs is taken as is, without running
-/// cargo; the others are built by one cargo invocation for all their targets.
+/// Builds guest-init and the agent for every arch in `arches` (release) and returns them,
+/// checked. An arch whose two binaries both carry a recorded [`Fingerprint`] that still
+/// matches their inputs (both packages' sources) is taken as is, without running cargo; the
+/// others are built by one cargo invocation for both packages and all their targets.
 pub fn build_all(
     sh: &Shell,
     workspace: &Path,
     arches: &[Arch],
     options: &BuildOptions,
-) -> anyhow::Result<BTreeMap<Arch, GuestInit>> {
+) -> anyhow::Result<BTreeMap<Arch, GuestBinaries>> {
     let target_dir = options
         .target_dir
         .clone()
         .unwrap_or_else(|| target_dir(workspace));
     let flags = encoded_rustflags(workspace, &target_dir, cargo_home().as_deref());
-    let binary = |arch: Arch| {
+    let binary = |arch: Arch, package: &str| {
         target_dir
             .join(arch.musl_target())
             .join("release")
-            .join(PACKAGE)
+            .join(package)
     };
     let mut built = BTreeMap::new();
     let mut stale = Vec::new();
     for &arch in arches {
-        let fingerprint = Fingerprint::of_build(workspace, PACKAGE, arch.musl_target(), &flags)?;
-        match fingerprint
-            .as_ref()
-            .and_then(|f| fingerprint::current(&binary(arch), f))
-        {
-            Some((bytes, sha256)) => {
-                built.insert(arch, GuestInit { bytes, sha256 });
+        let fingerprint = Fingerprint::of_build(workspace, &PACKAGES, arch.musl_target(), &flags)?;
+        let current = |package| {
+            let (bytes, sha256) =
+                fingerprint::current(&binary(arch, package), fingerprint.as_ref()?)?;
+            Some(GuestInit { bytes, sha256 })
+        };
+        match (current(PACKAGE), current(AGENT_PACKAGE)) {
+            (Some(guest_init), Some(agent)) => {
+                built.insert(arch, GuestBinaries { guest_init, agent });
             }
-            None => stale.push((arch, fingerprint)),
+            _ => stale.push((arch, fingerprint)),
         }
     }
     if stale.is_empty() {
@@ -145,23 +160,29 @@ pub fn build_all(
     let _target = sh.push_env("CARGO_TARGET_DIR", &target_dir);
     cmd!(
         sh,
-        "{cargo} build --package {PACKAGE} --bin {PACKAGE} --release {args...}"
+        "{cargo} build --package {PACKAGE} --bin {PACKAGE} --package {AGENT_PACKAGE} --bin {AGENT_PACKAGE} --release {args...}"
     )
     .run()
     .with_context(|| {
         format!(
-            "building {PACKAGE} for {}; if a target is missing, run `rustup target add {}`",
+            "building {PACKAGE} and {AGENT_PACKAGE} for {}; if a target is missing, run \
+             `rustup target add {}`",
             triples.join(" and "),
             triples.join(" ")
         )
     })?;
     for (arch, fingerprint) in stale {
-        let path = binary(arch);
-        let guest_init = read_checked(&path, arch, workspace, &target_dir, &flags)?;
-        if let Some(fingerprint) = fingerprint {
-            fingerprint::record(&path, &fingerprint, &guest_init.sha256)?;
-        }
-        built.insert(arch, guest_init);
+        let checked = |package| -> anyhow::Result<GuestInit> {
+            let path = binary(arch, package);
+            let binary = read_checked(&path, arch, workspace, &target_dir, &flags)?;
+            if let Some(fingerprint) = &fingerprint {
+                fingerprint::record(&path, fingerprint, &binary.sha256)?;
+            }
+            Ok(binary)
+        };
+        let guest_init = checked(PACKAGE)?;
+        let agent = checked(AGENT_PACKAGE)?;
+        built.insert(arch, GuestBinaries { guest_init, agent });
     }
     Ok(built)
 }
@@ -578,14 +599,24 @@ mod tests {
             let sh = Shell::new().unwrap();
             // `build` refuses a binary that contains the workspace or target path.
             let built = build(&sh, &ws, Arch::X86_64, &options).unwrap();
-            let tree = crate::initrd::recipe::assemble(None, &built.bytes, None).unwrap();
+            let tree = crate::initrd::recipe::assemble(
+                None,
+                &built.guest_init.bytes,
+                Some(&built.agent.bytes),
+                None,
+            )
+            .unwrap();
             let initrd = crate::initrd::cpio::write_initrd(
                 &tree,
                 0,
                 system::lock::InitrdCompression::default(),
             )
             .unwrap();
-            digests.push((built.sha256, system::hash::sha256_bytes(&initrd)));
+            digests.push((
+                built.guest_init.sha256,
+                built.agent.sha256,
+                system::hash::sha256_bytes(&initrd),
+            ));
         }
         assert_eq!(digests[0], digests[1]);
     }

@@ -5,6 +5,7 @@
 //! | path                      | what                                   |
 //! |---------------------------|----------------------------------------|
 //! | `/init`                   | guest-init, 0755                       |
+//! | `/.guest-init/guest-agent`| the guest agent, 0755, if the recipe says `agent` (guest-init seals it in memory before the root switch) |
 //! | `/dev/console`            | char 5:1, 0600: PID 1's stdio at boot  |
 //! | `/dev /proc /sys /run`    | mount points guest-init uses (if absent)|
 //! | `/tmp`                    | 1777 (if absent)                       |
@@ -31,6 +32,9 @@ pub const BUILDER: u32 = 2;
 /// declared in alphabetical order, so the JSON is canonical.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Recipe {
+    /// The guest agent is in the initrd; left out when not (older recipe digests unchanged).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub agent: bool,
     /// The base image's name in the lock, or none for the minimal profile.
     pub base: Option<String>,
     pub builder: u32,
@@ -83,10 +87,15 @@ const MOUNT_POINTS: [(&str, u32); 5] = [
     ("tmp", 0o1777),
 ];
 
-/// The initrd's tree: `base` (or empty) with guest-init, the console, mount points and modules.
+/// Where the agent's binary goes (guest-init's `agent::IN_INITRD`).
+pub const AGENT_PATH: &str = ".guest-init/guest-agent";
+
+/// The initrd's tree: `base` (or empty) with guest-init, the agent if given, the console,
+/// mount points and modules.
 pub fn assemble(
     base: Option<Tree>,
     guest_init: &[u8],
+    agent: Option<&[u8]>,
     modules: Option<&ModuleSet>,
 ) -> anyhow::Result<Tree> {
     let mut tree = base.unwrap_or_default();
@@ -105,6 +114,13 @@ pub fn assemble(
         }
     }
     tree.insert(TreePath::new("init")?, Node::file(0o755, guest_init))?;
+    if let Some(agent) = agent {
+        let dir = TreePath::new(".guest-init")?;
+        if tree.get(&dir).is_none() {
+            tree.insert(dir, Node::dir(0o755))?;
+        }
+        tree.insert(TreePath::new(AGENT_PATH)?, Node::file(0o755, agent))?;
+    }
     tree.insert(
         TreePath::new("dev/console")?,
         Node::char_device(0o600, 5, 1),
@@ -124,6 +140,7 @@ mod tests {
     #[test]
     fn the_recipe_json_is_canonical_and_every_field_counts() {
         let recipe = Recipe {
+            agent: false,
             base: None,
             builder: BUILDER,
             module_groups: BTreeMap::new(),
@@ -165,11 +182,35 @@ mod tests {
         let mut other = recipe.clone();
         other.base = Some("alpine".into());
         assert_ne!(other.digest(), recipe.digest());
+        let mut with_agent = recipe.clone();
+        with_agent.agent = true;
+        assert_eq!(
+            with_agent.canonical_json(),
+            r#"{"agent":true,"base":null,"builder":2,"compression":{"encoder":"libdeflate","format":"gzip","level":"6"},"modules":["virtio_blk"],"mtime":0}"#
+        );
+        assert_ne!(with_agent.digest(), recipe.digest());
+    }
+
+    #[test]
+    fn the_agent_goes_under_guest_init_s_directory() {
+        let tree = assemble(None, b"\x7fELF init", Some(b"\x7fELF agent"), None).unwrap();
+        let agent = tree.get(&TreePath::new(AGENT_PATH).unwrap()).unwrap();
+        assert_eq!(agent.kind, NodeKind::File(b"\x7fELF agent".to_vec()));
+        assert_eq!(agent.mode, 0o755);
+        let dir = tree.get(&TreePath::new(".guest-init").unwrap()).unwrap();
+        assert_eq!((dir.kind.clone(), dir.mode), (NodeKind::Dir, 0o755));
+        assert!(
+            assemble(None, b"", None, None)
+                .unwrap()
+                .get(&TreePath::new(".guest-init").unwrap())
+                .is_none(),
+            "no agent, no directory: the tree is what it was"
+        );
     }
 
     #[test]
     fn the_minimal_profile_has_init_console_and_mount_points() {
-        let tree = assemble(None, b"\x7fELF", None).unwrap();
+        let tree = assemble(None, b"\x7fELF", None, None).unwrap();
         let listing: Vec<(String, u32)> = tree
             .iter()
             .map(|(p, n)| (p.as_str().to_owned(), n.mode))
@@ -196,7 +237,7 @@ mod tests {
             .unwrap();
         base.insert(TreePath::new("init").unwrap(), Node::file(0o755, "old"))
             .unwrap();
-        let tree = assemble(Some(base), b"new", None).unwrap();
+        let tree = assemble(Some(base), b"new", None, None).unwrap();
         assert_eq!(
             tree.get(&TreePath::new("tmp").unwrap()).unwrap().mode,
             0o700
@@ -208,6 +249,6 @@ mod tests {
         let mut base = Tree::new();
         base.insert(TreePath::new("proc").unwrap(), Node::file(0o644, ""))
             .unwrap();
-        assert!(assemble(Some(base), b"", None).is_err());
+        assert!(assemble(Some(base), b"", None, None).is_err());
     }
 }

@@ -3,11 +3,9 @@
 //! Hypervisor's (`CONNECT 2222\n` → `OK 2222\n`). Shared by the agent VM tests
 //! (`tests/agent_vm.rs`) and the agent benchmark (`benches/agent.rs`).
 //!
-//! [`agent_vm`] is the ONE place that decides how the agent gets into the guest. Until
-//! guest-init starts the agent from the initrd, it runs as the application: the rootfs carries
-//! the musl-built `guest-agent` as `/bin/guest-agent` and config.json's entrypoint starts it
-//! (busybox provides `sh` and the tools exec'd commands use). Switching to "initrd built with
-//! the agent, guest-init starts it" changes only [`agent_vm`] (the initrd and the entrypoint).
+//! The agent comes the way it does in production: the test initrd carries it (`agent: true`)
+//! and guest-init starts it after the root switch, beside an application that only waits
+//! (busybox provides `sh` and the tools exec'd commands use).
 
 #![allow(dead_code)]
 
@@ -24,8 +22,8 @@ use testkit::vm::{
     ext4_image,
 };
 
-/// What the agent logs once it accepts connections (guest-agent's main).
-const LISTENING: &str = "guest-agent: listening on vsock port 2222";
+/// What the agent logs (in guest-init's line format) once it accepts connections.
+const LISTENING: &str = "agent: listening on vsock port 2222";
 
 /// The guest's writable disk: room for the 50 MiB copies (sparse on the host).
 const WRITABLE_MIB: u32 = 512;
@@ -56,8 +54,8 @@ impl AgentVm {
     }
 }
 
-/// The test initrd for `kernel`: guest-init, [`TEST_MODULES`] and [`VSOCK_MODULES`]. Built
-/// once per process and arch.
+/// The test initrd for `kernel`: guest-init, the agent, [`TEST_MODULES`] and
+/// [`VSOCK_MODULES`]. Built once per process and arch.
 fn vsock_initrd(arch: Arch, kernel: &Kernel) -> &'static Path {
     static X86_64: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     static AARCH64: OnceLock<Result<PathBuf, String>> = OnceLock::new();
@@ -68,18 +66,16 @@ fn vsock_initrd(arch: Arch, kernel: &Kernel) -> &'static Path {
     let dir = xtask::workspace_root().join("target/vm-tests");
     testkit::vm::initrd_once(cell, &dir, &format!("vsock-{arch}"), || {
         let modules: Vec<&str> = TEST_MODULES.iter().chain(VSOCK_MODULES).copied().collect();
-        xtask::initrd::build_test_initrd(
-            arch,
-            &kernel.modules,
-            &modules,
-            system::lock::InitrdCompression::Gzip,
-        )
+        xtask::initrd::build_test_initrd(&xtask::initrd::TestInitrd {
+            agent: true,
+            ..xtask::initrd::TestInitrd::new(arch).with_modules(&kernel.modules, &modules)
+        })
     })
 }
 
-/// `guest-agent` for `arch`'s musl target (release), built the way the test initrds build
-/// guest-init: the same `target/guest` dir and path-remapping flags, so neither build
-/// invalidates the other. Checked to be a static ELF for `arch`.
+/// `guest-agent` for `arch`'s musl target (release), as the test initrds build it: the same
+/// `target/guest` dir and path-remapping flags, so this is a no-op after an initrd build.
+/// Checked to be a static ELF for `arch`; the benchmark reports its size.
 pub fn agent_binary(arch: Arch) -> anyhow::Result<PathBuf> {
     use xtask::initrd::guest_init;
     let workspace = xtask::workspace_root();
@@ -118,22 +114,19 @@ pub fn agent_vm() -> anyhow::Result<AgentVm> {
 /// [`agent_vm`] for guests of `arch` (aarch64: Debian's arm64 kernel and busybox as
 /// `cargo xtask test` unpacks them, `-M virt` under TCG).
 pub fn agent_vm_for(arch: Arch) -> anyhow::Result<AgentVm> {
-    let agent = agent_binary(arch)?;
     let arm64_root = xtask::test_suite::prepare::arm64_guest_dir();
     let kernel = Kernel::debian_cloud_for(arch, &arm64_root)?;
     let dir = tempfile::tempdir()?;
     let tree = dir.path().join("rootfs-tree");
     busybox_rootfs(arch, &tree, &arm64_root)?;
-    std::fs::copy(&agent, tree.join("bin/guest-agent"))
-        .with_context(|| format!("copying {} into the rootfs", agent.display()))?;
     let rootfs = dir.path().join("rootfs.img");
     ext4_image(&rootfs, Some(&tree), 64)?;
     let writable = dir.path().join("writable.img");
     ext4_image(&writable, None, WRITABLE_MIB)?;
     let config_tree = dir.path().join("config-tree");
     std::fs::create_dir_all(&config_tree)?;
-    // APP_DEFAULT: an application default an exec's env sits over.
-    let config = Config::exec(["/bin/guest-agent"])
+    // The app only waits; APP_DEFAULT: an application default an exec's env sits over.
+    let config = Config::exec(["/bin/sh", "-c", "while :; do sleep 3600; done"])
         .with_env("APP_DEFAULT", "from-config")
         .to_json()
         .map_err(|e| anyhow::anyhow!("{e}"))?;

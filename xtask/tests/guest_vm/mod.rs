@@ -28,10 +28,7 @@ pub fn network_initrd() -> &'static Path {
         let kernel = Kernel::debian_cloud()?;
         let modules: Vec<&str> = TEST_MODULES.iter().chain(NET_MODULES).copied().collect();
         xtask::initrd::build_test_initrd(
-            Arch::X86_64,
-            &kernel.modules,
-            &modules,
-            system::lock::InitrdCompression::Gzip,
+            &xtask::initrd::TestInitrd::new(Arch::X86_64).with_modules(&kernel.modules, &modules),
         )
     })
 }

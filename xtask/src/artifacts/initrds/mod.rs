@@ -5,9 +5,10 @@
 //! ```text
 //! inputs: base manifest digest ─┐ (lock.bases[base].manifests[arch])
 //!         guest-init sha256 ────┤ (cargo build --target <arch>-unknown-linux-musl, static check)
+//!         agent sha256 ─────────┤ (the same cargo run; only for recipes with `agent`)
 //!         modules digest ───────┤ (modules.dep closure, decompressed, in load order;
 //!                               │  module groups with their firmware)
-//!         recipe digest ────────┘ (canonical JSON: base, builder, module_groups, modules, mtime)
+//!         recipe digest ────────┘ (canonical JSON: agent, base, builder, module_groups, modules, mtime)
 //!   same as the lock and blob verified → reused (nothing is pulled or assembled)
 //!   otherwise → assemble tree → newc + gzip → store blob → link → lock outputs
 //! ```
@@ -24,11 +25,11 @@ use system::{Arch, Digest, Lock};
 
 use super::Report;
 use crate::initrd::compress::Encoder;
-use crate::initrd::guest_init::GuestInit;
+use crate::initrd::guest_init::GuestBinaries;
 use crate::initrd::modules::ModuleSet;
 use crate::initrd::modules_dir::ModulesDir;
 use crate::initrd::recipe::{self, Recipe, RecipeGroup};
-use crate::initrd::{INPUT_BASE, INPUT_GUEST_INIT, INPUT_MODULES, INPUT_RECIPE, cpio};
+use crate::initrd::{INPUT_AGENT, INPUT_BASE, INPUT_GUEST_INIT, INPUT_MODULES, INPUT_RECIPE, cpio};
 use crate::rootfs::Tree;
 use crate::store::StoreWriter;
 
@@ -55,13 +56,13 @@ pub struct Plan {
 }
 
 /// Makes the store hold every initrd `plan` selects, building those whose inputs changed (or
-/// whose blob is gone) and recording them in `lock`. `guest_init` builds guest-init for an
-/// architecture; it is called once per architecture.
+/// whose blob is gone) and recording them in `lock`. `guest_init` builds guest-init and the
+/// agent for an architecture; it is called once per architecture.
 pub fn sync_initrds(
     lock: &mut Lock,
     store: &StoreWriter,
     plan: &Plan,
-    guest_init: &mut dyn FnMut(Arch) -> anyhow::Result<GuestInit>,
+    guest_init: &mut dyn FnMut(Arch) -> anyhow::Result<GuestBinaries>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let versions: Vec<Version> = if plan.versions.is_empty() {
@@ -90,7 +91,7 @@ pub fn sync_initrds(
         .as_deref()
         .map(ModulesDir::locate)
         .transpose()?;
-    let mut guest_inits: BTreeMap<Arch, GuestInit> = BTreeMap::new();
+    let mut guest_inits: BTreeMap<Arch, GuestBinaries> = BTreeMap::new();
     let mut failures = Vec::new();
     for version in &versions {
         for &arch in &plan.arches {
@@ -174,7 +175,7 @@ fn sync_one(
     store: &StoreWriter,
     plan: &Plan,
     modules_dir: Option<&ModulesDir>,
-    guest_init: &GuestInit,
+    built: &GuestBinaries,
     entry: &Entry,
     report: &mut Report,
 ) -> anyhow::Result<()> {
@@ -186,6 +187,7 @@ fn sync_one(
     let arch = *arch;
     let recipe_entry = lock.initrds[*version].clone();
     let recipe = Recipe {
+        agent: recipe_entry.agent,
         base: recipe_entry.base.as_ref().map(|b| b.as_str().to_owned()),
         builder: recipe::BUILDER,
         module_groups: recipe_entry
@@ -213,7 +215,11 @@ fn sync_one(
     if let Some((_, manifest)) = &base_pin {
         inputs.insert(INPUT_BASE.to_owned(), *manifest);
     }
-    inputs.insert(INPUT_GUEST_INIT.to_owned(), Digest(guest_init.sha256));
+    inputs.insert(INPUT_GUEST_INIT.to_owned(), Digest(built.guest_init.sha256));
+    let agent = recipe_entry.agent.then_some(&built.agent);
+    if let Some(agent) = agent {
+        inputs.insert(INPUT_AGENT.to_owned(), Digest(agent.sha256));
+    }
     if let Some(modules) = &modules {
         inputs.insert(INPUT_MODULES.to_owned(), modules.digest());
     }
@@ -245,7 +251,12 @@ fn sync_one(
             Some(tree)
         }
     };
-    let tree = recipe::assemble(base_tree, &guest_init.bytes, modules.as_ref())?;
+    let tree = recipe::assemble(
+        base_tree,
+        &built.guest_init.bytes,
+        agent.map(|a| a.bytes.as_slice()),
+        modules.as_ref(),
+    )?;
     let bytes = cpio::write_initrd(&tree, plan.mtime, recipe_entry.compression)?;
     let sha256 = system::hash::sha256_bytes(&bytes);
     let size = bytes.len() as u64;
@@ -342,9 +353,10 @@ fn check_locked_inputs(
             let show = |d: Option<&Digest>| d.map_or("(none)".to_owned(), Digest::to_string);
             let why = match key.as_str() {
                 INPUT_RECIPE => {
-                    " (base, modules, module_groups, compression, SOURCE_DATE_EPOCH or the builder version)"
+                    " (agent, base, modules, module_groups, compression, SOURCE_DATE_EPOCH or the builder version)"
                 }
                 INPUT_GUEST_INIT => " (guest-init's sources, Cargo.lock or the toolchain)",
+                INPUT_AGENT => " (the guest agent's sources, Cargo.lock or the toolchain)",
                 _ => "",
             };
             changes.push(format!("{key}{why}: lock {}, now {}", show(was), show(now)));

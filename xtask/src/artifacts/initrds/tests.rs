@@ -33,11 +33,17 @@ fn plan() -> Plan {
 }
 
 /// A stand-in for the cross build: fast, and its bytes are under the test's control.
-fn fake_guest_init(content: &'static str) -> impl FnMut(Arch) -> anyhow::Result<GuestInit> {
+fn fake_guest_init(content: &'static str) -> impl FnMut(Arch) -> anyhow::Result<GuestBinaries> {
     move |arch| {
-        let bytes = format!("\x7fELF {content} {arch}").into_bytes();
-        let sha256 = system::hash::sha256_bytes(&bytes);
-        Ok(GuestInit { bytes, sha256 })
+        let binary = |name: &str| {
+            let bytes = format!("\x7fELF {name} {content} {arch}").into_bytes();
+            let sha256 = system::hash::sha256_bytes(&bytes);
+            crate::initrd::guest_init::GuestInit { bytes, sha256 }
+        };
+        Ok(GuestBinaries {
+            guest_init: binary("init"),
+            agent: binary("agent"),
+        })
     }
 }
 
@@ -174,6 +180,77 @@ fn the_compression_is_a_recipe_input_and_the_blob_is_in_that_format() {
     let err = f.sync(&locked, "a").unwrap_err();
     let err = format!("{err:#}");
     assert!(err.contains("compression, SOURCE_DATE_EPOCH"), "{err}");
+}
+
+#[test]
+fn an_agent_recipe_carries_the_agent_and_records_its_digest() {
+    use crate::compression::Compression;
+    use crate::rootfs::{NodeKind, TreePath};
+    let mut f = Fixture::new();
+    f.sync(&plan(), "a").unwrap();
+    let without = f.output("v2", Arch::X86_64);
+    f.lock.initrds.get_mut("v2").unwrap().agent = true;
+    let report = f.sync(&plan(), "a").unwrap();
+    // Only v2 changes; v1's recipe and inputs stay as they were.
+    assert_eq!(
+        (report.built.len(), report.reused.len()),
+        (2, 2),
+        "{report}"
+    );
+    let with = f.output("v2", Arch::X86_64);
+    assert_eq!(
+        with.inputs.keys().collect::<Vec<_>>(),
+        [INPUT_AGENT, INPUT_GUEST_INIT, INPUT_RECIPE]
+    );
+    let agent = format!("\x7fELF agent a {}", Arch::X86_64).into_bytes();
+    assert_eq!(
+        with.inputs[INPUT_AGENT],
+        Digest(system::hash::sha256_bytes(&agent))
+    );
+    assert_ne!(with.inputs[INPUT_RECIPE], without.inputs[INPUT_RECIPE]);
+    assert_eq!(
+        with.inputs[INPUT_GUEST_INIT],
+        without.inputs[INPUT_GUEST_INIT]
+    );
+    let blob = std::fs::read(f.store.layout().blob(&with.sha256)).unwrap();
+    let tree =
+        crate::initrd::cpio_read::read_newc(&Compression::Gzip.decode_all(&blob).unwrap()).unwrap();
+    let node = tree
+        .get(&TreePath::new(recipe::AGENT_PATH).unwrap())
+        .expect("the agent is in the archive");
+    assert_eq!(
+        (node.kind.clone(), node.mode),
+        (NodeKind::File(agent), 0o755)
+    );
+    assert!(
+        !f.output("v1", Arch::X86_64)
+            .inputs
+            .contains_key(INPUT_AGENT),
+        "no agent input without the flag"
+    );
+
+    // The agent's bytes are an input: another agent rebuilds, and --locked refuses it.
+    let locked = Plan {
+        locked: true,
+        versions: vec![v("v2")],
+        ..plan()
+    };
+    let mut other_agent = |arch| {
+        let mut built = fake_guest_init("a")(arch)?;
+        built.agent.bytes = b"\x7fELF another agent".to_vec();
+        built.agent.sha256 = system::hash::sha256_bytes(&built.agent.bytes);
+        Ok(built)
+    };
+    let err = sync_initrds(
+        &mut f.lock,
+        &f.store,
+        &locked,
+        &mut other_agent,
+        &mut Report::default(),
+    )
+    .unwrap_err();
+    let err = format!("{err:#}");
+    assert!(err.contains("agent (the guest agent's sources"), "{err}");
 }
 
 #[test]
@@ -450,6 +527,7 @@ fn a_base_image_initrd_from_a_local_layout_carries_the_base_and_guest_init() {
     let has = |needle: &[u8]| archive.windows(needle.len()).any(|w| w == needle);
     assert!(has(b"bin/busybox\0"), "the base's files are in the initrd");
     assert!(has(b"busybox for x86_64"), "the x86_64 layer was applied");
-    assert!(has(b"\x7fELF a x86_64"), "guest-init is /init");
+    assert!(has(b"\x7fELF init a x86_64"), "guest-init is /init");
+    assert!(!has(b"\x7fELF agent"), "no agent without the recipe flag");
     assert!(has(b"init\0"));
 }
