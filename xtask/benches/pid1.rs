@@ -105,9 +105,12 @@ fn run() -> anyhow::Result<()> {
     for i in 0..boots {
         let boot = Vm::start_with(&kernel.image, &probe_initrd, &VmSpec::new(vec![]))?
             .finish(BOOT_TIMEOUT)?;
-        let probe_marks = timings_marks(&boot.console)
-            .with_context(|| format!("probe boot {i} printed no timings line:\n{}", boot.console))?;
-        probe.push(exec_without(&probe_marks, MODULES).context("the probe's line has no exec mark")?);
+        let probe_marks = timings_marks(&boot.console).with_context(|| {
+            format!("probe boot {i} printed no timings line:\n{}", boot.console)
+        })?;
+        probe.push(
+            exec_without(&probe_marks, MODULES).context("the probe's line has no exec mark")?,
+        );
 
         let boot = Vm::start_with(&kernel.image, &initrd, &spec)?.finish(BOOT_TIMEOUT)?;
         if boot.exit != Some(guest_protocol::ExitLine::app(0)) {

@@ -158,7 +158,11 @@ impl Syscalls for Linux {
     }
 
     fn free_initramfs(&self, mountinfo: &Path) -> io::Result<Freed> {
-        crate::initramfs::free_root(mountinfo)
+        self.chdir_initramfs()?;
+        let freed = crate::initramfs::free_root(Path::new("."), mountinfo);
+        // Back to the new root whatever happened: PID 1's relative paths start there.
+        rustix::process::chdir("/")?;
+        freed
     }
 }
 

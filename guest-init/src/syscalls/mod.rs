@@ -67,9 +67,10 @@ pub trait Syscalls: Clock {
     fn hold_initramfs(&self) -> io::Result<()>;
     /// `fchdir` to the held initramfs root: relative paths then name the mounts under it.
     fn chdir_initramfs(&self) -> io::Result<()>;
-    /// switch_root's delete step: remove the initramfs's files (not crossing mount points,
-    /// keeping subtrees `mountinfo` shows bind-mounted elsewhere) while `/` is still the
-    /// initramfs. Refuses when `/` is not a ramfs/tmpfs.
+    /// switch_root's delete step, once the application runs: remove the files of the
+    /// initramfs held by [`Syscalls::hold_initramfs`] (not crossing mount points, keeping
+    /// subtrees `mountinfo` shows bind-mounted elsewhere), then return to `/`. Refuses when
+    /// the held root is not a ramfs/tmpfs.
     fn free_initramfs(&self, mountinfo: &Path) -> io::Result<Freed>;
 }
 
