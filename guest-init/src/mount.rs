@@ -144,10 +144,13 @@ pub fn mount_early(sys: &dyn Syscalls) -> Result<(), MountError> {
     Ok(())
 }
 
-/// Short enough to add little latency, long enough not to spin the single vCPU.
+/// Only when the device's directory cannot be watched: short enough to add little latency,
+/// long enough not to spin the single vCPU.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(5);
 
-/// Poll until `device` exists or `timeout` passes. Drivers create nodes asynchronously.
+/// Wait until `device` exists or `timeout` passes: drivers create nodes asynchronously. The
+/// kernel wakes the wait when the node appears (`Syscalls::wait_for_path`); polling is the
+/// fallback when the directory cannot be watched (e.g. `/dev/input` before its first node).
 pub fn wait_for_device(
     sys: &dyn Syscalls,
     device: &Path,
@@ -155,6 +158,17 @@ pub fn wait_for_device(
 ) -> Result<Duration, MountError> {
     let start = sys.now();
     loop {
+        let left = timeout.saturating_sub(sys.now() - start);
+        match sys.wait_for_path(device, left) {
+            Ok(true) => return Ok(sys.now() - start),
+            Ok(false) => {
+                return Err(MountError::DeviceTimeout {
+                    device: device.to_owned(),
+                    timeout_ms: timeout.as_millis(),
+                });
+            }
+            Err(_) => {}
+        }
         if sys.exists(device) {
             return Ok(sys.now() - start);
         }
@@ -282,6 +296,30 @@ mod tests {
         sys.appear_at("/dev/vda", Duration::from_millis(42));
         let waited = wait_for_device(&sys, Path::new("/dev/vda"), Duration::from_secs(10)).unwrap();
         assert!(waited >= Duration::from_millis(42) && waited < Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_directory_that_cannot_be_watched_falls_back_to_polling() {
+        let sys = Recorder::default();
+        sys.fail(Op::WatchDir, libc::ENOENT);
+        sys.appear_at("/dev/input/event0", Duration::from_millis(12));
+        let waited =
+            wait_for_device(&sys, Path::new("/dev/input/event0"), Duration::from_secs(1)).unwrap();
+        assert!(waited >= Duration::from_millis(12) && waited < Duration::from_millis(20));
+        let err =
+            wait_for_device(&sys, Path::new("/dev/vdz"), Duration::from_millis(30)).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("block device /dev/vdz did not appear within 30 ms")
+        );
+    }
+
+    #[test]
+    fn the_wait_wakes_when_the_device_appears_not_on_a_poll_tick() {
+        let sys = Recorder::default();
+        sys.appear_at("/dev/vdc", Duration::from_micros(1_234));
+        let waited = wait_for_device(&sys, Path::new("/dev/vdc"), Duration::from_secs(10)).unwrap();
+        assert_eq!(waited, Duration::from_micros(1_234));
     }
 
     #[test]

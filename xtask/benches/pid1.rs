@@ -5,11 +5,12 @@
 //! line, to show where the time goes.
 //!
 //! `PID1_BENCH_BOOTS=<n>` changes the number of boots of each; `PID1_BENCH_CONSOLE=1` prints
-//! guest-init's log lines of the first boot.
+//! guest-init's log lines of the first boot; `PID1_BENCH_COMPARE=<x86_64 guest-init binary>`
+//! boots that one too, alternately in the same run (an earlier build, for before/after).
 
 use std::fs;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use system::Arch;
@@ -54,12 +55,64 @@ fn build_probe(dir: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(fs::read(&out)?)
 }
 
+/// A test initrd (the minimal profile + [`vm::TEST_MODULES`]) around `guest_init`.
+fn initrd_with(kernel: &vm::Kernel, guest_init: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use xtask::initrd::{cpio, modules, recipe};
+    let dir = modules::ModulesDir::locate(&kernel.modules)?;
+    let names: Vec<String> = vm::TEST_MODULES.iter().map(|s| s.to_string()).collect();
+    let set = modules::ModuleSet::load(&dir, &names)?;
+    let tree = recipe::assemble(None, guest_init, Some(&set))?;
+    cpio::write_initrd(&tree, cpio::mtime_from_env()?, Default::default())
+}
+
+/// What one kind of boot measured: start → exec without module loading, and QEMU start →
+/// power off, per boot.
+#[derive(Default)]
+struct Samples {
+    outside_modules: Vec<u64>,
+    walls: Vec<u64>,
+}
+
+/// Boots `initrd` once and returns its timings marks (and, when `app` is set, checks that the
+/// app exited 0).
+fn boot_once(
+    kernel: &Path,
+    initrd: &Path,
+    spec: &VmSpec,
+    app: bool,
+    samples: &mut Samples,
+) -> anyhow::Result<(Vec<(String, u64)>, String)> {
+    let start = Instant::now();
+    let boot = Vm::start_with(kernel, initrd, spec)?.finish(BOOT_TIMEOUT)?;
+    samples.walls.push(start.elapsed().as_millis() as u64);
+    if app && boot.exit != Some(guest_protocol::ExitLine::app(0)) {
+        bail!(
+            "{} ended with {:?}, not code 0 of the app:\n{}",
+            initrd.display(),
+            boot.exit,
+            boot.console
+        );
+    }
+    let marks = timings_marks(&boot.console).with_context(|| {
+        format!(
+            "{} printed no timings line:\n{}",
+            initrd.display(),
+            boot.console
+        )
+    })?;
+    samples
+        .outside_modules
+        .push(exec_without(&marks, MODULES).context("the timings line has no exec mark")?);
+    Ok((marks, boot.console))
+}
+
 fn run() -> anyhow::Result<()> {
     let boots: usize = match std::env::var("PID1_BENCH_BOOTS") {
         Ok(n) => n.parse().context("PID1_BENCH_BOOTS must be a number")?,
         Err(_) => BOOTS,
     };
     let show_console = std::env::var_os("PID1_BENCH_CONSOLE").is_some();
+    let compare = std::env::var_os("PID1_BENCH_COMPARE").map(std::path::PathBuf::from);
     let kernel = vm::Kernel::debian_cloud()?;
     let dir = tempfile::tempdir()?;
 
@@ -73,6 +126,16 @@ fn run() -> anyhow::Result<()> {
             Default::default(),
         )?,
     )?;
+    let other = match &compare {
+        Some(binary) => {
+            let bytes = fs::read(binary)
+                .with_context(|| format!("PID1_BENCH_COMPARE: reading {}", binary.display()))?;
+            let path = dir.path().join("compare.gz");
+            fs::write(&path, initrd_with(&kernel, &bytes)?)?;
+            Some(path)
+        }
+        None => None,
+    };
     let probe_tree = xtask::initrd::recipe::assemble(None, &build_probe(dir.path())?, None)?;
     let probe_initrd = dir.path().join("probe.gz");
     fs::write(
@@ -99,35 +162,26 @@ fn run() -> anyhow::Result<()> {
     let mut spec = VmSpec::new(vec![rootfs, config]);
     spec.append = "guest_init.config=/dev/vdb guest_init.writable=tmpfs".into();
 
-    let mut ours = Vec::new();
-    let mut probe = Vec::new();
+    let (mut ours, mut probe, mut compared) =
+        (Samples::default(), Samples::default(), Samples::default());
     let mut by_phase: Vec<(String, Vec<u64>)> = Vec::new();
     for i in 0..boots {
-        let boot = Vm::start_with(&kernel.image, &probe_initrd, &VmSpec::new(vec![]))?
-            .finish(BOOT_TIMEOUT)?;
-        let probe_marks = timings_marks(&boot.console).with_context(|| {
-            format!("probe boot {i} printed no timings line:\n{}", boot.console)
-        })?;
-        probe.push(
-            exec_without(&probe_marks, MODULES).context("the probe's line has no exec mark")?,
-        );
-
-        let boot = Vm::start_with(&kernel.image, &initrd, &spec)?.finish(BOOT_TIMEOUT)?;
-        if boot.exit != Some(guest_protocol::ExitLine::app(0)) {
-            bail!(
-                "boot {i} ended with {:?}, not code 0 of the app:\n{}",
-                boot.exit,
-                boot.console
-            );
+        boot_once(
+            &kernel.image,
+            &probe_initrd,
+            &VmSpec::new(vec![]),
+            false,
+            &mut probe,
+        )?;
+        if let Some(other) = &other {
+            boot_once(&kernel.image, other, &spec, true, &mut compared)?;
         }
+        let (marks, console) = boot_once(&kernel.image, &initrd, &spec, true, &mut ours)?;
         if show_console && i == 0 {
-            for line in boot.console.lines().filter(|l| l.contains("[guest-init")) {
+            for line in console.lines().filter(|l| l.contains("[guest-init")) {
                 println!("  {line}");
             }
         }
-        let marks = timings_marks(&boot.console)
-            .with_context(|| format!("boot {i} printed no timings line:\n{}", boot.console))?;
-        ours.push(exec_without(&marks, MODULES).context("the timings line has no exec mark")?);
         for (name, ms) in phase_times(&marks) {
             match by_phase.iter_mut().find(|(n, _)| *n == name) {
                 Some((_, samples)) => samples.push(ms),
@@ -144,22 +198,28 @@ fn run() -> anyhow::Result<()> {
         vm::accelerator(),
         phase_medians.join(", ")
     );
-    let (ours, probe) = (
-        Duration::from_millis(median(ours)),
-        Duration::from_millis(median(probe)),
-    );
+    let ms = |samples: &[u64]| Duration::from_millis(median(samples.to_vec()));
     println!(
         "PID 1 start → entrypoint exec without module loading, median of {boots} boots: {} \
-         (probe PID 1, 3 mounts: {}; target {})",
-        format_duration(ours),
-        format_duration(probe),
-        format_duration(TARGET)
+         (probe PID 1, 3 mounts: {}; target {}); QEMU start → power off {}",
+        format_duration(ms(&ours.outside_modules)),
+        format_duration(ms(&probe.outside_modules)),
+        format_duration(TARGET),
+        format_duration(ms(&ours.walls)),
     );
+    if let Some(binary) = &compare {
+        println!(
+            "  {} in the same run: {}; QEMU start → power off {}",
+            binary.display(),
+            format_duration(ms(&compared.outside_modules)),
+            format_duration(ms(&compared.walls)),
+        );
+    }
     Figure::time(
         "PID 1 start -> entrypoint exec, without module loading (TCG)",
-        ours,
+        ms(&ours.outside_modules),
         "probe PID 1 (3 mounts)",
-        probe,
+        ms(&probe.outside_modules),
     )
     .with_target(Target::TimeAtMost(TARGET))
     .print();

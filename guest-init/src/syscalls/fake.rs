@@ -79,24 +79,47 @@ pub enum Call {
 /// Which call fails: the typed key of a [`Call`], without the arguments that do not select.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    Mount { target: PathBuf, fstype: String },
-    MountMove { from: PathBuf },
+    Mount {
+        target: PathBuf,
+        fstype: String,
+    },
+    MountMove {
+        from: PathBuf,
+    },
     MakeRprivate,
-    Remount { target: PathBuf },
-    Unmount { target: PathBuf },
-    MkdirAll { path: PathBuf },
-    Chdir { path: PathBuf },
+    Remount {
+        target: PathBuf,
+    },
+    Unmount {
+        target: PathBuf,
+    },
+    MkdirAll {
+        path: PathBuf,
+    },
+    Chdir {
+        path: PathBuf,
+    },
     Chroot,
-    FinitModule { path: PathBuf },
-    MknodChar { path: PathBuf },
+    FinitModule {
+        path: PathBuf,
+    },
+    MknodChar {
+        path: PathBuf,
+    },
     Sethostname,
-    ReadFile { path: PathBuf },
+    ReadFile {
+        path: PathBuf,
+    },
     HoldInitramfs,
     ChdirInitramfs,
     FreeInitramfs,
+    /// The directory watch of `wait_for_path` (no call is recorded: waits are not steps).
+    WatchDir,
     BlockSignals,
     WaitSignal,
-    Kill { pid: i32 },
+    Kill {
+        pid: i32,
+    },
     WaitChild,
     OpenConsole,
     Fork,
@@ -108,7 +131,9 @@ pub enum Op {
     SetUid,
     Exec,
     Reboot(Power),
-    OpenInput { device: PathBuf },
+    OpenInput {
+        device: PathBuf,
+    },
     InterfaceFlags,
     SetInterfaceFlags,
 }
@@ -464,6 +489,32 @@ impl Syscalls for Recorder {
             || s.appears_at
                 .iter()
                 .any(|(appearing, at)| appearing == path && *at <= s.clock)
+    }
+
+    /// Jumps the clock to the moment `path` appears (or by `timeout` when it does not).
+    fn wait_for_path(&self, path: &Path, timeout: Duration) -> io::Result<bool> {
+        let mut s = self.state();
+        fail_if_injected(&mut s, &Op::WatchDir)?;
+        if s.existing.contains(path) {
+            return Ok(true);
+        }
+        let deadline = s.clock + timeout;
+        let appears = s
+            .appears_at
+            .iter()
+            .filter(|(appearing, _)| appearing == path)
+            .map(|(_, at)| *at)
+            .min();
+        match appears {
+            Some(at) if at <= deadline => {
+                s.clock = s.clock.max(at);
+                Ok(true)
+            }
+            _ => {
+                s.clock = deadline;
+                Ok(false)
+            }
+        }
     }
 
     fn read_to_string(&self, path: &Path) -> io::Result<String> {

@@ -125,6 +125,49 @@ impl Syscalls for Linux {
         path.exists()
     }
 
+    fn wait_for_path(&self, path: &Path, timeout: Duration) -> io::Result<bool> {
+        use rustix::fs::inotify;
+        use std::os::fd::AsRawFd;
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let watch = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)?;
+        // Watch first, then look: an entry created in between still wakes the wait.
+        inotify::add_watch(
+            &watch,
+            dir,
+            inotify::WatchFlags::CREATE | inotify::WatchFlags::MOVED_TO,
+        )?;
+        let deadline = self.now() + timeout;
+        let mut events = [0u8; 1024];
+        loop {
+            if path.exists() {
+                return Ok(true);
+            }
+            let left = deadline.saturating_sub(self.now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            let mut pollfd = libc::pollfd {
+                fd: watch.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // Rounded up: a sub-millisecond rest must not turn into a busy loop.
+            let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+            // SAFETY: one valid pollfd for the duration of the call.
+            if unsafe { libc::poll(&mut pollfd, 1, ms) } < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+            // Which entry appeared does not matter: the path is looked up again.
+            while rustix::io::read(&watch, &mut events).is_ok_and(|n| n > 0) {}
+        }
+    }
+
     fn read_to_string(&self, path: &Path) -> io::Result<String> {
         std::fs::read_to_string(path)
     }
@@ -415,6 +458,36 @@ mod tests {
         assert_eq!(decode_status(15), Some(AppExit::Signaled(15)));
         assert_eq!(decode_status(15).unwrap().code(), 143);
         assert_eq!(decode_status(9 | 0x80).unwrap().code(), 137); // core dumped
+    }
+
+    #[test]
+    fn a_path_wait_is_woken_by_the_entry_and_reports_a_timeout_or_a_missing_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("vda");
+        let linux = Linux::new();
+        let creator = {
+            let node = node.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                std::fs::write(&node, "").unwrap();
+            })
+        };
+        assert!(linux.wait_for_path(&node, Duration::from_secs(60)).unwrap());
+        creator.join().unwrap();
+        // Present from the start.
+        assert!(linux.wait_for_path(&node, Duration::ZERO).unwrap());
+        let absent = dir.path().join("vdb");
+        assert!(
+            !linux
+                .wait_for_path(&absent, Duration::from_millis(20))
+                .unwrap()
+        );
+        let unwatchable = dir.path().join("input/event0");
+        assert!(
+            linux
+                .wait_for_path(&unwatchable, Duration::from_millis(20))
+                .is_err()
+        );
     }
 
     #[test]

@@ -57,6 +57,10 @@ pub trait Syscalls: Clock {
     fn mknod_char(&self, path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<()>;
     fn sethostname(&self, name: &str) -> io::Result<()>;
     fn exists(&self, path: &Path) -> bool;
+    /// Block until `path` exists (`true`) or `timeout` passes (`false`), woken by the kernel
+    /// when an entry appears in its directory rather than by polling. An error (the directory
+    /// itself is missing, no inotify) leaves polling to the caller.
+    fn wait_for_path(&self, path: &Path, timeout: Duration) -> io::Result<bool>;
     fn read_to_string(&self, path: &Path) -> io::Result<String>;
     /// The target of a symbolic link (`EINVAL`: not a link, `ENOENT`: nothing there).
     fn read_link(&self, path: &Path) -> io::Result<PathBuf>;
