@@ -289,12 +289,11 @@ fn run_in_child(steps: &[PreparedStep]) -> io::Result<()> {
     Ok(())
 }
 
-fn console() -> Result<Stdio, SpawnError> {
+fn console() -> Result<File, SpawnError> {
     OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/console")
-        .map(Stdio::from)
         .map_err(SpawnError::Console)
 }
 
@@ -310,7 +309,14 @@ fn command(spawn: &Spawn) -> Result<Command, SpawnError> {
         cmd.current_dir(workdir);
     }
     if spawn.console {
-        cmd.stdin(console()?).stdout(console()?).stderr(console()?);
+        // One open (a tty open is the costly part), shared by the three descriptors.
+        let file = console()?;
+        let dup = || {
+            file.try_clone()
+                .map(Stdio::from)
+                .map_err(SpawnError::Console)
+        };
+        cmd.stdout(dup()?).stderr(dup()?).stdin(file);
     }
     let steps: Vec<PreparedStep> = spawn.in_child.iter().map(prepare).collect();
     // SAFETY: the closure only makes raw syscalls (see run_in_child).
