@@ -128,6 +128,10 @@ impl Syscalls for Linux {
     fn wait_for_path(&self, path: &Path, timeout: Duration) -> io::Result<bool> {
         use rustix::fs::inotify;
         use std::os::fd::AsRawFd;
+        // The usual case at boot: the node is there already, no watch needed.
+        if path.exists() {
+            return Ok(true);
+        }
         let dir = match path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir,
             _ => Path::new("."),
