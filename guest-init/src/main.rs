@@ -19,6 +19,7 @@ mod command;
 mod config;
 mod drivers;
 mod error;
+mod ext4;
 mod image_path;
 mod initramfs;
 mod logger;

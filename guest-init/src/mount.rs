@@ -4,6 +4,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::ext4;
 use crate::syscalls::{MountFlags, Syscalls};
 
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +184,8 @@ pub fn wait_for_device(
 }
 
 /// Mount a block device trying each filesystem type once, in turn; returns the type that
-/// worked.
+/// worked. A read-only ext4 attempt skips loading the journal when the superblock says it
+/// holds nothing to replay ([`ext4::read_only_options`]).
 pub fn mount_device(
     sys: &dyn Syscalls,
     device: &Path,
@@ -199,7 +201,15 @@ pub fn mount_device(
     let source_name = device.to_string_lossy();
     let mut attempts = Vec::new();
     for fstype in fstypes {
-        match sys.mount(&source_name, target, fstype, flags, "") {
+        let data = if *fstype == "ext4" && flags.contains(MountFlags::RDONLY) {
+            // Unreadable: mount as usual, and let the mount report what is wrong.
+            sys.read_at(device, ext4::SUPERBLOCK_OFFSET, ext4::SUPERBLOCK_READ)
+                .map(|superblock| ext4::read_only_options(&superblock))
+                .unwrap_or("")
+        } else {
+            ""
+        };
+        match sys.mount(&source_name, target, fstype, flags, data) {
             Ok(()) => return Ok(fstype),
             Err(error) => attempts.push(Attempt { fstype, error }),
         }
@@ -351,6 +361,36 @@ mod tests {
         assert_eq!(mounts.len(), 2);
         assert_eq!(mounts[1].0, "/dev/vda");
         assert_eq!(mounts[1].3, MountFlags::RDONLY);
+    }
+
+    #[test]
+    fn a_read_only_ext4_mount_skips_a_clean_journal_only() {
+        let mount = |sys: &Recorder, flags| {
+            mount_device(
+                sys,
+                Path::new("/dev/vda"),
+                Path::new("/lower"),
+                &["ext4"],
+                flags,
+            )
+            .unwrap();
+            sys.mounts().pop().unwrap()
+        };
+        let mut disk = vec![0u8; ext4::SUPERBLOCK_OFFSET as usize];
+        disk.extend(ext4::superblock(0x2c2));
+        let sys = Recorder::default();
+        sys.add_device_bytes("/dev/vda", disk.clone());
+        assert_eq!(mount(&sys, MountFlags::RDONLY).4, "noload");
+        // Writable mounts load their journal, always.
+        assert_eq!(mount(&sys, MountFlags::empty()).4, "");
+
+        let mut dirty = vec![0u8; ext4::SUPERBLOCK_OFFSET as usize];
+        dirty.extend(ext4::superblock(0x2c2 | 0x4));
+        let sys = Recorder::default();
+        sys.add_device_bytes("/dev/vda", dirty);
+        assert_eq!(mount(&sys, MountFlags::RDONLY).4, "");
+        // A device that cannot be read is mounted as usual.
+        assert_eq!(mount(&Recorder::default(), MountFlags::RDONLY).4, "");
     }
 
     #[test]

@@ -193,6 +193,8 @@ struct State {
     files: HashMap<PathBuf, String>,
     links: HashMap<PathBuf, PathBuf>,
     inputs: HashMap<PathBuf, Vec<u8>>,
+    /// Contents of block devices, for `read_at`.
+    devices: HashMap<PathBuf, Vec<u8>>,
     interfaces: HashMap<String, i16>,
     /// Pid and state, in creation order.
     children: Vec<(i32, ChildState)>,
@@ -245,6 +247,11 @@ impl Recorder {
     /// `path` starts to exist when the fake clock reaches `at`.
     pub fn appear_at(&self, path: &str, at: Duration) {
         self.state().appears_at.push((PathBuf::from(path), at));
+    }
+
+    /// The bytes `read_at` finds on a device (no call is recorded: reads are not steps).
+    pub fn add_device_bytes(&self, path: &str, bytes: Vec<u8>) {
+        self.state().devices.insert(PathBuf::from(path), bytes);
     }
 
     pub fn add_file(&self, path: &str, text: &str) {
@@ -515,6 +522,17 @@ impl Syscalls for Recorder {
                 Ok(false)
             }
         }
+    }
+
+    fn read_at(&self, path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let s = self.state();
+        let bytes = s
+            .devices
+            .get(path)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        let start = (offset as usize).min(bytes.len());
+        let end = start.saturating_add(len).min(bytes.len());
+        Ok(bytes[start..end].to_vec())
     }
 
     fn read_to_string(&self, path: &Path) -> io::Result<String> {

@@ -176,6 +176,14 @@ impl Syscalls for Linux {
         std::fs::read_to_string(path)
     }
 
+    fn read_at(&self, path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut bytes = vec![0u8; len];
+        let n = File::open(path)?.read_at(&mut bytes, offset)?;
+        bytes.truncate(n);
+        Ok(bytes)
+    }
+
     fn read_link(&self, path: &Path) -> io::Result<std::path::PathBuf> {
         std::fs::read_link(path)
     }

@@ -62,6 +62,8 @@ pub trait Syscalls: Clock {
     /// itself is missing, no inotify) leaves polling to the caller.
     fn wait_for_path(&self, path: &Path, timeout: Duration) -> io::Result<bool>;
     fn read_to_string(&self, path: &Path) -> io::Result<String>;
+    /// Up to `len` bytes of `path` from `offset` (a block device's superblock).
+    fn read_at(&self, path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>>;
     /// The target of a symbolic link (`EINVAL`: not a link, `ENOENT`: nothing there).
     fn read_link(&self, path: &Path) -> io::Result<PathBuf>;
     /// Write every dirty buffer to disk.
