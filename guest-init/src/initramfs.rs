@@ -15,11 +15,11 @@ use crate::syscalls::Freed;
 const RAMFS_MAGIC: u64 = 0x8584_58f6;
 const TMPFS_MAGIC: u64 = 0x0102_1994;
 
-/// Delete the files of `/`, which must be the initramfs (a ramfs or tmpfs): guest-init must
-/// never wipe a disk root it was started on by mistake. `mountinfo` is `/proc/self/mountinfo`
-/// wherever /proc is mounted by now.
-pub fn free_root(mountinfo: &Path) -> io::Result<Freed> {
-    let root = Path::new("/");
+/// Delete the files of the initramfs reached at `root` (after the root switch: `.` with the
+/// working directory on the held initramfs root), which must be a ramfs or tmpfs: guest-init
+/// must never wipe a disk root it was started on by mistake. `mountinfo` is
+/// `/proc/self/mountinfo` wherever /proc is mounted by now.
+pub fn free_root(root: &Path, mountinfo: &Path) -> io::Result<Freed> {
     let magic = rustix::fs::statfs(root)?.f_type as u64;
     if magic != RAMFS_MAGIC && magic != TMPFS_MAGIC {
         return Err(io::Error::other(format!(
@@ -34,7 +34,12 @@ pub fn free_root(mountinfo: &Path) -> io::Result<Freed> {
         rustix::fs::major(device),
         rustix::fs::minor(device)
     );
-    let kept = bind_mounted_subtrees(&mountinfo, &id);
+    // mountinfo names the subtrees from the filesystem's own root; the walk sees them under
+    // `root`.
+    let kept: Vec<PathBuf> = bind_mounted_subtrees(&mountinfo, &id)
+        .into_iter()
+        .map(|subtree| root.join(subtree.strip_prefix("/").unwrap_or(&subtree)))
+        .collect();
     let mut freed = Freed::default();
     let skip =
         |path: &Path, meta: &fs::Metadata| meta.dev() != device || kept.iter().any(|k| k == path);

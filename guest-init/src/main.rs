@@ -20,6 +20,7 @@ mod command;
 mod config;
 mod drivers;
 mod error;
+mod ext4;
 mod image_path;
 mod initramfs;
 mod logger;
@@ -84,6 +85,12 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
     logger::attach_console();
     shutdown::disable_ctrl_alt_del(sys);
     reaper::block_signals(sys).map_err(|e| Fatal::new("signals", ExitReason::Internal, e))?;
+    // Bringing lo up is kernel work (addrconf, routes) that needs nothing else: it runs beside
+    // the phases that follow and is joined before the application starts. After the signal
+    // mask, which the thread inherits.
+    let loopback = std::thread::Builder::new()
+        .name("loopback".into())
+        .spawn(move || network::loopback_up(sys));
     timings.mark("mounts");
     info!("mount", "early mounts done");
 
@@ -126,15 +133,36 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
     }
     timings.mark("devices");
 
-    let config = read_config(sys, &options)?;
-    drivers::check_gpu(config.gpu, &drivers).map_err(|e| Fatal::new("drivers", e.class(), e))?;
-    timings.mark("config");
+    // The root's mounts need only the kernel command line: they run beside the config and
+    // network phases (each ext4 mount waits on its disk), and are joined before volumes
+    // mount into the new root. The scope joins every thread on each path out, errors too, so
+    // a failure is reported as before: config, then network, then root.
+    let (config, layout) = std::thread::scope(|scope| {
+        let mount_root = || root::mount_overlay_root(sys, &options.rootfs, &options.writable);
+        let root_mounts = std::thread::Builder::new()
+            .name("root-mounts".into())
+            .spawn_scoped(scope, mount_root);
+        let config = read_config(sys, &options, scope)?;
+        drivers::check_gpu(config.gpu, &drivers)
+            .map_err(|e| Fatal::new("drivers", e.class(), e))?;
+        timings.mark("config");
 
-    configure_network(sys, &config, &options)?;
-    timings.mark("network");
+        configure_network(sys, &config, &options)?;
+        timings.mark("network");
 
-    let layout = root::mount_overlay_root(sys, &options.rootfs, &options.writable)
+        let layout = match root_mounts {
+            Ok(thread) => thread.join().map_err(|_| {
+                Fatal::new(
+                    "root",
+                    ExitReason::Internal,
+                    "the root-mounts thread panicked",
+                )
+            })?,
+            Err(_) => mount_root(),
+        }
         .map_err(|e| Fatal::new("root", ExitReason::Rootfs, e))?;
+        Ok::<_, Fatal>((config, layout))
+    })?;
     shutdown::remember_hidden_mounts(&layout.hidden);
     info!(
         "root",
@@ -174,14 +202,22 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
         agent::start(sys, exe, env, logger::start_monotonic_ms())
     };
 
-    if let Err(err) = network::loopback_up(sys) {
-        info!("network", "{err} (continuing without loopback)");
+    match loopback.map(std::thread::JoinHandle::join) {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(err))) => info!("network", "{err} (continuing without loopback)"),
+        // Not started (no thread) or panicked (the hook has powered off by then): do it here.
+        Ok(Err(_)) | Err(_) => {
+            if let Err(err) = network::loopback_up(sys) {
+                info!("network", "{err} (continuing without loopback)");
+            }
+        }
     }
 
     match config.effective_init_mode() {
         InitMode::Systemd => {
             // Before the exec: the supervisor is a process of its own and outlives it.
             agent.map(start_agent);
+            root::free_initramfs(sys);
             timings.mark("exec");
             info!("timings", "{}", timings.line());
             Err(mode_systemd::hand_over(sys, &config))
@@ -201,6 +237,7 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
             info!("timings", "{}", timings.line());
             // After the application's start, so it never waits for the agent.
             agent.map(start_agent);
+            root::free_initramfs(sys);
             let exit = mode_exec::supervise(sys, app, config.shutdown_grace);
             info!("exec", "application exited: {exit:?}");
             Ok(exit)
@@ -285,7 +322,13 @@ fn load_modules(sys: &dyn Syscalls) -> Result<Vec<String>, Fatal> {
     Ok(lines)
 }
 
-fn read_config(sys: &dyn Syscalls, options: &BootOptions) -> Result<Config, Fatal> {
+/// Mount the config disk, read config.json, and unmount it again on a thread of `scope`
+/// (unmounting ext4 stops its journal thread; nothing needs to wait for that).
+fn read_config<'scope>(
+    sys: &'scope (dyn Kernel + Sync),
+    options: &BootOptions,
+    scope: &'scope std::thread::Scope<'scope, '_>,
+) -> Result<Config, Fatal> {
     let mount_point = Path::new(CONFIG_MOUNT);
     mount::mount_device(
         sys,
@@ -298,7 +341,16 @@ fn read_config(sys: &dyn Syscalls, options: &BootOptions) -> Result<Config, Fata
     let file: PathBuf = mount_point.join(config::FILE_NAME);
     let loaded = config::load(&file);
     // The config disk is not needed after this; the application never sees it.
-    let _ = sys.unmount(mount_point);
+    let unmount = move || {
+        let _ = sys.unmount(Path::new(CONFIG_MOUNT));
+    };
+    if std::thread::Builder::new()
+        .name("config-unmount".into())
+        .spawn_scoped(scope, unmount)
+        .is_err()
+    {
+        unmount();
+    }
     let (config, warnings) = loaded.map_err(|e| Fatal::new("config", ExitReason::Config, e))?;
     for warning in warnings {
         info!("config", "{warning}");

@@ -4,6 +4,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::ext4;
 use crate::syscalls::{MountFlags, Syscalls};
 
 #[derive(Debug, thiserror::Error)]
@@ -144,10 +145,13 @@ pub fn mount_early(sys: &dyn Syscalls) -> Result<(), MountError> {
     Ok(())
 }
 
-/// Short enough to add little latency, long enough not to spin the single vCPU.
+/// Only when the device's directory cannot be watched: short enough to add little latency,
+/// long enough not to spin the single vCPU.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(5);
 
-/// Poll until `device` exists or `timeout` passes. Drivers create nodes asynchronously.
+/// Wait until `device` exists or `timeout` passes: drivers create nodes asynchronously. The
+/// kernel wakes the wait when the node appears (`Syscalls::wait_for_path`); polling is the
+/// fallback when the directory cannot be watched (e.g. `/dev/input` before its first node).
 pub fn wait_for_device(
     sys: &dyn Syscalls,
     device: &Path,
@@ -155,6 +159,17 @@ pub fn wait_for_device(
 ) -> Result<Duration, MountError> {
     let start = sys.now();
     loop {
+        let left = timeout.saturating_sub(sys.now() - start);
+        match sys.wait_for_path(device, left) {
+            Ok(true) => return Ok(sys.now() - start),
+            Ok(false) => {
+                return Err(MountError::DeviceTimeout {
+                    device: device.to_owned(),
+                    timeout_ms: timeout.as_millis(),
+                });
+            }
+            Err(_) => {}
+        }
         if sys.exists(device) {
             return Ok(sys.now() - start);
         }
@@ -169,7 +184,8 @@ pub fn wait_for_device(
 }
 
 /// Mount a block device trying each filesystem type once, in turn; returns the type that
-/// worked.
+/// worked. A read-only ext4 attempt skips loading the journal when the superblock says it
+/// holds nothing to replay ([`ext4::read_only_options`]).
 pub fn mount_device(
     sys: &dyn Syscalls,
     device: &Path,
@@ -185,7 +201,15 @@ pub fn mount_device(
     let source_name = device.to_string_lossy();
     let mut attempts = Vec::new();
     for fstype in fstypes {
-        match sys.mount(&source_name, target, fstype, flags, "") {
+        let data = if *fstype == "ext4" && flags.contains(MountFlags::RDONLY) {
+            // Unreadable: mount as usual, and let the mount report what is wrong.
+            sys.read_at(device, ext4::SUPERBLOCK_OFFSET, ext4::SUPERBLOCK_READ)
+                .map(|superblock| ext4::read_only_options(&superblock))
+                .unwrap_or("")
+        } else {
+            ""
+        };
+        match sys.mount(&source_name, target, fstype, flags, data) {
             Ok(()) => return Ok(fstype),
             Err(error) => attempts.push(Attempt { fstype, error }),
         }
@@ -285,6 +309,30 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_that_cannot_be_watched_falls_back_to_polling() {
+        let sys = Recorder::default();
+        sys.fail(Op::WatchDir, libc::ENOENT);
+        sys.appear_at("/dev/input/event0", Duration::from_millis(12));
+        let waited =
+            wait_for_device(&sys, Path::new("/dev/input/event0"), Duration::from_secs(1)).unwrap();
+        assert!(waited >= Duration::from_millis(12) && waited < Duration::from_millis(20));
+        let err =
+            wait_for_device(&sys, Path::new("/dev/vdz"), Duration::from_millis(30)).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("block device /dev/vdz did not appear within 30 ms")
+        );
+    }
+
+    #[test]
+    fn the_wait_wakes_when_the_device_appears_not_on_a_poll_tick() {
+        let sys = Recorder::default();
+        sys.appear_at("/dev/vdc", Duration::from_micros(1_234));
+        let waited = wait_for_device(&sys, Path::new("/dev/vdc"), Duration::from_secs(10)).unwrap();
+        assert_eq!(waited, Duration::from_micros(1_234));
+    }
+
+    #[test]
     fn device_timeout_is_bounded_and_named() {
         let sys = Recorder::default();
         let err =
@@ -313,6 +361,36 @@ mod tests {
         assert_eq!(mounts.len(), 2);
         assert_eq!(mounts[1].0, "/dev/vda");
         assert_eq!(mounts[1].3, MountFlags::RDONLY);
+    }
+
+    #[test]
+    fn a_read_only_ext4_mount_skips_a_clean_journal_only() {
+        let mount = |sys: &Recorder, flags| {
+            mount_device(
+                sys,
+                Path::new("/dev/vda"),
+                Path::new("/lower"),
+                &["ext4"],
+                flags,
+            )
+            .unwrap();
+            sys.mounts().pop().unwrap()
+        };
+        let mut disk = vec![0u8; ext4::SUPERBLOCK_OFFSET as usize];
+        disk.extend(ext4::superblock(0x2c2));
+        let sys = Recorder::default();
+        sys.add_device_bytes("/dev/vda", disk.clone());
+        assert_eq!(mount(&sys, MountFlags::RDONLY).4, "noload");
+        // Writable mounts load their journal, always.
+        assert_eq!(mount(&sys, MountFlags::empty()).4, "");
+
+        let mut dirty = vec![0u8; ext4::SUPERBLOCK_OFFSET as usize];
+        dirty.extend(ext4::superblock(0x2c2 | 0x4));
+        let sys = Recorder::default();
+        sys.add_device_bytes("/dev/vda", dirty);
+        assert_eq!(mount(&sys, MountFlags::RDONLY).4, "");
+        // A device that cannot be read is mounted as usual.
+        assert_eq!(mount(&Recorder::default(), MountFlags::RDONLY).4, "");
     }
 
     #[test]

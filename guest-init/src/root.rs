@@ -1,9 +1,10 @@
 //! The new root: the read-only image as overlay lower, a writable upper, then switch root.
 //!
 //! `pivot_root` fails with EINVAL when the old root is the initramfs, so we use switch_root
-//! semantics: move the API filesystems into the new root, delete the initramfs's files, move
-//! the new root onto `/`, `chroot(".")`, `chdir("/")`. The overlay's layers stay mounted under
-//! the covered initramfs; a handle on it lets the power off reach them.
+//! semantics: move the API filesystems into the new root, move the new root onto `/`,
+//! `chroot(".")`, `chdir("/")`, and delete the initramfs's files ([`free_initramfs`], once the
+//! application has started: nothing waits on it). The overlay's layers stay mounted under the
+//! covered initramfs; a handle on it lets the deletion and the power off reach them.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -120,9 +121,8 @@ pub fn mount_overlay_root(
     })
 }
 
-/// Make `new_root` the root of this process (and of everything it starts). The initramfs's
-/// files are deleted on the way, and what that freed is logged (a failure there is logged, not
-/// fatal).
+/// Make `new_root` the root of this process (and of everything it starts), holding the
+/// initramfs root for [`free_initramfs`] and the power off.
 pub fn switch_root(sys: &dyn Syscalls, new_root: &Path) -> Result<(), RootError> {
     let step = |step: String| move |source| RootError::Switch { step, source };
     sys.make_rprivate(Path::new("/"))
@@ -136,16 +136,27 @@ pub fn switch_root(sys: &dyn Syscalls, new_root: &Path) -> Result<(), RootError>
     if let Err(err) = sys.hold_initramfs() {
         crate::info!(
             "root",
-            "cannot hold the initramfs root ({err}): at power off the writable disk is only \
-             synced, and its journal replays on the next mount"
+            "cannot hold the initramfs root ({err}): its files stay in memory, and at power \
+             off the writable disk is only synced, and its journal replays on the next mount"
         );
     }
     sys.chdir(new_root)
         .map_err(step(format!("chdir {}", new_root.display())))?;
-    // After the moves, so that /dev, /proc, /sys and /run are out of the walk's way.
+    sys.mount_move(new_root, Path::new("/"))
+        .map_err(step(format!("move {} to /", new_root.display())))?;
+    sys.chroot(Path::new("."))
+        .map_err(step("chroot .".into()))?;
+    sys.chdir(Path::new("/")).map_err(step("chdir /".into()))?;
+    Ok(())
+}
+
+/// switch_root's delete step, after the switch (through the held initramfs root, so /dev,
+/// /proc, /sys and /run are out of the walk's way): the initramfs cannot be unmounted, and
+/// its files would stay in memory. Runs once the application is started, since nothing it
+/// does depends on it. What it freed is logged; a failure is logged, not fatal.
+pub fn free_initramfs(sys: &dyn Syscalls) {
     let start = sys.now();
-    // /proc is inside the new root by now.
-    match sys.free_initramfs(&new_root.join("proc/self/mountinfo")) {
+    match sys.free_initramfs(Path::new("/proc/self/mountinfo")) {
         Ok(freed) => crate::info!(
             "root",
             "initramfs freed: {} KiB in {} files ({} ms)",
@@ -155,12 +166,6 @@ pub fn switch_root(sys: &dyn Syscalls, new_root: &Path) -> Result<(), RootError>
         ),
         Err(err) => crate::info!("root", "initramfs not freed: {err}"),
     }
-    sys.mount_move(new_root, Path::new("/"))
-        .map_err(step(format!("move {} to /", new_root.display())))?;
-    sys.chroot(Path::new("."))
-        .map_err(step("chroot .".into()))?;
-    sys.chdir(Path::new("/")).map_err(step("chdir /".into()))?;
-    Ok(())
 }
 
 fn mkdir(sys: &dyn Syscalls, path: &Path) -> Result<(), RootError> {
@@ -262,8 +267,6 @@ mod tests {
         expected.extend([
             Call::HoldInitramfs,
             Call::Chdir(root.clone()),
-            // Deleted while `/` is the initramfs and the new root is a mount point in it.
-            Call::FreeInitramfs(root.join("proc/self/mountinfo")),
             Call::MountMove {
                 from: root,
                 to: PathBuf::from("/"),
@@ -278,9 +281,27 @@ mod tests {
     fn a_failure_to_free_or_hold_the_initramfs_is_not_fatal() {
         let sys = Recorder::default();
         sys.fail(Op::HoldInitramfs, libc::EMFILE);
-        sys.fail(Op::FreeInitramfs, libc::EPERM);
         switch_root(&sys, Path::new(NEW_ROOT)).unwrap();
         assert_eq!(sys.calls().last(), Some(&Call::Chdir(PathBuf::from("/"))));
+        sys.fail(Op::FreeInitramfs, libc::EPERM);
+        free_initramfs(&sys);
+    }
+
+    #[test]
+    fn the_initramfs_is_freed_after_the_switch_through_the_new_root_s_proc() {
+        let sys = Recorder::default();
+        switch_root(&sys, Path::new(NEW_ROOT)).unwrap();
+        assert!(
+            !sys.calls()
+                .iter()
+                .any(|call| matches!(call, Call::FreeInitramfs(_))),
+            "the switch itself must not wait on the deletion"
+        );
+        free_initramfs(&sys);
+        assert_eq!(
+            sys.calls().last(),
+            Some(&Call::FreeInitramfs(PathBuf::from("/proc/self/mountinfo")))
+        );
     }
 
     #[test]

@@ -117,6 +117,39 @@ impl Figure {
     }
 }
 
+/// The marks of guest-init's `timings:` line on a console (`start=0ms mounts=12ms ...`, each
+/// the milliseconds since PID 1 started), in order.
+pub fn timings_marks(console: &str) -> Option<Vec<(String, u64)>> {
+    let line = console.lines().find(|l| l.contains("timings:"))?;
+    let (_, fields) = line.split_once("timings:")?;
+    fields
+        .split_whitespace()
+        .map(|field| {
+            let (name, ms) = field.split_once('=')?;
+            Some((name.to_owned(), ms.strip_suffix("ms")?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Each phase's own time: its mark minus the one before.
+pub fn phase_times(marks: &[(String, u64)]) -> Vec<(String, u64)> {
+    marks
+        .windows(2)
+        .map(|pair| (pair[1].0.clone(), pair[1].1.saturating_sub(pair[0].1)))
+        .collect()
+}
+
+/// The `exec` mark less the time of the phases named `left_out`.
+pub fn exec_without(marks: &[(String, u64)], left_out: &str) -> Option<u64> {
+    let total = marks.iter().find(|(name, _)| name == "exec")?.1;
+    let skipped: u64 = phase_times(marks)
+        .iter()
+        .filter(|(name, _)| name == left_out)
+        .map(|(_, ms)| ms)
+        .sum();
+    Some(total.saturating_sub(skipped))
+}
+
 /// `12.3 ms`, `1.24 s`.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1e3;
@@ -158,5 +191,19 @@ mod tests {
             Some(true)
         );
         assert_eq!(format_duration(ms(1500)), "1.50 s");
+    }
+
+    #[test]
+    fn a_timings_line_gives_phases_and_the_total_without_one_phase() {
+        let console = "x\n[guest-init +90] timings: start=0ms mounts=10ms modules=60ms \
+                       devices=62ms config=70ms exec=90ms\n";
+        let marks = timings_marks(console).unwrap();
+        assert_eq!(marks[1], ("mounts".to_owned(), 10));
+        assert_eq!(phase_times(&marks)[1], ("modules".to_owned(), 50));
+        assert_eq!(exec_without(&marks, "modules"), Some(40));
+        let probe = timings_marks("[probe] timings: start=0ms exec=7ms").unwrap();
+        assert_eq!(exec_without(&probe, "modules"), Some(7));
+        assert_eq!(timings_marks("no line"), None);
+        assert_eq!(timings_marks("timings: start=0ms exec=x"), None);
     }
 }

@@ -1,22 +1,21 @@
-//! Boot figures: PID 1 start → entrypoint exec over 10 VM boots (from guest-init's timings
-//! line), the sizes of guest-init and the minimal initrd, and what each initrd compression
-//! costs at boot: the kernel's own unpack time (from its log) and QEMU start → guest-init's
-//! first line, over [`UNPACK_BOOTS`] boots each.
+//! Boot figures: the sizes of guest-init and the minimal initrd, and what each initrd
+//! compression costs at boot: the kernel's own unpack time (from its log) and QEMU start →
+//! guest-init's first line, over [`UNPACK_BOOTS`] boots each. PID 1's own time (start →
+//! entrypoint exec) is `benches/pid1.rs`.
 
 use std::fs;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use system::Arch;
 use system::lock::InitrdCompression;
-use testkit::bench::{Figure, Target, format_duration, median};
+use testkit::bench::median;
 use xshell::Shell;
 
 use testkit::vm::{self, BOOT_TIMEOUT, Vm, VmSpec};
 use xtask::initrd::TestInitrd;
 use xtask::initrd::guest_init::{self, BuildOptions};
 
-const BOOTS: usize = 10;
 /// Boots per compression for the unpack figures.
 const UNPACK_BOOTS: usize = 5;
 
@@ -53,56 +52,6 @@ fn run(sh: &Shell) -> anyhow::Result<()> {
     vm::busybox_rootfs(Arch::X86_64, &tree, std::path::Path::new("/"))?;
     let rootfs = dir.path().join("rootfs.img");
     vm::ext4_image(&rootfs, Some(&tree), 64)?;
-    let config_tree = dir.path().join("config");
-    fs::create_dir_all(&config_tree)?;
-    fs::write(
-        config_tree.join("config.json"),
-        r#"{"entrypoint":["/bin/true"]}"#,
-    )?;
-    let config = dir.path().join("config.img");
-    vm::ext4_image(&config, Some(&config_tree), 4)?;
-    let initrd = dir.path().join("initrd.gz");
-    fs::write(&initrd, &test_initrd)?;
-    let mut spec = VmSpec::new(vec![rootfs.clone(), config]);
-    spec.append = "guest_init.config=/dev/vdb guest_init.writable=tmpfs".into();
-
-    let mut to_exec = Vec::new();
-    let mut walls = Vec::new();
-    for i in 0..BOOTS {
-        let start = Instant::now();
-        let boot = Vm::start_with(&kernel.image, &initrd, &spec)?.finish(BOOT_TIMEOUT)?;
-        walls.push(start.elapsed().as_millis() as u64);
-        if boot.exit != Some(guest_protocol::ExitLine::app(0)) {
-            anyhow::bail!(
-                "boot {i} ended with {:?}, not code 0 of the app:\n{}",
-                boot.exit,
-                boot.console
-            );
-        }
-        let exec = boot
-            .timing_ms("exec")
-            .with_context(|| format!("boot {i} printed no timings line:\n{}", boot.console))?;
-        let modules = boot.timing_ms("modules").unwrap_or(0);
-        to_exec.push((exec, exec.saturating_sub(modules)));
-    }
-    println!(
-        "PID 1 start → entrypoint exec, median of {BOOTS} boots ({}): {} ms \
-         (of which after module loading: {} ms); QEMU start → power off: {} ms",
-        vm::accelerator(),
-        median(to_exec.iter().map(|t| t.0).collect()),
-        median(to_exec.iter().map(|t| t.1).collect()),
-        median(walls),
-    );
-    let after_modules = Duration::from_millis(median(to_exec.iter().map(|t| t.1).collect()));
-    Figure {
-        value: Some(after_modules),
-        ..Figure::plain(
-            "PID 1 start -> entrypoint exec, without module loading (TCG)",
-            format_duration(after_modules),
-        )
-    }
-    .with_target(Target::TimeAtMost(Duration::from_millis(50)))
-    .print();
     unpack_costs(&kernel.image, &kernel.modules, dir.path(), &rootfs)
 }
 

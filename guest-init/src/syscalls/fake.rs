@@ -84,25 +84,48 @@ pub enum Call {
 /// Which call fails: the typed key of a [`Call`], without the arguments that do not select.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    Mount { target: PathBuf, fstype: String },
-    MountMove { from: PathBuf },
+    Mount {
+        target: PathBuf,
+        fstype: String,
+    },
+    MountMove {
+        from: PathBuf,
+    },
     MakeRprivate,
-    Remount { target: PathBuf },
-    Unmount { target: PathBuf },
-    MkdirAll { path: PathBuf },
-    Chdir { path: PathBuf },
+    Remount {
+        target: PathBuf,
+    },
+    Unmount {
+        target: PathBuf,
+    },
+    MkdirAll {
+        path: PathBuf,
+    },
+    Chdir {
+        path: PathBuf,
+    },
     Chroot,
-    FinitModule { path: PathBuf },
-    MknodChar { path: PathBuf },
+    FinitModule {
+        path: PathBuf,
+    },
+    MknodChar {
+        path: PathBuf,
+    },
     Sethostname,
-    ReadFile { path: PathBuf },
+    ReadFile {
+        path: PathBuf,
+    },
     HoldInitramfs,
     ChdirInitramfs,
     FreeInitramfs,
     SealExecutable,
+    /// The directory watch of `wait_for_path` (no call is recorded: waits are not steps).
+    WatchDir,
     BlockSignals,
     WaitSignal,
-    Kill { pid: i32 },
+    Kill {
+        pid: i32,
+    },
     WaitChild,
     OpenConsole,
     Fork,
@@ -114,7 +137,9 @@ pub enum Op {
     SetUid,
     Exec,
     Reboot(Power),
-    OpenInput { device: PathBuf },
+    OpenInput {
+        device: PathBuf,
+    },
     InterfaceFlags,
     SetInterfaceFlags,
 }
@@ -174,6 +199,8 @@ struct State {
     files: HashMap<PathBuf, String>,
     links: HashMap<PathBuf, PathBuf>,
     inputs: HashMap<PathBuf, Vec<u8>>,
+    /// Contents of block devices, for `read_at`.
+    devices: HashMap<PathBuf, Vec<u8>>,
     interfaces: HashMap<String, i16>,
     /// Pid and state, in creation order.
     children: Vec<(i32, ChildState)>,
@@ -226,6 +253,11 @@ impl Recorder {
     /// `path` starts to exist when the fake clock reaches `at`.
     pub fn appear_at(&self, path: &str, at: Duration) {
         self.state().appears_at.push((PathBuf::from(path), at));
+    }
+
+    /// The bytes `read_at` finds on a device (no call is recorded: reads are not steps).
+    pub fn add_device_bytes(&self, path: &str, bytes: Vec<u8>) {
+        self.state().devices.insert(PathBuf::from(path), bytes);
     }
 
     pub fn add_file(&self, path: &str, text: &str) {
@@ -470,6 +502,43 @@ impl Syscalls for Recorder {
             || s.appears_at
                 .iter()
                 .any(|(appearing, at)| appearing == path && *at <= s.clock)
+    }
+
+    /// Jumps the clock to the moment `path` appears (or by `timeout` when it does not).
+    fn wait_for_path(&self, path: &Path, timeout: Duration) -> io::Result<bool> {
+        let mut s = self.state();
+        fail_if_injected(&mut s, &Op::WatchDir)?;
+        if s.existing.contains(path) {
+            return Ok(true);
+        }
+        let deadline = s.clock + timeout;
+        let appears = s
+            .appears_at
+            .iter()
+            .filter(|(appearing, _)| appearing == path)
+            .map(|(_, at)| *at)
+            .min();
+        match appears {
+            Some(at) if at <= deadline => {
+                s.clock = s.clock.max(at);
+                Ok(true)
+            }
+            _ => {
+                s.clock = deadline;
+                Ok(false)
+            }
+        }
+    }
+
+    fn read_at(&self, path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let s = self.state();
+        let bytes = s
+            .devices
+            .get(path)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        let start = (offset as usize).min(bytes.len());
+        let end = start.saturating_add(len).min(bytes.len());
+        Ok(bytes[start..end].to_vec())
     }
 
     fn read_to_string(&self, path: &Path) -> io::Result<String> {

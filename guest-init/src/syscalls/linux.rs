@@ -125,8 +125,63 @@ impl Syscalls for Linux {
         path.exists()
     }
 
+    fn wait_for_path(&self, path: &Path, timeout: Duration) -> io::Result<bool> {
+        use rustix::fs::inotify;
+        use std::os::fd::AsRawFd;
+        // The usual case at boot: the node is there already, no watch needed.
+        if path.exists() {
+            return Ok(true);
+        }
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let watch = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)?;
+        // Watch first, then look: an entry created in between still wakes the wait.
+        inotify::add_watch(
+            &watch,
+            dir,
+            inotify::WatchFlags::CREATE | inotify::WatchFlags::MOVED_TO,
+        )?;
+        let deadline = self.now() + timeout;
+        let mut events = [0u8; 1024];
+        loop {
+            if path.exists() {
+                return Ok(true);
+            }
+            let left = deadline.saturating_sub(self.now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            let mut pollfd = libc::pollfd {
+                fd: watch.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // Rounded up: a sub-millisecond rest must not turn into a busy loop.
+            let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+            // SAFETY: one valid pollfd for the duration of the call.
+            if unsafe { libc::poll(&mut pollfd, 1, ms) } < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+            // Which entry appeared does not matter: the path is looked up again.
+            while rustix::io::read(&watch, &mut events).is_ok_and(|n| n > 0) {}
+        }
+    }
+
     fn read_to_string(&self, path: &Path) -> io::Result<String> {
         std::fs::read_to_string(path)
+    }
+
+    fn read_at(&self, path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut bytes = vec![0u8; len];
+        let n = File::open(path)?.read_at(&mut bytes, offset)?;
+        bytes.truncate(n);
+        Ok(bytes)
     }
 
     fn read_link(&self, path: &Path) -> io::Result<std::path::PathBuf> {
@@ -158,7 +213,11 @@ impl Syscalls for Linux {
     }
 
     fn free_initramfs(&self, mountinfo: &Path) -> io::Result<Freed> {
-        crate::initramfs::free_root(mountinfo)
+        self.chdir_initramfs()?;
+        let freed = crate::initramfs::free_root(Path::new("."), mountinfo);
+        // Back to the new root whatever happened: PID 1's relative paths start there.
+        rustix::process::chdir("/")?;
+        freed
     }
 
     fn seal_executable(&self, path: &Path) -> io::Result<ExeFd> {
@@ -314,12 +373,11 @@ fn run_in_child(steps: &[PreparedStep]) -> io::Result<()> {
     Ok(())
 }
 
-fn console() -> Result<Stdio, SpawnError> {
+fn console() -> Result<File, SpawnError> {
     OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/console")
-        .map(Stdio::from)
         .map_err(SpawnError::Console)
 }
 
@@ -335,7 +393,14 @@ fn command(spawn: &Spawn) -> Result<Command, SpawnError> {
         cmd.current_dir(workdir);
     }
     if spawn.console {
-        cmd.stdin(console()?).stdout(console()?).stderr(console()?);
+        // One open (a tty open is the costly part), shared by the three descriptors.
+        let file = console()?;
+        let dup = || {
+            file.try_clone()
+                .map(Stdio::from)
+                .map_err(SpawnError::Console)
+        };
+        cmd.stdout(dup()?).stderr(dup()?).stdin(file);
     }
     let steps: Vec<PreparedStep> = spawn.in_child.iter().map(prepare).collect();
     // SAFETY: the closure only makes raw syscalls (see run_in_child).
@@ -497,6 +562,36 @@ mod tests {
         assert_eq!(decode_status(15), Some(AppExit::Signaled(15)));
         assert_eq!(decode_status(15).unwrap().code(), 143);
         assert_eq!(decode_status(9 | 0x80).unwrap().code(), 137); // core dumped
+    }
+
+    #[test]
+    fn a_path_wait_is_woken_by_the_entry_and_reports_a_timeout_or_a_missing_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("vda");
+        let linux = Linux::new();
+        let creator = {
+            let node = node.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                std::fs::write(&node, "").unwrap();
+            })
+        };
+        assert!(linux.wait_for_path(&node, Duration::from_secs(60)).unwrap());
+        creator.join().unwrap();
+        // Present from the start.
+        assert!(linux.wait_for_path(&node, Duration::ZERO).unwrap());
+        let absent = dir.path().join("vdb");
+        assert!(
+            !linux
+                .wait_for_path(&absent, Duration::from_millis(20))
+                .unwrap()
+        );
+        let unwatchable = dir.path().join("input/event0");
+        assert!(
+            linux
+                .wait_for_path(&unwatchable, Duration::from_millis(20))
+                .is_err()
+        );
     }
 
     #[test]

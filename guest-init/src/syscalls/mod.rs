@@ -57,7 +57,13 @@ pub trait Syscalls: Clock {
     fn mknod_char(&self, path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<()>;
     fn sethostname(&self, name: &str) -> io::Result<()>;
     fn exists(&self, path: &Path) -> bool;
+    /// Block until `path` exists (`true`) or `timeout` passes (`false`), woken by the kernel
+    /// when an entry appears in its directory rather than by polling. An error (the directory
+    /// itself is missing, no inotify) leaves polling to the caller.
+    fn wait_for_path(&self, path: &Path, timeout: Duration) -> io::Result<bool>;
     fn read_to_string(&self, path: &Path) -> io::Result<String>;
+    /// Up to `len` bytes of `path` from `offset` (a block device's superblock).
+    fn read_at(&self, path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>>;
     /// The target of a symbolic link (`EINVAL`: not a link, `ENOENT`: nothing there).
     fn read_link(&self, path: &Path) -> io::Result<PathBuf>;
     /// Write every dirty buffer to disk.
@@ -67,9 +73,10 @@ pub trait Syscalls: Clock {
     fn hold_initramfs(&self) -> io::Result<()>;
     /// `fchdir` to the held initramfs root: relative paths then name the mounts under it.
     fn chdir_initramfs(&self) -> io::Result<()>;
-    /// switch_root's delete step: remove the initramfs's files (not crossing mount points,
-    /// keeping subtrees `mountinfo` shows bind-mounted elsewhere) while `/` is still the
-    /// initramfs. Refuses when `/` is not a ramfs/tmpfs.
+    /// switch_root's delete step, once the application runs: remove the files of the
+    /// initramfs held by [`Syscalls::hold_initramfs`] (not crossing mount points, keeping
+    /// subtrees `mountinfo` shows bind-mounted elsewhere), then return to `/`. Refuses when
+    /// the held root is not a ramfs/tmpfs.
     fn free_initramfs(&self, mountinfo: &Path) -> io::Result<Freed>;
     /// Copy the executable at `path` into a sealed, close-on-exec memfd (no write, grow or
     /// shrink ever again) that lives as long as PID 1: it outlives the initramfs, and exec

@@ -32,9 +32,13 @@ enum Case {
     /// Assemble a 10 MB tree with our newc + gzip writer vs `find | sort | cpio | gzip -9`
     /// (time and size), and a no-op `artifacts --only initrds` run of the built binary.
     Initrd,
-    /// Boot guest-init 10 times under QEMU: PID 1 start → entrypoint exec (median), plus the
-    /// sizes of guest-init and the minimal initrd.
+    /// The sizes of guest-init and the minimal initrd, and each initrd compression's unpack
+    /// cost at boot under QEMU.
     Boot,
+    /// Boot guest-init 10 times under QEMU, alternating with a probe PID 1 that only mounts
+    /// /proc, /sys and /dev: PID 1 start → entrypoint exec without module loading (medians),
+    /// and each phase's median.
+    Pid1,
     /// Boot guest-init 10 times with networking on and 10 times off under QEMU: PID 1 start →
     /// entrypoint exec (medians) and the network phase alone.
     Network,
@@ -51,12 +55,13 @@ enum Case {
 }
 
 impl Case {
-    const EACH: [Case; 8] = [
+    const EACH: [Case; 9] = [
         Case::Verify,
         Case::Layers,
         Case::Download,
         Case::Initrd,
         Case::Boot,
+        Case::Pid1,
         Case::Network,
         Case::Agent,
         Case::Dist,
@@ -69,6 +74,7 @@ impl Case {
             Case::Download => "download",
             Case::Initrd => "initrd",
             Case::Boot => "boot",
+            Case::Pid1 => "pid1",
             Case::Network => "network",
             Case::Agent => "agent",
             Case::Dist => "dist",

@@ -1,0 +1,229 @@
+//! PID 1 figures: guest-init's start → entrypoint exec without the module-loading phase, over
+//! [`BOOTS`] VM boots, next to a probe PID 1 that only mounts /proc, /sys and /dev (the floor
+//! any init pays under the same kernel and accelerator), booted alternately in the same run so
+//! both see the same machine load. Also the median of each phase of guest-init's `timings:`
+//! line, to show where the time goes.
+//!
+//! `PID1_BENCH_BOOTS=<n>` changes the number of boots of each; `PID1_BENCH_CONSOLE=1` prints
+//! guest-init's log lines of the first boot; `PID1_BENCH_COMPARE=<x86_64 guest-init binary>`
+//! boots that one too, alternately in the same run (an earlier build, for before/after).
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use system::Arch;
+use testkit::bench::{
+    Figure, Target, exec_without, format_duration, median, phase_times, timings_marks,
+};
+use testkit::vm::{self, BOOT_TIMEOUT, Vm, VmSpec};
+
+const BOOTS: usize = 10;
+/// The figure's target (issue 13).
+const TARGET: Duration = Duration::from_millis(50);
+/// The mark of the phase the figure leaves out.
+const MODULES: &str = "modules";
+
+/// The probe PID 1, compiled for musl with the pinned toolchain's `rustc`.
+fn build_probe(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let source = xtask::workspace_root().join("xtask/benches/probe/pid1_probe.rs");
+    let out = dir.join("pid1-probe");
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let status = std::process::Command::new(&rustc)
+        .current_dir(xtask::workspace_root())
+        .args(["--edition", "2024", "--target"])
+        .arg(Arch::X86_64.musl_target())
+        .args([
+            "-C",
+            "linker=rust-lld",
+            "-C",
+            "opt-level=s",
+            "-C",
+            "panic=abort",
+            "-C",
+            "strip=symbols",
+            "-o",
+        ])
+        .arg(&out)
+        .arg(&source)
+        .status()
+        .with_context(|| format!("running {rustc} for {}", source.display()))?;
+    if !status.success() {
+        bail!("{rustc} {} exited with {status}", source.display());
+    }
+    Ok(fs::read(&out)?)
+}
+
+/// A test initrd (the minimal profile + [`vm::TEST_MODULES`]) around `guest_init`.
+fn initrd_with(kernel: &vm::Kernel, guest_init: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use xtask::initrd::{cpio, modules, modules_dir, recipe};
+    let dir = modules_dir::ModulesDir::locate(&kernel.modules)?;
+    let names: Vec<String> = vm::TEST_MODULES.iter().map(|s| s.to_string()).collect();
+    let set = modules::ModuleSet::load(&dir, &names)?;
+    let tree = recipe::assemble(None, guest_init, None, Some(&set))?;
+    cpio::write_initrd(&tree, cpio::mtime_from_env()?, Default::default())
+}
+
+/// What one kind of boot measured: start → exec without module loading, and QEMU start →
+/// power off, per boot.
+#[derive(Default)]
+struct Samples {
+    outside_modules: Vec<u64>,
+    walls: Vec<u64>,
+}
+
+/// Boots `initrd` once and returns its timings marks (and, when `app` is set, checks that the
+/// app exited 0).
+fn boot_once(
+    kernel: &Path,
+    initrd: &Path,
+    spec: &VmSpec,
+    app: bool,
+    samples: &mut Samples,
+) -> anyhow::Result<(Vec<(String, u64)>, String)> {
+    let start = Instant::now();
+    let boot = Vm::start_with(kernel, initrd, spec)?.finish(BOOT_TIMEOUT)?;
+    samples.walls.push(start.elapsed().as_millis() as u64);
+    if app && boot.exit != Some(guest_protocol::ExitLine::app(0)) {
+        bail!(
+            "{} ended with {:?}, not code 0 of the app:\n{}",
+            initrd.display(),
+            boot.exit,
+            boot.console
+        );
+    }
+    let marks = timings_marks(&boot.console).with_context(|| {
+        format!(
+            "{} printed no timings line:\n{}",
+            initrd.display(),
+            boot.console
+        )
+    })?;
+    samples
+        .outside_modules
+        .push(exec_without(&marks, MODULES).context("the timings line has no exec mark")?);
+    Ok((marks, boot.console))
+}
+
+fn run() -> anyhow::Result<()> {
+    let boots: usize = match std::env::var("PID1_BENCH_BOOTS") {
+        Ok(n) => n.parse().context("PID1_BENCH_BOOTS must be a number")?,
+        Err(_) => BOOTS,
+    };
+    let show_console = std::env::var_os("PID1_BENCH_CONSOLE").is_some();
+    let compare = std::env::var_os("PID1_BENCH_COMPARE").map(std::path::PathBuf::from);
+    let kernel = vm::Kernel::debian_cloud()?;
+    let dir = tempfile::tempdir()?;
+
+    let initrd = dir.path().join("initrd.gz");
+    fs::write(
+        &initrd,
+        xtask::initrd::build_test_initrd(
+            &xtask::initrd::TestInitrd::new(Arch::X86_64)
+                .with_modules(&kernel.modules, vm::TEST_MODULES),
+        )?,
+    )?;
+    let other = match &compare {
+        Some(binary) => {
+            let bytes = fs::read(binary)
+                .with_context(|| format!("PID1_BENCH_COMPARE: reading {}", binary.display()))?;
+            let path = dir.path().join("compare.gz");
+            fs::write(&path, initrd_with(&kernel, &bytes)?)?;
+            Some(path)
+        }
+        None => None,
+    };
+    let probe_tree = xtask::initrd::recipe::assemble(None, &build_probe(dir.path())?, None, None)?;
+    let probe_initrd = dir.path().join("probe.gz");
+    fs::write(
+        &probe_initrd,
+        xtask::initrd::cpio::write_initrd(
+            &probe_tree,
+            xtask::initrd::cpio::mtime_from_env()?,
+            Default::default(),
+        )?,
+    )?;
+
+    let tree = dir.path().join("rootfs");
+    vm::busybox_rootfs(Arch::X86_64, &tree, Path::new("/"))?;
+    let rootfs = dir.path().join("rootfs.img");
+    vm::ext4_image(&rootfs, Some(&tree), 64)?;
+    let config_tree = dir.path().join("config");
+    fs::create_dir_all(&config_tree)?;
+    fs::write(
+        config_tree.join("config.json"),
+        r#"{"entrypoint":["/bin/true"]}"#,
+    )?;
+    let config = dir.path().join("config.img");
+    vm::ext4_image(&config, Some(&config_tree), 4)?;
+    let mut spec = VmSpec::new(vec![rootfs, config]);
+    spec.append = "guest_init.config=/dev/vdb guest_init.writable=tmpfs".into();
+
+    let (mut ours, mut probe, mut compared) =
+        (Samples::default(), Samples::default(), Samples::default());
+    let mut by_phase: Vec<(String, Vec<u64>)> = Vec::new();
+    for i in 0..boots {
+        boot_once(
+            &kernel.image,
+            &probe_initrd,
+            &VmSpec::new(vec![]),
+            false,
+            &mut probe,
+        )?;
+        if let Some(other) = &other {
+            boot_once(&kernel.image, other, &spec, true, &mut compared)?;
+        }
+        let (marks, console) = boot_once(&kernel.image, &initrd, &spec, true, &mut ours)?;
+        if show_console && i == 0 {
+            for line in console.lines().filter(|l| l.contains("[guest-init")) {
+                println!("  {line}");
+            }
+        }
+        for (name, ms) in phase_times(&marks) {
+            match by_phase.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, samples)) => samples.push(ms),
+                None => by_phase.push((name, vec![ms])),
+            }
+        }
+    }
+    let phase_medians: Vec<String> = by_phase
+        .into_iter()
+        .map(|(name, samples)| format!("{name} {}", median(samples)))
+        .collect();
+    println!(
+        "guest-init phases ({}), median ms of {boots} boots: {}",
+        vm::accelerator(),
+        phase_medians.join(", ")
+    );
+    let ms = |samples: &[u64]| Duration::from_millis(median(samples.to_vec()));
+    println!(
+        "PID 1 start → entrypoint exec without module loading, median of {boots} boots: {} \
+         (probe PID 1, 3 mounts: {}; target {}); QEMU start → power off {}",
+        format_duration(ms(&ours.outside_modules)),
+        format_duration(ms(&probe.outside_modules)),
+        format_duration(TARGET),
+        format_duration(ms(&ours.walls)),
+    );
+    if let Some(binary) = &compare {
+        println!(
+            "  {} in the same run: {}; QEMU start → power off {}",
+            binary.display(),
+            format_duration(ms(&compared.outside_modules)),
+            format_duration(ms(&compared.walls)),
+        );
+    }
+    Figure::time(
+        "PID 1 start -> entrypoint exec, without module loading (TCG)",
+        ms(&ours.outside_modules),
+        "probe PID 1 (3 mounts)",
+        ms(&probe.outside_modules),
+    )
+    .with_target(Target::TimeAtMost(TARGET))
+    .print();
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    run()
+}
