@@ -718,7 +718,7 @@ fn vm_run_with_a_vsock_socket_is_reached_by_vm_exec() {
     let socket = work.path().join("vm.vsock");
     // The app waits until an exec creates /tmp/done; guest-init started the agent beside it.
     let app = "while [ ! -e /tmp/done ]; do sleep 0.2; done; exit 5";
-    let run = Command::new(xtask)
+    let mut run = Command::new(xtask)
         .args(["vm", "run", "--lock"])
         .arg(&lock_path)
         .arg("--data-dir")
@@ -747,8 +747,10 @@ fn vm_run_with_a_vsock_socket_is_reached_by_vm_exec() {
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        // Until the guest's agent listens, the connect or the CONNECT handshake fails.
-        if exec.status.code() == Some(3) || std::time::Instant::now() >= deadline {
+        // Until the guest's agent listens, the connect or the CONNECT handshake fails; a run
+        // that already ended will never answer (its output below says why).
+        let ended = run.try_wait().unwrap().is_some();
+        if exec.status.code() == Some(3) || ended || std::time::Instant::now() >= deadline {
             break exec;
         }
         std::thread::sleep(Duration::from_millis(500));
