@@ -41,9 +41,17 @@ enum Case {
     /// `dist` vs `tar -czf` of the same store files (time and size), and `artifacts --from`
     /// vs `tar -xzf` + a full verify.
     Dist,
+    /// First run on a fresh clone of HEAD: empty target dir and store, `cargo xtask artifacts
+    /// --only initrds --offline` to the first initrd; wall and CPU time vs the 2-minute target.
+    /// Takes minutes; crate downloads are excluded (fetched before the clock starts).
+    FirstRun,
     /// Every case above in turn, then one table of every figure next to its same-run baseline
-    /// and its target.
-    All,
+    /// and its target. `first-run` only with `--first-run`: it takes minutes.
+    All {
+        /// Also run `first-run`.
+        #[arg(long)]
+        first_run: bool,
+    },
 }
 
 impl Case {
@@ -66,16 +74,23 @@ impl Case {
             Case::Boot => "boot",
             Case::Network => "network",
             Case::Dist => "dist",
-            Case::All => unreachable!("`all` runs the others"),
+            Case::FirstRun => "first_run",
+            Case::All { .. } => unreachable!("`all` runs the others"),
         }
     }
 }
 
 impl Bench {
     pub fn run(self) -> anyhow::Result<()> {
-        let cases: &[Case] = match self.case {
-            Case::All => &Case::EACH,
-            ref one => std::slice::from_ref(one),
+        let cases: Vec<Case> = match self.case {
+            Case::All { first_run } => {
+                let mut all = Case::EACH.to_vec();
+                if first_run {
+                    all.push(Case::FirstRun);
+                }
+                all
+            }
+            one => vec![one],
         };
         let sh = Shell::new()?;
         sh.change_dir(xtask::workspace_root());
@@ -85,7 +100,7 @@ impl Bench {
             .context("building the benchmarks")?;
         let mut figures = Vec::new();
         let mut failed = Vec::new();
-        for case in cases {
+        for case in &cases {
             let name = case.bench_target();
             eprintln!("== bench {name}");
             match run_case(name) {
