@@ -65,6 +65,21 @@ impl Case {
         Case::Dist,
     ];
 
+    /// The cases to run: `all` is every case but `first-run`, which takes minutes and is only
+    /// included when asked for.
+    fn cases(self) -> Vec<Case> {
+        match self {
+            Case::All { first_run } => {
+                let mut all = Case::EACH.to_vec();
+                if first_run {
+                    all.push(Case::FirstRun);
+                }
+                all
+            }
+            one => vec![one],
+        }
+    }
+
     fn bench_target(self) -> &'static str {
         match self {
             Case::Verify => "verify",
@@ -82,16 +97,7 @@ impl Case {
 
 impl Bench {
     pub fn run(self) -> anyhow::Result<()> {
-        let cases: Vec<Case> = match self.case {
-            Case::All { first_run } => {
-                let mut all = Case::EACH.to_vec();
-                if first_run {
-                    all.push(Case::FirstRun);
-                }
-                all
-            }
-            one => vec![one],
-        };
+        let cases = self.case.cases();
         let sh = Shell::new()?;
         sh.change_dir(xtask::workspace_root());
         // Build every bench first, so the runs that follow measure nothing but themselves.
@@ -175,6 +181,21 @@ fn table(figures: &[serde_json::Value]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::Case;
+
+    #[test]
+    fn all_runs_the_first_run_case_only_when_asked() {
+        let names = |case: Case| -> Vec<&str> {
+            case.cases().into_iter().map(Case::bench_target).collect()
+        };
+        let without = names(Case::All { first_run: false });
+        assert_eq!(without.len(), Case::EACH.len());
+        assert!(!without.contains(&"first_run"), "{without:?}");
+        let with = names(Case::All { first_run: true });
+        assert_eq!(with.last(), Some(&"first_run"), "{with:?}");
+        assert_eq!(names(Case::FirstRun), ["first_run"]);
+    }
+
     #[test]
     fn the_table_shows_every_figure_with_its_verdict() {
         let figures: Vec<serde_json::Value> = [
