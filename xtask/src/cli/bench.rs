@@ -49,9 +49,17 @@ enum Case {
     /// `dist` vs `tar -czf` of the same store files (time and size), and `artifacts --from`
     /// vs `tar -xzf` + a full verify.
     Dist,
+    /// First run on a fresh clone of HEAD: empty target dir and store, `cargo xtask artifacts
+    /// --only initrds --offline` to the first initrd; wall and CPU time vs the 2-minute target.
+    /// Takes minutes; crate downloads are excluded (fetched before the clock starts).
+    FirstRun,
     /// Every case above in turn, then one table of every figure next to its same-run baseline
-    /// and its target.
-    All,
+    /// and its target. `first-run` only with `--first-run`: it takes minutes.
+    All {
+        /// Also run `first-run`.
+        #[arg(long)]
+        first_run: bool,
+    },
 }
 
 impl Case {
@@ -67,6 +75,21 @@ impl Case {
         Case::Dist,
     ];
 
+    /// The cases to run: `all` is every case but `first-run`, which takes minutes and is only
+    /// included when asked for.
+    fn cases(self) -> Vec<Case> {
+        match self {
+            Case::All { first_run } => {
+                let mut all = Case::EACH.to_vec();
+                if first_run {
+                    all.push(Case::FirstRun);
+                }
+                all
+            }
+            one => vec![one],
+        }
+    }
+
     fn bench_target(self) -> &'static str {
         match self {
             Case::Verify => "verify",
@@ -78,17 +101,15 @@ impl Case {
             Case::Network => "network",
             Case::Agent => "agent",
             Case::Dist => "dist",
-            Case::All => unreachable!("`all` runs the others"),
+            Case::FirstRun => "first_run",
+            Case::All { .. } => unreachable!("`all` runs the others"),
         }
     }
 }
 
 impl Bench {
     pub fn run(self) -> anyhow::Result<()> {
-        let cases: &[Case] = match self.case {
-            Case::All => &Case::EACH,
-            ref one => std::slice::from_ref(one),
-        };
+        let cases = self.case.cases();
         let sh = Shell::new()?;
         sh.change_dir(xtask::workspace_root());
         // Build every bench first, so the runs that follow measure nothing but themselves.
@@ -97,7 +118,7 @@ impl Bench {
             .context("building the benchmarks")?;
         let mut figures = Vec::new();
         let mut failed = Vec::new();
-        for case in cases {
+        for case in &cases {
             let name = case.bench_target();
             eprintln!("== bench {name}");
             match run_case(name) {
@@ -172,6 +193,21 @@ fn table(figures: &[serde_json::Value]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::Case;
+
+    #[test]
+    fn all_runs_the_first_run_case_only_when_asked() {
+        let names = |case: Case| -> Vec<&str> {
+            case.cases().into_iter().map(Case::bench_target).collect()
+        };
+        let without = names(Case::All { first_run: false });
+        assert_eq!(without.len(), Case::EACH.len());
+        assert!(!without.contains(&"first_run"), "{without:?}");
+        let with = names(Case::All { first_run: true });
+        assert_eq!(with.last(), Some(&"first_run"), "{with:?}");
+        assert_eq!(names(Case::FirstRun), ["first_run"]);
+    }
+
     #[test]
     fn the_table_shows_every_figure_with_its_verdict() {
         let figures: Vec<serde_json::Value> = [
