@@ -3,6 +3,9 @@
 //! ([`oci`]), a QEMU runner for booting guest-init ([`vm`]) and deterministic payloads
 //! ([`noise`]), and guest vsock through `vhost-device-vsock` ([`vsock`]).
 
+/// How a developer installs what the VM tests need (kernels, busybox, the vsock daemon).
+pub const PREPARE_COMMAND: &str = "cargo xtask test --prepare-only";
+
 pub mod bench;
 pub mod http;
 pub mod noise;

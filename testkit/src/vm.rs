@@ -21,15 +21,13 @@ use anyhow::{Context, bail};
 use guest_protocol::{EXIT_LINE_PREFIX, ExitLine, ExitReason, find_exit_line};
 use system::Arch;
 
+pub use crate::PREPARE_COMMAND;
 pub use crate::vsock::Vsock;
 use crate::vsock::VsockDaemon;
 
 /// Debian cloud kernel modules a test initrd carries: block devices, the overlay root, and the
 /// ACPI power button delivered as an input event.
 pub const TEST_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "overlay", "button", "evdev"];
-
-/// The command that prepares what the VM tests need without running them.
-pub const PREPARE_COMMAND: &str = "cargo xtask test --prepare-only";
 
 /// The newest `vmlinuz-*<suffix>` in `boot`.
 fn newest_image(boot: &Path, suffix: &str) -> Option<PathBuf> {

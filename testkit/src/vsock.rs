@@ -56,7 +56,7 @@ impl VsockDaemon {
                 "no {}: the vsock VM tests run rust-vmm's vhost-device-vsock {DAEMON_VERSION}; \
                  install it with `{}`",
                 vsock.daemon.display(),
-                crate::vm::PREPARE_COMMAND
+                crate::PREPARE_COMMAND
             );
         }
         let child = Command::new(&vsock.daemon)
@@ -160,7 +160,7 @@ mod tests {
     fn a_missing_daemon_names_the_prepare_command_and_bad_paths_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let err = start_error(&dir.path().join("nope"), dir.path());
-        assert!(err.contains(crate::vm::PREPARE_COMMAND), "{err}");
+        assert!(err.contains(crate::PREPARE_COMMAND), "{err}");
         let odd = dir.path().join("a,b");
         fs::create_dir(&odd).unwrap();
         let err = start_error(Path::new("/bin/true"), &odd);
