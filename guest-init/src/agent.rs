@@ -1,8 +1,10 @@
 //! The guest agent (exec, copy, stat for hosts over vsock), started from the initrd's copy.
 //!
 //! The initrd carries the agent at [`IN_INITRD`] (initrds whose lock recipe says `agent`).
-//! Its bytes are sealed into a memfd before the root switch frees the initramfs
-//! ([`load`]); after the switch PID 1 forks and execs that descriptor at once ([`start`]) as
+//! After the switch (once the application is started; in systemd mode before the hand-over),
+//! and before PID 1 frees the initramfs, its bytes are copied through PID 1's handle on the
+//! initramfs root into a sealed memfd ([`load`]); PID 1 forks and execs that descriptor at once
+//! ([`start`]) as
 //! `guest-agent --supervise`, in a session of its own, with the application's root as its
 //! root. Nothing of it appears in the image's filesystem. The supervisor runs the serving agent
 //! as its child and restarts it with back-off (guest-agent's `supervise` module); it is a
@@ -22,7 +24,7 @@ pub const IN_INITRD: &str = "/.guest-init/guest-agent";
 
 const PHASE: &str = "agent";
 
-/// Before the root switch: the initrd's agent sealed in memory, or `None` (logged once) when
+/// Before the initramfs is freed: the initrd's agent sealed in memory, or `None` (logged once) when
 /// the initrd has none or it cannot be read. Never fatal: the application runs either way.
 pub fn load(sys: &dyn Syscalls) -> Option<ExeFd> {
     match sys.seal_executable(Path::new(IN_INITRD)) {

@@ -191,15 +191,16 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
     if !written.0.is_empty() {
         info!("network", "wrote {} in the image", written.0.join(", "));
     }
-    // The switch frees the initramfs: the agent's binary is copied out of it first.
-    let agent = agent::load(sys);
     root::switch_root(sys, Path::new(root::NEW_ROOT))
         .map_err(|e| Fatal::new("root", ExitReason::Rootfs, e))?;
     timings.mark("root");
-    // Root's environment for the agent (its execs overlay theirs on it), inside the new root.
-    let start_agent = |exe| {
-        let env = command::environment(&config.env, "/root");
-        agent::start(sys, exe, env, logger::start_monotonic_ms())
+    // The agent's binary is copied out of the initramfs before it is freed; root's
+    // environment for it (its execs overlay theirs on it), inside the new root.
+    let start_agent = || {
+        agent::load(sys).map(|exe| {
+            let env = command::environment(&config.env, "/root");
+            agent::start(sys, exe, env, logger::start_monotonic_ms())
+        })
     };
 
     match loopback.map(std::thread::JoinHandle::join) {
@@ -216,7 +217,7 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
     match config.effective_init_mode() {
         InitMode::Systemd => {
             // Before the exec: the supervisor is a process of its own and outlives it.
-            agent.map(start_agent);
+            start_agent();
             root::free_initramfs(sys);
             timings.mark("exec");
             info!("timings", "{}", timings.line());
@@ -236,7 +237,7 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
             );
             info!("timings", "{}", timings.line());
             // After the application's start, so it never waits for the agent.
-            agent.map(start_agent);
+            start_agent();
             root::free_initramfs(sys);
             let exit = mode_exec::supervise(sys, app, config.shutdown_grace);
             info!("exec", "application exited: {exit:?}");

@@ -221,10 +221,18 @@ impl Syscalls for Linux {
     }
 
     fn seal_executable(&self, path: &Path) -> io::Result<ExeFd> {
-        use rustix::fs::{MemfdFlags, SealFlags};
-        use std::io::Write;
+        use rustix::fs::{MemfdFlags, Mode, OFlags, SealFlags};
         use std::os::fd::IntoRawFd;
-        let bytes = std::fs::read(path)?;
+        // Once the root is switched the initramfs is reachable only through the held handle.
+        let mut source = match self.initramfs.get() {
+            Some(root) => File::from(rustix::fs::openat(
+                root,
+                path.strip_prefix("/").unwrap_or(path),
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?),
+            None => File::open(path)?,
+        };
         let base = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
         // MFD_EXEC says "executable" to kernels with vm.memfd_noexec (6.3+); older ones refuse
         // the flag, and their memfds are executable anyway.
@@ -233,7 +241,8 @@ impl Syscalls for Linux {
             other => other?,
         };
         let mut file = File::from(fd);
-        file.write_all(&bytes)?;
+        // In the kernel (copy_file_range/sendfile), without a megabyte on PID 1's heap.
+        io::copy(&mut source, &mut file)?;
         rustix::fs::fcntl_add_seals(
             &file,
             SealFlags::SEAL | SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE,

@@ -78,8 +78,9 @@ pub trait Syscalls: Clock {
     /// subtrees `mountinfo` shows bind-mounted elsewhere), then return to `/`. Refuses when
     /// the held root is not a ramfs/tmpfs.
     fn free_initramfs(&self, mountinfo: &Path) -> io::Result<Freed>;
-    /// Copy the executable at `path` into a sealed, close-on-exec memfd (no write, grow or
-    /// shrink ever again) that lives as long as PID 1: it outlives the initramfs, and exec
+    /// Copy the executable at `path` in the initramfs (through its held root handle once the
+    /// root is switched) into a sealed, close-on-exec memfd (no write, grow or shrink ever
+    /// again) that lives as long as PID 1: it outlives the initramfs, and exec
     /// by descriptor ([`Process::spawn_fd`]) needs no path in anyone's filesystem.
     fn seal_executable(&self, path: &Path) -> io::Result<ExeFd>;
 }
