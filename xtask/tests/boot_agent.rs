@@ -5,15 +5,17 @@
 //! appears in the image, never delays the power off, and that an initrd without it boots as
 //! before.
 
+#[allow(dead_code)]
+mod guest_vm;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use guest_vm::Guest;
 use serde_json::{Value, json};
 use system::Arch;
-use testkit::vm::{
-    BOOT_TIMEOUT, Boot, Kernel, TEST_MODULES, Vm, VmSpec, busybox_rootfs, ext4_image,
-};
+use testkit::vm::{BOOT_TIMEOUT, Boot, Kernel, TEST_MODULES, Vm};
 use xtask::initrd::TestInitrd;
 
 /// The test initrd, with or without the agent, built once per test process.
@@ -37,26 +39,9 @@ fn initrd(agent: bool) -> &'static Path {
 
 /// Boots a busybox rootfs (plus `extra` in its tree) with `config` on the chosen initrd.
 fn boot(agent: bool, config: Value, extra: impl FnOnce(&Path)) -> Boot {
-    let dir = tempfile::tempdir().unwrap();
-    let tree = dir.path().join("rootfs-tree");
-    busybox_rootfs(Arch::X86_64, &tree, Path::new("/nonexistent-arm64-root")).unwrap();
-    extra(&tree);
-    let rootfs = dir.path().join("rootfs.img");
-    ext4_image(&rootfs, Some(&tree), 64).unwrap();
-    let writable = dir.path().join("writable.img");
-    ext4_image(&writable, None, 64).unwrap();
-    let config_tree = dir.path().join("config-tree");
-    fs::create_dir_all(&config_tree).unwrap();
-    fs::write(
-        config_tree.join("config.json"),
-        serde_json::to_string(&config).unwrap(),
-    )
-    .unwrap();
-    let config = dir.path().join("config.img");
-    ext4_image(&config, Some(&config_tree), 4).unwrap();
-    let spec = VmSpec::new(vec![rootfs, writable, config]);
+    let guest = Guest::busybox(config, extra);
     let kernel = Kernel::debian_cloud().unwrap();
-    Vm::start_with(&kernel.image, initrd(agent), &spec)
+    Vm::start_with(&kernel.image, initrd(agent), &guest.spec(None))
         .unwrap()
         .finish(BOOT_TIMEOUT)
         .unwrap()

@@ -7,17 +7,19 @@
 //! module, so `virtio_input` stands in: no NVIDIA device is ever present here, so it must
 //! never load).
 
+#[allow(dead_code)]
+mod guest_vm;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use guest_protocol::ExitReason;
+use guest_vm::Guest;
 use serde_json::{Value, json};
 use system::Arch;
 use system::lock::ModuleGroup;
-use testkit::vm::{
-    BOOT_TIMEOUT, Boot, Kernel, TEST_MODULES, Vm, VmSpec, busybox_rootfs, ext4_image,
-};
+use testkit::vm::{BOOT_TIMEOUT, Boot, Kernel, TEST_MODULES, Vm};
 
 fn group(pci: &str, module: &str, firmware: &[&str]) -> ModuleGroup {
     ModuleGroup {
@@ -85,23 +87,8 @@ fn boot(config: Value, qemu_args: &[&str]) -> Boot {
 }
 
 fn boot_with(kind: Initrd, config: Value, qemu_args: &[&str]) -> Boot {
-    let dir = tempfile::tempdir().unwrap();
-    let tree = dir.path().join("rootfs-tree");
-    busybox_rootfs(Arch::X86_64, &tree, Path::new("/nonexistent-arm64-root")).unwrap();
-    let rootfs = dir.path().join("rootfs.img");
-    ext4_image(&rootfs, Some(&tree), 64).unwrap();
-    let writable = dir.path().join("writable.img");
-    ext4_image(&writable, None, 64).unwrap();
-    let config_tree = dir.path().join("config-tree");
-    fs::create_dir_all(&config_tree).unwrap();
-    fs::write(
-        config_tree.join("config.json"),
-        serde_json::to_string_pretty(&config).unwrap(),
-    )
-    .unwrap();
-    let config_disk = dir.path().join("config.img");
-    ext4_image(&config_disk, Some(&config_tree), 4).unwrap();
-    let mut spec = VmSpec::new(vec![rootfs, writable, config_disk]);
+    let guest = Guest::busybox(config, |_| {});
+    let mut spec = guest.spec(None);
     spec.qemu_args = qemu_args.iter().map(|s| s.to_string()).collect();
     let kernel = Kernel::debian_cloud().unwrap();
     Vm::start_with(&kernel.image, initrd(kind), &spec)

@@ -1,5 +1,5 @@
-//! What the network and systemd VM tests share: the test initrd with the virtio-net modules,
-//! guests made of fixture disks, user-network NICs.
+//! What the network, systemd, agent-start and drivers VM tests share: the test initrd with the
+//! virtio-net modules, guests made of fixture disks, user-network NICs.
 
 use std::fs;
 use std::net::Ipv4Addr;
