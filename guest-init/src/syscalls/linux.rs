@@ -2,20 +2,17 @@
 //! `kill` and the interface ioctls, libc's bindings to the musl that std already links. No C
 //! code is built.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use rustix::process::{Gid, Uid};
-
+use super::spawn::Prepared;
 use super::{
-    AppExit, ChildStep, Clock, ExeFd, Freed, Machine, MountFlags, Power, Process, Reaped, Received,
-    Spawn, SpawnError, Syscalls, WaitMode,
+    AppExit, Clock, ExeFd, Freed, Machine, MountFlags, Power, Process, Reaped, Received, Spawn,
+    SpawnError, Syscalls, WaitMode,
 };
 
 /// `si_code` of signals the kernel sends itself (Ctrl-Alt-Del goes out as SI_KERNEL).
@@ -252,56 +249,6 @@ impl Syscalls for Linux {
     }
 }
 
-/// argv and envp for `fexecve`, built before fork: the child must not allocate.
-struct ExecArgs {
-    _strings: Vec<std::ffi::CString>,
-    argv: Vec<*const libc::c_char>,
-    envp: Vec<*const libc::c_char>,
-}
-
-// SAFETY: the pointers point into `_strings`, owned by the same value and never changed.
-unsafe impl Send for ExecArgs {}
-unsafe impl Sync for ExecArgs {}
-
-impl ExecArgs {
-    fn new(spawn: &Spawn) -> io::Result<ExecArgs> {
-        let nul = |_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in argv or env");
-        let env: Vec<String> = match &spawn.env {
-            Some(env) => env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-            None => std::env::vars().map(|(k, v)| format!("{k}={v}")).collect(),
-        };
-        let argv: Vec<std::ffi::CString> = spawn
-            .argv
-            .iter()
-            .map(|a| std::ffi::CString::new(a.as_str()).map_err(nul))
-            .collect::<io::Result<_>>()?;
-        let envp: Vec<std::ffi::CString> = env
-            .into_iter()
-            .map(|e| std::ffi::CString::new(e).map_err(nul))
-            .collect::<io::Result<_>>()?;
-        let pointers = |strings: &[std::ffi::CString]| {
-            let mut list: Vec<*const libc::c_char> = strings.iter().map(|s| s.as_ptr()).collect();
-            list.push(std::ptr::null());
-            list
-        };
-        let (argv_ptrs, envp_ptrs) = (pointers(&argv), pointers(&envp));
-        let mut strings = argv;
-        strings.extend(envp);
-        Ok(ExecArgs {
-            _strings: strings,
-            argv: argv_ptrs,
-            envp: envp_ptrs,
-        })
-    }
-
-    /// Exec `exe` with these arguments; returns only on failure, with its error.
-    fn fexecve(&self, exe: ExeFd) -> io::Error {
-        // SAFETY: both lists are NUL-terminated arrays of pointers into `_strings`.
-        unsafe { libc::fexecve(exe.0, self.argv.as_ptr(), self.envp.as_ptr()) };
-        io::Error::last_os_error()
-    }
-}
-
 fn sigset(signals: &[i32]) -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset only write the set we own.
     unsafe {
@@ -331,92 +278,6 @@ pub fn decode_status(status: i32) -> Option<AppExit> {
     } else {
         None
     }
-}
-
-/// A [`ChildStep`] with its ids converted before fork: the child must not allocate.
-enum PreparedStep {
-    UnblockSignals,
-    NewSession,
-    ControllingTerminal,
-    SetGroups(Vec<Gid>),
-    SetGid(Gid),
-    SetUid(Uid),
-}
-
-fn prepare(step: &ChildStep) -> PreparedStep {
-    match step {
-        ChildStep::UnblockSignals => PreparedStep::UnblockSignals,
-        ChildStep::NewSession => PreparedStep::NewSession,
-        ChildStep::ControllingTerminal => PreparedStep::ControllingTerminal,
-        ChildStep::SetGroups(groups) => {
-            PreparedStep::SetGroups(groups.iter().map(|g| Gid::from_raw(*g)).collect())
-        }
-        ChildStep::SetGid(gid) => PreparedStep::SetGid(Gid::from_raw(*gid)),
-        ChildStep::SetUid(uid) => PreparedStep::SetUid(Uid::from_raw(*uid)),
-    }
-}
-
-/// Runs between fork and exec: raw syscalls only (no allocation, no locks). After fork the
-/// child has one thread, so the thread-level credential calls cover the process.
-fn run_in_child(steps: &[PreparedStep]) -> io::Result<()> {
-    for step in steps {
-        match step {
-            PreparedStep::UnblockSignals => {
-                let empty = sigset(&[]);
-                // SAFETY: valid set pointer, null old-set pointer.
-                check(unsafe {
-                    libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut())
-                })?;
-            }
-            PreparedStep::NewSession => {
-                rustix::process::setsid()?;
-            }
-            PreparedStep::ControllingTerminal => {
-                let _ = rustix::process::ioctl_tiocsctty(rustix::stdio::stdin());
-            }
-            PreparedStep::SetGroups(groups) => rustix::thread::set_thread_groups(groups)?,
-            PreparedStep::SetGid(gid) => rustix::thread::set_thread_gid(*gid)?,
-            PreparedStep::SetUid(uid) => rustix::thread::set_thread_uid(*uid)?,
-        }
-    }
-    Ok(())
-}
-
-fn console() -> Result<File, SpawnError> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/console")
-        .map_err(SpawnError::Console)
-}
-
-fn command(spawn: &Spawn) -> Result<Command, SpawnError> {
-    let mut cmd = Command::new(&spawn.program);
-    if let Some((argv0, args)) = spawn.argv.split_first() {
-        cmd.arg0(argv0).args(args);
-    }
-    if let Some(env) = &spawn.env {
-        cmd.env_clear().envs(env);
-    }
-    if let Some(workdir) = &spawn.workdir {
-        cmd.current_dir(workdir);
-    }
-    if spawn.console {
-        // One open (a tty open is the costly part), shared by the three descriptors.
-        let file = console()?;
-        let dup = || {
-            file.try_clone()
-                .map(Stdio::from)
-                .map_err(SpawnError::Console)
-        };
-        cmd.stdout(dup()?).stderr(dup()?).stdin(file);
-    }
-    let steps: Vec<PreparedStep> = spawn.in_child.iter().map(prepare).collect();
-    // SAFETY: the closure only makes raw syscalls (see run_in_child).
-    unsafe {
-        cmd.pre_exec(move || run_in_child(&steps));
-    }
-    Ok(cmd)
 }
 
 impl Process for Linux {
@@ -471,30 +332,19 @@ impl Process for Linux {
     }
 
     fn spawn(&self, spawn: &Spawn) -> Result<i32, SpawnError> {
-        let child = command(spawn)?.spawn().map_err(SpawnError::Start)?;
-        // PID 1 reaps with waitpid(-1); the std handle is dropped without waiting.
-        Ok(child.id() as i32)
+        // PID 1 reaps with waitpid(-1).
+        Prepared::new(spawn)?.spawn()
     }
 
     fn exec(&self, spawn: &Spawn) -> SpawnError {
-        match command(spawn) {
-            Ok(mut cmd) => SpawnError::Start(cmd.exec()),
+        match Prepared::new(spawn) {
+            Ok(prepared) => prepared.exec(),
             Err(err) => err,
         }
     }
 
     fn spawn_fd(&self, exe: ExeFd, spawn: &Spawn) -> Result<i32, SpawnError> {
-        let args = ExecArgs::new(spawn).map_err(SpawnError::Start)?;
-        let mut cmd = command(spawn)?;
-        // After the child's steps: exec the descriptor (musl's fexecve is execveat with
-        // AT_EMPTY_PATH). It returns only on failure, which std reports as the spawn's error;
-        // the program path std would exec next is never reached.
-        // SAFETY: fexecve is a raw syscall on memory prepared before fork.
-        unsafe {
-            cmd.pre_exec(move || Err(args.fexecve(exe)));
-        }
-        let child = cmd.spawn().map_err(SpawnError::Start)?;
-        Ok(child.id() as i32)
+        Prepared::with_fd(exe, spawn)?.spawn()
     }
 }
 

@@ -3,8 +3,8 @@
 //! Three narrow traits, so each phase names what it touches:
 //! - [`Syscalls`]: mounts, root switch, module loads, device nodes, hostname, files, sync;
 //! - [`Process`]: signal mask and `sigtimedwait`, `kill`, `waitpid`, spawning a child (or
-//!   exec in place) with the steps it runs between fork and exec (session, console,
-//!   credentials);
+//!   exec in place) with the steps it runs between its start and exec (session, console,
+//!   credentials; `spawn.rs` starts it without copying PID 1's memory);
 //! - [`Machine`]: reboot/power off, input device events, network interface flags.
 //!
 //! Both [`Syscalls`] and [`Process`] read time through [`Clock`], so bounded waits are tested
@@ -15,6 +15,7 @@
 #[cfg(test)]
 pub mod fake;
 mod linux;
+mod spawn;
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
@@ -120,7 +121,7 @@ pub struct Reaped {
     pub exit: Option<AppExit>,
 }
 
-/// What the child does between fork and exec, in order.
+/// What the child does between its start and exec, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChildStep {
     /// An empty signal mask: PID 1's blocked signals would survive exec and make the child
