@@ -9,8 +9,8 @@
 //! directories: this file's reads of `/proc/cmdline`, the module load order and `config.json`
 //! and its write of `printk_devkmsg`; the PCI scan and firmware copy in `drivers` (tested on
 //! fixture trees); the logger's `/dev/console` and `/dev/kmsg`; the PATH
-//! lookup in `command` (tested on fixture trees); the sysfs scan for power keys in `shutdown`
-//! (tested on a fixture tree); the initramfs walk in `initramfs`, reached through
+//! lookup in `command` (tested on fixture trees); the input device listing read in `shutdown`
+//! (its parser tested on the kernel's text); the initramfs walk in `initramfs`, reached through
 //! `Syscalls::free_initramfs` (tested on a temporary tree).
 //! The network phase has its own seam, `network::Netlink` (the
 //! rtnetlink socket in production); its name-service files are tested on temporary trees.
@@ -102,7 +102,7 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
     // Right after the button/evdev drivers load and before the phase's first line: a press
     // before the device is open is lost, so the devices are open before anything is announced.
     // A press during boot stays pending as SIGPWR and is honoured once the app runs.
-    let watchers = shutdown::watch_power_button(sys, Path::new(shutdown::SYS_CLASS_INPUT));
+    let watchers = shutdown::watch_power_button(sys, Path::new(shutdown::INPUT_DEVICES));
     for line in loaded {
         info!("modules", "{line}");
     }
