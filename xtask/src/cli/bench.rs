@@ -35,9 +35,9 @@ enum Case {
     /// The sizes of guest-init and the minimal initrd, and each initrd compression's unpack
     /// cost at boot under QEMU.
     Boot,
-    /// Boot guest-init 10 times under QEMU, alternating with a probe PID 1 that only mounts
-    /// /proc, /sys and /dev: PID 1 start → entrypoint exec without module loading (medians),
-    /// and each phase's median.
+    /// Boot guest-init 10 times under QEMU, alternating with a probe PID 1 that asks the kernel
+    /// for the same work with almost no userspace (the floor): PID 1 start → entrypoint exec
+    /// without module loading (medians), and each phase's median for both.
     Pid1,
     /// Boot guest-init 10 times with networking on and 10 times off under QEMU: PID 1 start →
     /// entrypoint exec (medians) and the network phase alone.
