@@ -17,6 +17,13 @@ use anyhow::{Context, bail};
 use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
 use rustix::termios::{Winsize, tcsetwinsize};
 
+/// A `sh -c` script for a command run on a terminal: prints `size ROWS COLS` and `ready`,
+/// waits until its terminal is 50×132, prints `resized to 50 132` and exits with 4. Its wait
+/// has no deadline: the test's wait for the line is the hang guard.
+pub const FOLLOWS_A_RESIZE: &str = "echo size $(stty size); echo ready; \
+     while [ \"$(stty size)\" != '50 132' ]; do sleep 0.1; done; \
+     echo resized to $(stty size); exit 4";
+
 /// What the terminal has shown so far, and whether its last user closed it.
 type Screen = Arc<(Mutex<(Vec<u8>, bool)>, Condvar)>;
 

@@ -125,8 +125,12 @@ impl Vm {
         match self.command {
             VmCommand::Run(args) => args.run(),
             VmCommand::Exec(exec) => {
-                let code = runtime()?.block_on(exec.run())?;
-                std::process::exit(code);
+                let runtime = runtime()?;
+                let code = runtime.block_on(exec.run());
+                // Stdin is read on a blocking thread, which a terminal keeps waiting for the
+                // next key: dropping the runtime would wait for it after the command's exit.
+                runtime.shutdown_background();
+                std::process::exit(code?);
             }
             VmCommand::Cp(cp) => runtime()?.block_on(cp.run()),
         }
