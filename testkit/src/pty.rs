@@ -134,7 +134,9 @@ impl Pty {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                bail!("the terminal did not show {needle:?} within {timeout:?}; it showed:\n{shown}");
+                bail!(
+                    "the terminal did not show {needle:?} within {timeout:?}; it showed:\n{shown}"
+                );
             }
             guard = changed.wait_timeout(guard, left).unwrap().0;
         }
@@ -149,7 +151,10 @@ mod tests {
     fn a_command_sees_the_size_a_resize_and_what_is_typed() {
         let pty = Pty::open(24, 80).unwrap();
         let mut cmd = Command::new("sh");
-        cmd.args(["-c", "stty size; echo ready; read line; echo got $line; stty size"]);
+        cmd.args([
+            "-c",
+            "stty size; echo ready; read line; echo got $line; stty size",
+        ]);
         pty.attach(&mut cmd).unwrap();
         let mut child = cmd.spawn().unwrap();
         drop(cmd);

@@ -739,12 +739,7 @@ fn vm_run_with_a_vsock_socket_is_reached_by_vm_exec() {
         let exec = Command::new(xtask)
             .args(["vm", "exec", "--socket"])
             .arg(&socket)
-            .args([
-                "--",
-                "sh",
-                "-c",
-                "echo hi-from-vm-exec; exit 3",
-            ])
+            .args(["--", "sh", "-c", "echo hi-from-vm-exec; exit 3"])
             .stdin(Stdio::null())
             .output()
             .unwrap();
@@ -825,7 +820,11 @@ fn tty_exec_follows_a_resize(socket: &Path) -> anyhow::Result<()> {
         let deadline = std::time::Instant::now() + STEP;
         loop {
             if let Some(status) = child.try_wait()? {
-                anyhow::ensure!(status.code() == Some(4), "exited {status}:\n{}", pty.screen());
+                anyhow::ensure!(
+                    status.code() == Some(4),
+                    "exited {status}:\n{}",
+                    pty.screen()
+                );
                 return Ok(());
             }
             anyhow::ensure!(

@@ -139,7 +139,10 @@ async fn vm_exec_tty_starts_with_the_local_size_and_follows_a_resize() {
             }
             if std::time::Instant::now() >= deadline {
                 child.kill().unwrap();
-                panic!("vm exec --tty did not exit after its command:\n{}", pty.screen());
+                panic!(
+                    "vm exec --tty did not exit after its command:\n{}",
+                    pty.screen()
+                );
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         };

@@ -197,7 +197,11 @@ mod tests {
         assert_eq!(follower.changed(Some((50, 132))), None, "sent already");
         assert_eq!(follower.changed(None), None, "no terminal any more");
         assert_eq!(follower.changed(Some((0, 0))), None, "an unsized terminal");
-        assert_eq!(follower.changed(Some((24, 80))), Some((24, 80)), "back again");
+        assert_eq!(
+            follower.changed(Some((24, 80))),
+            Some((24, 80)),
+            "back again"
+        );
 
         let mut unsized_start = SizeFollower::new(None);
         assert_eq!(unsized_start.changed(Some((30, 100))), Some((30, 100)));
