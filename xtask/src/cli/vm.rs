@@ -83,7 +83,8 @@ struct Exec {
     /// The VM's hybrid vsock Unix socket.
     #[arg(long)]
     socket: PathBuf,
-    /// Run on a terminal (raw mode here, the local window size there).
+    /// Run on a terminal: raw mode here; the guest follows the local window size and its
+    /// resizes.
     #[arg(long, short)]
     tty: bool,
     /// User in the guest: name, uid, name:group or uid:gid.
