@@ -24,6 +24,10 @@ use system::Arch;
 pub use crate::PREPARE_COMMAND;
 pub use crate::vsock::Vsock;
 use crate::vsock::VsockDaemon;
+/// The QEMU command line and the ext4 images are `cargo xtask vm run`'s.
+pub use xtask::vm::ext4_image;
+use xtask::vm::qemu;
+pub use xtask::vm::qemu::Nic;
 
 /// Debian cloud kernel modules a test initrd carries: block devices, the overlay root, and the
 /// ACPI power button delivered as an input event.
@@ -100,27 +104,6 @@ impl Kernel {
             Arch::Aarch64 => Kernel::debian_cloud_arm64(arm64_root),
         }
     }
-}
-
-/// An ext4 disk image made from a directory (`mkfs.ext4 -d`), or empty.
-pub fn ext4_image(path: &Path, contents: Option<&Path>, size_mib: u32) -> anyhow::Result<()> {
-    let mut cmd = Command::new("mkfs.ext4");
-    cmd.args(["-q", "-F", "-E", "root_owner=0:0"]);
-    if let Some(dir) = contents {
-        cmd.arg("-d").arg(dir);
-    }
-    cmd.arg(path).arg(format!("{size_mib}M"));
-    let out = cmd
-        .output()
-        .context("running mkfs.ext4 (apt-get install e2fsprogs)")?;
-    if !out.status.success() {
-        bail!(
-            "mkfs.ext4 {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
 }
 
 /// An erofs image of a directory (`mkfs.erofs` from erofs-utils), every file owned by root;
@@ -219,17 +202,6 @@ pub const VSOCK_MODULES: &[&str] = &[
 /// `failover` in through modules.dep).
 pub const NET_MODULES: &[&str] = &["virtio_net"];
 
-/// A virtio-net NIC on QEMU user networking (slirp; the tests use `restrict=on`, so the guest
-/// reaches only what `hostfwd`/`guestfwd` open).
-#[derive(Debug, Clone)]
-pub struct Nic {
-    /// The options of `-netdev user,id=n0,<options>`, e.g.
-    /// `net=192.0.2.0/24,host=192.0.2.2,restrict=on,hostfwd=tcp:127.0.0.1:PORT-192.0.2.15:80`.
-    pub user: String,
-    /// The NIC's MAC address; QEMU's default (52:54:00:12:34:56) when `None`.
-    pub mac: Option<String>,
-}
-
 /// What a test boots: the disks in virtio order (vda rootfs, vdb writable, vdc config, ...).
 pub struct VmSpec {
     pub disks: Vec<PathBuf>,
@@ -262,34 +234,17 @@ impl VmSpec {
     }
 }
 
-/// The accelerator to use: KVM only where it can run a guest, TCG otherwise. `VM_TEST_ACCEL`
-/// overrides the choice.
+/// The accelerator for guests of the host's architecture: see [`accelerator_for`].
 pub fn accelerator() -> String {
-    if let Ok(forced) = std::env::var("VM_TEST_ACCEL") {
-        return forced;
-    }
-    // A paravirtual KVM (kvm_pvm) opens fine but hangs real guests.
-    let usable_kvm = Path::new("/dev/kvm").exists()
-        && !Path::new("/sys/module/kvm_pvm").exists()
-        && fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok();
-    if usable_kvm {
-        "kvm".into()
-    } else {
-        "tcg".into()
-    }
+    accelerator_for(Arch::host())
 }
 
-/// The accelerator for guests of `arch`: [`accelerator`] when the guest runs the host's
-/// architecture, TCG otherwise.
+/// The accelerator for guests of `arch`: `vm run`'s choice (KVM only where it can run the
+/// guest, TCG otherwise), unless `VM_TEST_ACCEL` forces one for the host's architecture.
 pub fn accelerator_for(arch: Arch) -> String {
-    if arch == Arch::host() {
-        accelerator()
-    } else {
-        "tcg".into()
+    match std::env::var("VM_TEST_ACCEL") {
+        Ok(forced) if arch == Arch::host() => forced,
+        _ => qemu::accelerator(arch).to_owned(),
     }
 }
 
@@ -390,79 +345,31 @@ impl Vm {
     pub fn start_with(kernel: &Path, initrd: &Path, spec: &VmSpec) -> anyhow::Result<Vm> {
         let dir = tempfile::tempdir()?;
         let monitor = dir.path().join("monitor.sock");
-        let accel = accelerator_for(spec.arch);
-        let (qemu, package, machine, console) = match spec.arch {
-            Arch::X86_64 => ("qemu-system-x86_64", "qemu-system-x86", "pc", "ttyS0"),
-            Arch::Aarch64 => ("qemu-system-aarch64", "qemu-system-arm", "virt", "ttyAMA0"),
+        let vsock = spec
+            .vsock
+            .as_ref()
+            .map(|vsock| vsock.start(dir.path()))
+            .transpose()?;
+        let boot = qemu::Boot {
+            arch: spec.arch,
+            accel: accelerator_for(spec.arch),
+            memory_mib: spec.memory_mib,
+            kernel: kernel.to_owned(),
+            initrd: initrd.to_owned(),
+            disks: spec.disks.clone(),
+            // Under TCG on a busy host the timer check can miss ticks and panic the kernel
+            // ("IO-APIC + timer doesn't work!") before guest-init runs.
+            append: match spec.arch {
+                Arch::X86_64 => format!("no_timer_check {}", spec.append),
+                Arch::Aarch64 => spec.append.clone(),
+            },
+            vhost_user_vsock: vsock.as_ref().map(|d| d.vhost_user_socket.clone()),
+            nic: spec.nic.clone(),
+            monitor: Some(monitor.clone()),
+            extra_args: spec.qemu_args.clone(),
         };
-        let (vsock, machine, vsock_args) = match &spec.vsock {
-            None => (None, machine.to_owned(), Vec::new()),
-            Some(vsock) => {
-                let daemon = VsockDaemon::start(vsock, dir.path())?;
-                let (machine, args) = daemon.qemu_args(machine, spec.memory_mib);
-                (Some(daemon), machine, args)
-            }
-        };
-        let mut cmd = Command::new(qemu);
-        cmd.args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .args([
-            "-M",
-            &machine,
-            "-accel",
-            &accel,
-            "-m",
-            &spec.memory_mib.to_string(),
-        ]);
-        if spec.arch == Arch::Aarch64 {
-            // PSCI powers the guest off; `-no-reboot` turns a reset into an exit too.
-            cmd.args(["-cpu", if accel == "kvm" { "host" } else { "cortex-a57" }]);
-        }
-        cmd.args(["-serial", "stdio"]);
-        match &spec.nic {
-            None => {
-                cmd.args(["-net", "none"]);
-            }
-            Some(nic) => {
-                // No option ROM: the kernel is booted directly, PXE is never used.
-                let mut device = "virtio-net-pci,netdev=n0,romfile=".to_owned();
-                if let Some(mac) = &nic.mac {
-                    device.push_str(&format!(",mac={mac}"));
-                }
-                cmd.arg("-netdev")
-                    .arg(format!("user,id=n0,{}", nic.user))
-                    .args(["-device", &device]);
-            }
-        }
-        cmd.arg("-monitor")
-            .arg(format!("unix:{},server=on,wait=off", monitor.display()))
-            .arg("-kernel")
-            .arg(kernel)
-            .arg("-initrd")
-            .arg(initrd)
-            .arg("-append")
-            .arg(format!(
-                "console={console} panic=-1 loglevel=4 {}{}",
-                // Under TCG on a busy host the timer check can miss ticks and panic the kernel
-                // ("IO-APIC + timer doesn't work!") before guest-init runs.
-                if spec.arch == Arch::X86_64 {
-                    "no_timer_check "
-                } else {
-                    ""
-                },
-                spec.append
-            ));
-        for disk in &spec.disks {
-            cmd.arg("-drive")
-                .arg(format!("file={},if=virtio,format=raw", disk.display()));
-        }
-        cmd.args(&vsock_args);
-        cmd.args(&spec.qemu_args);
+        let (qemu, package, ..) = qemu::machine(spec.arch);
+        let mut cmd = boot.command();
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -676,7 +676,8 @@ async fn python_grpcio_runs_an_exec_a_copy_and_a_stat_against_the_vm() {
 /// `cargo xtask vm run --vsock-socket S` (a store made by `cargo xtask artifacts` from a lock
 /// pinning this machine's Debian kernel, its initrd carrying the vsock modules and the agent) gives the
 /// guest a vsock device whose host side is S: `cargo xtask vm exec --socket S` reaches the
-/// agent, and the run ends with the app's exit code. Its own VM: this is the CLI's path.
+/// agent (`--tty` too, following the local terminal's size), and the run ends with the app's
+/// exit code. Its own VM: this is the CLI's path.
 #[test]
 fn vm_run_with_a_vsock_socket_is_reached_by_vm_exec() {
     use std::process::{Command, Stdio};
@@ -738,12 +739,7 @@ fn vm_run_with_a_vsock_socket_is_reached_by_vm_exec() {
         let exec = Command::new(xtask)
             .args(["vm", "exec", "--socket"])
             .arg(&socket)
-            .args([
-                "--",
-                "sh",
-                "-c",
-                "echo hi-from-vm-exec; touch /tmp/done; exit 3",
-            ])
+            .args(["--", "sh", "-c", "echo hi-from-vm-exec; exit 3"])
             .stdin(Stdio::null())
             .output()
             .unwrap();
@@ -755,6 +751,16 @@ fn vm_run_with_a_vsock_socket_is_reached_by_vm_exec() {
         }
         std::thread::sleep(Duration::from_millis(500));
     };
+    // `vm exec --tty` on a terminal: the guest command starts with its size and follows a
+    // resize. Whatever it shows, the app is then told to end.
+    let tty_exec = (exec.status.code() == Some(3)).then(|| tty_exec_follows_a_resize(&socket));
+    let done = Command::new(xtask)
+        .args(["vm", "exec", "--socket"])
+        .arg(&socket)
+        .args(["--", "touch", "/tmp/done"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     let run = run.wait_with_output().unwrap();
     let (console, log) = (text(&run.stdout), text(&run.stderr));
     assert_eq!(
@@ -762,6 +768,14 @@ fn vm_run_with_a_vsock_socket_is_reached_by_vm_exec() {
         (Some(3), "hi-from-vm-exec\n"),
         "vm exec: {}\nvm run:\n{console}\n{log}",
         text(&exec.stderr)
+    );
+    if let Some(Err(err)) = tty_exec {
+        panic!("vm exec --tty: {err:#}\nvm run:\n{console}\n{log}");
+    }
+    assert!(
+        done.status.success(),
+        "vm exec touch: {}",
+        text(&done.stderr)
     );
     assert!(
         log.contains(&format!(
@@ -779,6 +793,51 @@ fn vm_run_with_a_vsock_socket_is_reached_by_vm_exec() {
         !socket.exists(),
         "the hybrid socket is removed with the daemon"
     );
+}
+
+/// `cargo xtask vm exec --tty` on a pty of the test's: the guest command prints the size it
+/// started with (the pty's), then waits until a resize of the pty reaches it.
+fn tty_exec_follows_a_resize(socket: &Path) -> anyhow::Result<()> {
+    use std::process::Command;
+
+    let pty = testkit::pty::Pty::open(24, 80)?;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    cmd.args(["vm", "exec", "--tty", "--socket"])
+        .arg(socket)
+        .args(["--", "sh", "-c", testkit::pty::FOLLOWS_A_RESIZE]);
+    pty.attach(&mut cmd)?;
+    let mut child = cmd.spawn()?;
+    drop(cmd);
+    let outcome = (|| {
+        pty.wait_for("ready", STEP)?;
+        anyhow::ensure!(
+            pty.screen().contains("size 24 80\r\n"),
+            "the guest started at another size:\n{}",
+            pty.screen()
+        );
+        pty.resize(50, 132)?;
+        pty.wait_for("resized to 50 132", STEP)?;
+        let deadline = std::time::Instant::now() + STEP;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                anyhow::ensure!(
+                    status.code() == Some(4),
+                    "exited {status}:\n{}",
+                    pty.screen()
+                );
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "vm exec --tty did not exit after its command:\n{}",
+                pty.screen()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    outcome
 }
 
 /// The same transport for an aarch64 guest (`-M virt`, TCG): the agent answers an exec and a

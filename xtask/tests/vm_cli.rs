@@ -108,3 +108,44 @@ async fn vm_exec_streams_and_returns_the_exit_code_and_vm_cp_copies_both_ways() 
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("guest:PATH"));
 }
+
+/// `vm exec --tty` on a terminal (a pty of the test's, whatever runs the tests): the command
+/// starts with the local terminal's size, and a resize of the local terminal (SIGWINCH to
+/// `vm exec`) reaches the command's terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_exec_tty_starts_with_the_local_size_and_follows_a_resize() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = hybrid_agent_socket(dir.path());
+    let pty = testkit::pty::Pty::open(24, 80).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_xtask"));
+    cmd.args(["vm", "exec", "--tty", "--socket"])
+        .arg(&socket)
+        .args(["--", "sh", "-c", testkit::pty::FOLLOWS_A_RESIZE]);
+    pty.attach(&mut cmd).unwrap();
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd);
+    // Hang guards, not timings.
+    let guard = std::time::Duration::from_secs(60);
+    tokio::task::block_in_place(|| {
+        pty.wait_for("ready", guard).unwrap();
+        assert!(pty.screen().contains("size 24 80\r\n"), "{}", pty.screen());
+        pty.resize(50, 132).unwrap();
+        pty.wait_for("resized to 50 132", guard).unwrap();
+        // `vm exec` ends with the command although its stdin (the terminal) never ends.
+        let deadline = std::time::Instant::now() + guard;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() >= deadline {
+                child.kill().unwrap();
+                panic!(
+                    "vm exec --tty did not exit after its command:\n{}",
+                    pty.screen()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert_eq!(status.code(), Some(4), "{}", pty.screen());
+    });
+}

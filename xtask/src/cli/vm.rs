@@ -4,7 +4,6 @@
 //! moves bytes between it and the terminal.
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,10 +11,12 @@ use anyhow::{Context, bail};
 use guest_client::{Client, ExecEvent, ExecSpec};
 use system::Arch;
 use system::lock::Version;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use xtask::vm::{RunOptions, run};
 
 use super::from_workspace;
+
+mod tty;
 
 #[derive(clap::Args)]
 pub struct Vm {
@@ -82,7 +83,8 @@ struct Exec {
     /// The VM's hybrid vsock Unix socket.
     #[arg(long)]
     socket: PathBuf,
-    /// Run on a terminal (raw mode here, the local window size there).
+    /// Run on a terminal: raw mode here; the guest follows the local window size and its
+    /// resizes.
     #[arg(long, short)]
     tty: bool,
     /// User in the guest: name, uid, name:group or uid:gid.
@@ -124,8 +126,12 @@ impl Vm {
         match self.command {
             VmCommand::Run(args) => args.run(),
             VmCommand::Exec(exec) => {
-                let code = runtime()?.block_on(exec.run())?;
-                std::process::exit(code);
+                let runtime = runtime()?;
+                let code = runtime.block_on(exec.run());
+                // Stdin is read on a blocking thread, which a terminal keeps waiting for the
+                // next key: dropping the runtime would wait for it after the command's exit.
+                runtime.shutdown_background();
+                std::process::exit(code?);
             }
             VmCommand::Cp(cp) => runtime()?.block_on(cp.run()),
         }
@@ -172,11 +178,13 @@ impl Exec {
             };
             env.insert(key.to_owned(), value.to_owned());
         }
-        let window_size = self
-            .tty
-            .then(|| rustix::termios::tcgetwinsize(std::io::stdout()).ok())
-            .flatten()
-            .map(|w| (w.ws_row, w.ws_col));
+        // Listening before the size is read: a resize in between is not lost.
+        let sigwinch = if self.tty {
+            Some(tty::Sigwinch::listen()?)
+        } else {
+            None
+        };
+        let window_size = self.tty.then(tty::local_window_size).flatten();
         let spec = ExecSpec {
             command: self.command,
             tty: self.tty,
@@ -187,8 +195,8 @@ impl Exec {
             window_size,
         };
         let client = connect(&self.socket).await?;
-        let _raw = if self.tty && std::io::stdin().is_terminal() {
-            Some(RawMode::enter()?)
+        let _raw = if self.tty {
+            tty::RawMode::enter_if_terminal()?
         } else {
             None
         };
@@ -197,14 +205,13 @@ impl Exec {
             mut output,
         } = client.exec(spec).await?;
         let feed = async move {
-            let mut stdin = tokio::io::stdin();
-            let mut buf = vec![0u8; 32 << 10];
-            loop {
-                let n = stdin.read(&mut buf).await?;
-                if n == 0 {
-                    return input.close_stdin().await.map_err(anyhow::Error::from);
+            let stdin = tokio::io::stdin();
+            let follower = tty::SizeFollower::new(window_size);
+            match sigwinch {
+                Some(changes) => {
+                    tty::feed(&mut input, stdin, changes, tty::local_window_size, follower).await
                 }
-                input.write(&buf[..n]).await?;
+                None => tty::feed(&mut input, stdin, tty::NoWindow, || None, follower).await,
             }
         };
         let drain = async move {
@@ -236,31 +243,6 @@ impl Exec {
                 code = &mut drain => return code,
             }
         }
-    }
-}
-
-/// The local terminal in raw mode while a tty exec runs (keys go to the guest as typed).
-struct RawMode(rustix::termios::Termios);
-
-impl RawMode {
-    fn enter() -> anyhow::Result<RawMode> {
-        let stdin = std::io::stdin();
-        let saved = rustix::termios::tcgetattr(&stdin).context("reading the terminal's mode")?;
-        let mut raw = saved.clone();
-        raw.make_raw();
-        rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &raw)
-            .context("setting the terminal to raw mode")?;
-        Ok(RawMode(saved))
-    }
-}
-
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        let _ = rustix::termios::tcsetattr(
-            std::io::stdin(),
-            rustix::termios::OptionalActions::Now,
-            &self.0,
-        );
     }
 }
 

@@ -124,6 +124,9 @@ pub fn run(options: &RunOptions) -> anyhow::Result<Outcome> {
         disks: vec![rootfs, writable, config],
         append: String::new(),
         vhost_user_vsock: vsock.as_ref().map(|d| d.vhost_user_socket.clone()),
+        nic: None,
+        monitor: None,
+        extra_args: Vec::new(),
     };
     let console = console_of(boot, options.timeout, options.echo)?;
     // QEMU is gone: the daemon and its sockets go too.

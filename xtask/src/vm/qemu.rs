@@ -29,6 +29,17 @@ pub fn machine(arch: Arch) -> (&'static str, &'static str, &'static str, &'stati
     }
 }
 
+/// A virtio-net NIC on QEMU user networking (slirp; with `restrict=on` the guest reaches only
+/// what `hostfwd`/`guestfwd` open).
+#[derive(Debug, Clone)]
+pub struct Nic {
+    /// The options of `-netdev user,id=n0,<options>`, e.g.
+    /// `net=192.0.2.0/24,host=192.0.2.2,restrict=on,hostfwd=tcp:127.0.0.1:PORT-192.0.2.15:80`.
+    pub user: String,
+    /// The NIC's MAC address; QEMU's default (52:54:00:12:34:56) when `None`.
+    pub mac: Option<String>,
+}
+
 /// One boot: kernel, initrd, disks in virtio order (vda, vdb, ...).
 #[derive(Debug, Clone)]
 pub struct Boot {
@@ -43,11 +54,18 @@ pub struct Boot {
     /// A vhost-user vsock device served on this socket (by `vhost-device-vsock`); the guest's
     /// RAM is then a shared memfd the daemon maps.
     pub vhost_user_vsock: Option<PathBuf>,
+    /// A NIC; `None`: no network device at all.
+    pub nic: Option<Nic>,
+    /// A QEMU monitor listening on this Unix socket (`system_powerdown` presses the ACPI power
+    /// button).
+    pub monitor: Option<PathBuf>,
+    /// Appended as they are (e.g. `-device virtio-rng-pci`).
+    pub extra_args: Vec<String>,
 }
 
 impl Boot {
-    /// The QEMU command: no display, no network, serial console on stdout, no reboot (a guest
-    /// power-off or reset ends QEMU).
+    /// The QEMU command: no display, no network unless a [`Nic`], serial console on stdout, no
+    /// reboot (a guest power-off or reset ends QEMU).
     pub fn command(&self) -> Command {
         let (qemu, _, machine, console) = machine(self.arch);
         let mut cmd = Command::new(qemu);
@@ -66,6 +84,7 @@ impl Boot {
         cmd.args(["-accel", &self.accel])
             .args(["-m", &self.memory_mib.to_string()]);
         if self.arch == Arch::Aarch64 {
+            // PSCI powers the guest off; `-no-reboot` turns a reset into an exit too.
             cmd.args([
                 "-cpu",
                 if self.accel == "kvm" {
@@ -75,8 +94,27 @@ impl Boot {
                 },
             ]);
         }
-        cmd.args(["-serial", "stdio", "-net", "none"])
-            .arg("-kernel")
+        cmd.args(["-serial", "stdio"]);
+        match &self.nic {
+            None => {
+                cmd.args(["-net", "none"]);
+            }
+            Some(nic) => {
+                // No option ROM: the kernel is booted directly, PXE is never used.
+                let mut device = "virtio-net-pci,netdev=n0,romfile=".to_owned();
+                if let Some(mac) = &nic.mac {
+                    device.push_str(&format!(",mac={mac}"));
+                }
+                cmd.arg("-netdev")
+                    .arg(format!("user,id=n0,{}", nic.user))
+                    .args(["-device", &device]);
+            }
+        }
+        if let Some(monitor) = &self.monitor {
+            cmd.arg("-monitor")
+                .arg(format!("unix:{},server=on,wait=off", monitor.display()));
+        }
+        cmd.arg("-kernel")
             .arg(&self.kernel)
             .arg("-initrd")
             .arg(&self.initrd)
@@ -96,6 +134,7 @@ impl Boot {
                 .arg(format!("socket,id=vsock0,path={}", socket.display()))
                 .args(["-device", "vhost-user-vsock-pci,chardev=vsock0"]);
         }
+        cmd.args(&self.extra_args);
         cmd
     }
 }
@@ -104,29 +143,47 @@ impl Boot {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_command_boots_kernel_initrd_and_disks_in_order() {
-        let boot = Boot {
-            arch: Arch::Aarch64,
+    /// A 512 MiB TCG boot of /k and /i with no devices.
+    fn plain(arch: Arch) -> Boot {
+        Boot {
+            arch,
             accel: "tcg".into(),
-            memory_mib: 256,
+            memory_mib: 512,
             kernel: "/k".into(),
             initrd: "/i".into(),
-            disks: vec!["/a.img".into(), "/b.img".into()],
+            disks: vec![],
             append: String::new(),
             vhost_user_vsock: None,
-        };
-        let cmd = boot.command();
-        let args: Vec<String> = cmd
+            nic: None,
+            monitor: None,
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// The command's arguments, space-joined.
+    fn text(boot: &Boot) -> String {
+        let args: Vec<String> = boot
+            .command()
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        let text = args.join(" ");
-        assert_eq!(cmd.get_program(), "qemu-system-aarch64");
+        args.join(" ")
+    }
+
+    #[test]
+    fn the_command_boots_kernel_initrd_and_disks_in_order() {
+        let boot = Boot {
+            memory_mib: 256,
+            disks: vec!["/a.img".into(), "/b.img".into()],
+            ..plain(Arch::Aarch64)
+        };
+        let text = text(&boot);
+        assert_eq!(boot.command().get_program(), "qemu-system-aarch64");
         assert!(
             text.contains("-M virt -accel tcg -m 256 -cpu cortex-a57"),
             "{text}"
         );
+        assert!(text.contains("-net none"), "{text}");
         assert!(text.contains("-kernel /k -initrd /i -append console=ttyAMA0 panic=-1 loglevel=4 -drive file=/a.img,if=virtio,format=raw -drive file=/b.img"), "{text}");
         // A guest of another architecture is always emulated.
         let foreign = if Arch::host() == Arch::X86_64 {
@@ -138,23 +195,41 @@ mod tests {
     }
 
     #[test]
+    fn a_nic_a_monitor_and_extra_arguments_are_options() {
+        let boot = Boot {
+            append: "quiet".into(),
+            nic: Some(Nic {
+                user: "net=192.0.2.0/24,restrict=on".into(),
+                mac: Some("52:54:00:00:00:01".into()),
+            }),
+            monitor: Some("/run/mon.sock".into()),
+            extra_args: vec!["-device".into(), "virtio-rng-pci".into()],
+            ..plain(Arch::X86_64)
+        };
+        let text = text(&boot);
+        assert!(!text.contains("-net none"), "{text}");
+        assert!(
+            text.contains(
+                "-netdev user,id=n0,net=192.0.2.0/24,restrict=on \
+                 -device virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:00:00:01 \
+                 -monitor unix:/run/mon.sock,server=on,wait=off"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("-append console=ttyS0 panic=-1 loglevel=4 quiet"),
+            "{text}"
+        );
+        assert!(text.ends_with("-device virtio-rng-pci"), "{text}");
+    }
+
+    #[test]
     fn a_vsock_device_shares_the_guest_memory_with_its_daemon() {
         let boot = Boot {
-            arch: Arch::X86_64,
-            accel: "tcg".into(),
-            memory_mib: 512,
-            kernel: "/k".into(),
-            initrd: "/i".into(),
-            disks: vec![],
-            append: String::new(),
             vhost_user_vsock: Some("/run/vhu.sock".into()),
+            ..plain(Arch::X86_64)
         };
-        let args: Vec<String> = boot
-            .command()
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        let text = args.join(" ");
+        let text = text(&boot);
         assert!(
             text.contains("-M pc,memory-backend=mem -accel tcg -m 512"),
             "{text}"
