@@ -1,6 +1,6 @@
 //! `cargo xtask bench <case>`: benchmarks that report against a baseline measured in the same
 //! run. Never part of the tests (tests do not assert on time). Each case is a bench target of
-//! its own (`xtask/benches/<case>.rs`), run by `cargo bench` in the dev profile, whose
+//! its own (`bench/benches/<case>.rs`), run by `cargo bench` in the dev profile, whose
 //! dependencies are optimized: the harness they use (`testkit`) stays out of this binary.
 
 use std::io::{BufRead, BufReader};
@@ -113,7 +113,7 @@ impl Bench {
         let sh = Shell::new()?;
         sh.change_dir(xtask::workspace_root());
         // Build every bench first, so the runs that follow measure nothing but themselves.
-        cmd!(sh, "cargo bench --profile dev -p xtask --no-run")
+        cmd!(sh, "cargo bench --profile dev -p bench --no-run")
             .run()
             .context("building the benchmarks")?;
         let mut figures = Vec::new();
@@ -140,7 +140,7 @@ impl Bench {
 fn run_case(name: &str) -> anyhow::Result<Vec<serde_json::Value>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut child = Command::new(cargo)
-        .args(["bench", "--profile", "dev", "-p", "xtask", "--bench", name])
+        .args(["bench", "--profile", "dev", "-p", "bench", "--bench", name])
         .current_dir(xtask::workspace_root())
         .stdout(Stdio::piped())
         .spawn()

@@ -6,7 +6,7 @@
 //!   fed on stdin, `cat FILE` read from stdout) over the same transport;
 //! - the agent binary's size. One VM serves every figure.
 
-#[path = "../tests/agent_guest/mod.rs"]
+#[path = "../../xtask/tests/agent_guest/mod.rs"]
 mod agent_guest;
 
 use std::time::{Duration, Instant};

@@ -29,7 +29,7 @@ const MODULES: &str = "modules";
 
 /// The probe PID 1, compiled for musl with the pinned toolchain's `rustc`.
 fn build_probe(dir: &Path) -> anyhow::Result<Vec<u8>> {
-    let source = xtask::workspace_root().join("xtask/benches/probe/pid1_probe.rs");
+    let source = xtask::workspace_root().join("bench/benches/probe/pid1_probe.rs");
     let out = dir.join("pid1-probe");
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let status = std::process::Command::new(&rustc)
