@@ -554,21 +554,21 @@ mod tests {
     }
 
     /// Copies what a build of guest-init needs (not `target/`) to `to`.
+    /// The workspace's files a build reads: the root manifests, the toolchain files and every
+    /// member the root `Cargo.toml` lists (cargo refuses a workspace with a member missing).
     fn copy_workspace(from: &Path, to: &Path) {
-        for item in [
-            "Cargo.toml",
-            "Cargo.lock",
-            "rust-toolchain.toml",
-            ".cargo",
-            "system",
-            "guest-protocol",
-            "guest-init",
-            "guest-agent-proto",
-            "guest-agent",
-            "guest-client",
-            "xtask",
-            "testkit",
-        ] {
+        let manifest = std::fs::read_to_string(from.join("Cargo.toml")).unwrap();
+        let members = manifest
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("members = ["))
+            .expect("the root Cargo.toml lists its members on one line");
+        let members = members
+            .trim_end_matches(']')
+            .split(',')
+            .map(|member| member.trim().trim_matches('"'))
+            .filter(|member| !member.is_empty());
+        let files = ["Cargo.toml", "Cargo.lock", "rust-toolchain.toml", ".cargo"];
+        for item in files.into_iter().chain(members) {
             let status = std::process::Command::new("cp")
                 .arg("-r")
                 .arg(from.join(item))
