@@ -142,7 +142,7 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
         let root_mounts = std::thread::Builder::new()
             .name("root-mounts".into())
             .spawn_scoped(scope, mount_root);
-        let config = read_config(sys, &options, scope)?;
+        let config = read_config(sys, &options)?;
         drivers::check_gpu(config.gpu, &drivers)
             .map_err(|e| Fatal::new("drivers", e.class(), e))?;
         timings.mark("config");
@@ -163,6 +163,7 @@ fn boot(sys: &'static (dyn Kernel + Sync)) -> Result<AppExit, Fatal> {
         .map_err(|e| Fatal::new("root", ExitReason::Rootfs, e))?;
         Ok::<_, Fatal>((config, layout))
     })?;
+    shutdown::remember_hidden_mounts(&[PathBuf::from(CONFIG_MOUNT)]);
     shutdown::remember_hidden_mounts(&layout.hidden);
     info!(
         "root",
@@ -323,13 +324,11 @@ fn load_modules(sys: &dyn Syscalls) -> Result<Vec<String>, Fatal> {
     Ok(lines)
 }
 
-/// Mount the config disk, read config.json, and unmount it again on a thread of `scope`
-/// (unmounting ext4 stops its journal thread; nothing needs to wait for that).
-fn read_config<'scope>(
-    sys: &'scope (dyn Kernel + Sync),
-    options: &BootOptions,
-    scope: &'scope std::thread::Scope<'scope, '_>,
-) -> Result<Config, Fatal> {
+/// Mount the config disk (read-only) and read config.json. The disk stays mounted: after the
+/// root switch it is hidden under the initramfs with the overlay's layers, out of the
+/// application's sight, and unmounted with them at power off. Unmounting it here cost a thread
+/// and the unmount's kernel work on the way to the application's exec.
+fn read_config(sys: &dyn Kernel, options: &BootOptions) -> Result<Config, Fatal> {
     let mount_point = Path::new(CONFIG_MOUNT);
     mount::mount_device(
         sys,
@@ -339,19 +338,7 @@ fn read_config<'scope>(
         MountFlags::RDONLY,
     )
     .map_err(|e| Fatal::new("config", ExitReason::Mount, e))?;
-    let file: PathBuf = mount_point.join(config::FILE_NAME);
-    let loaded = config::load(&file);
-    // The config disk is not needed after this; the application never sees it.
-    let unmount = move || {
-        let _ = sys.unmount(Path::new(CONFIG_MOUNT));
-    };
-    if std::thread::Builder::new()
-        .name("config-unmount".into())
-        .spawn_scoped(scope, unmount)
-        .is_err()
-    {
-        unmount();
-    }
+    let loaded = config::load(&mount_point.join(config::FILE_NAME));
     let (config, warnings) = loaded.map_err(|e| Fatal::new("config", ExitReason::Config, e))?;
     for warning in warnings {
         info!("config", "{warning}");

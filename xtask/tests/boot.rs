@@ -154,6 +154,22 @@ fn env_workdir_and_user_are_honoured() {
 }
 
 #[test]
+fn the_config_disk_is_out_of_the_app_s_sight_and_unmounted_at_power_off() {
+    // guest-init leaves it mounted read-only under the initramfs, hidden by the root switch.
+    let boot = Guest::new(sh(
+        "if grep -q guest-init/config /proc/self/mountinfo || [ -e /.guest-init ]; \
+         then echo CONFIG-VISIBLE; else echo CONFIG-HIDDEN; fi",
+    ))
+    .boot();
+    boot.expect_exit(0).expect_output("CONFIG-HIDDEN");
+    assert!(
+        !boot.console.contains("stays writable") && !boot.console.contains("not reachable"),
+        "a mount was left behind at power off:\n{}",
+        boot.console
+    );
+}
+
+#[test]
 fn writes_land_in_the_overlay_and_the_rootfs_is_unchanged() {
     let guest = Guest::new(sh(
         "echo changed > /etc/motd && echo new > /etc/new-file && rm /etc/group && \
