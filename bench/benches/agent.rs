@@ -6,14 +6,12 @@
 //!   fed on stdin, `cat FILE` read from stdout) over the same transport;
 //! - the agent binary's size. One VM serves every figure.
 
-#[path = "../../xtask/tests/agent_guest/mod.rs"]
-mod agent_guest;
-
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use guest_client::{Client, ExecSpec};
 use system::Arch;
+use testkit::agent_guest;
 use testkit::bench::{Figure, format_duration, median};
 use testkit::noise::Noise;
 

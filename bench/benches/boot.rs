@@ -138,7 +138,5 @@ fn kernel_time_us(console: &str, needle: &str) -> Option<u64> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let sh = Shell::new()?;
-    sh.change_dir(xtask::workspace_root());
-    run(&sh)
+    run(&testkit::bench::workspace_shell()?)
 }

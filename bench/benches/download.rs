@@ -103,7 +103,5 @@ fn run(sh: &Shell) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let sh = Shell::new()?;
-    sh.change_dir(xtask::workspace_root());
-    run(&sh)
+    run(&testkit::bench::workspace_shell()?)
 }

@@ -140,7 +140,5 @@ fn children_cpu() -> anyhow::Result<Duration> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let sh = Shell::new()?;
-    sh.change_dir(xtask::workspace_root());
-    run(&sh)
+    run(&testkit::bench::workspace_shell()?)
 }

@@ -363,7 +363,5 @@ fn noop_artifacts(sh: &Shell) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let sh = Shell::new()?;
-    sh.change_dir(xtask::workspace_root());
-    run(&sh)
+    run(&testkit::bench::workspace_shell()?)
 }

@@ -259,7 +259,5 @@ fn ratio(a: Duration, b: Duration) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let sh = Shell::new()?;
-    sh.change_dir(xtask::workspace_root());
-    run(&sh)
+    run(&testkit::bench::workspace_shell()?)
 }

@@ -20,6 +20,7 @@ use testkit::bench::{
     Figure, Target, exec_without, format_duration, median, phase_times, timings_marks,
 };
 use testkit::vm::{self, BOOT_TIMEOUT, Vm, VmSpec};
+use xtask::initrd::modules::ModuleSet;
 
 const BOOTS: usize = 10;
 /// The figure's target (issue 13).
@@ -57,14 +58,18 @@ fn build_probe(dir: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(fs::read(&out)?)
 }
 
-/// A test initrd (the minimal profile + [`vm::TEST_MODULES`]) around `guest_init`.
-fn initrd_with(kernel: &vm::Kernel, guest_init: &[u8]) -> anyhow::Result<Vec<u8>> {
-    use xtask::initrd::{cpio, modules, modules_dir, recipe};
-    let dir = modules_dir::ModulesDir::locate(&kernel.modules)?;
-    let names: Vec<String> = vm::TEST_MODULES.iter().map(|s| s.to_string()).collect();
-    let set = modules::ModuleSet::load(&dir, &names)?;
-    let tree = recipe::assemble(None, guest_init, None, Some(&set))?;
+/// A test initrd (the minimal profile + `modules`) around `init`.
+fn initrd_with(modules: &ModuleSet, init: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use xtask::initrd::{cpio, recipe};
+    let tree = recipe::assemble(None, init, None, Some(modules))?;
     cpio::write_initrd(&tree, cpio::mtime_from_env()?, Default::default())
+}
+
+/// [`vm::TEST_MODULES`] of `kernel`, read once for every initrd the run boots.
+fn test_modules(kernel: &vm::Kernel) -> anyhow::Result<ModuleSet> {
+    let dir = xtask::initrd::modules_dir::ModulesDir::locate(&kernel.modules)?;
+    let names: Vec<String> = vm::TEST_MODULES.iter().map(|s| s.to_string()).collect();
+    ModuleSet::load(&dir, &names)
 }
 
 /// What one kind of boot measured: start → exec without module loading, and QEMU start →
@@ -132,7 +137,7 @@ impl Phases {
     }
 }
 
-fn run() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let boots: usize = match std::env::var("PID1_BENCH_BOOTS") {
         Ok(n) => n.parse().context("PID1_BENCH_BOOTS must be a number")?,
         Err(_) => BOOTS,
@@ -140,6 +145,7 @@ fn run() -> anyhow::Result<()> {
     let show_console = std::env::var_os("PID1_BENCH_CONSOLE").is_some();
     let compare = std::env::var_os("PID1_BENCH_COMPARE").map(std::path::PathBuf::from);
     let kernel = vm::Kernel::debian_cloud()?;
+    let modules = test_modules(&kernel)?;
     let dir = tempfile::tempdir()?;
 
     let initrd = dir.path().join("initrd.gz");
@@ -155,7 +161,7 @@ fn run() -> anyhow::Result<()> {
             let bytes = fs::read(binary)
                 .with_context(|| format!("PID1_BENCH_COMPARE: reading {}", binary.display()))?;
             let path = dir.path().join("compare.gz");
-            fs::write(&path, initrd_with(&kernel, &bytes)?)?;
+            fs::write(&path, initrd_with(&modules, &bytes)?)?;
             Some(path)
         }
         None => None,
@@ -163,7 +169,7 @@ fn run() -> anyhow::Result<()> {
     let probe_initrd = dir.path().join("probe.gz");
     fs::write(
         &probe_initrd,
-        initrd_with(&kernel, &build_probe(dir.path())?)?,
+        initrd_with(&modules, &build_probe(dir.path())?)?,
     )?;
 
     let tree = dir.path().join("rootfs");
@@ -233,8 +239,4 @@ fn run() -> anyhow::Result<()> {
     .with_target(Target::TimeAtMost(TARGET))
     .print();
     Ok(())
-}
-
-fn main() -> anyhow::Result<()> {
-    run()
 }

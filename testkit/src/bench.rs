@@ -3,6 +3,13 @@
 
 use std::time::Duration;
 
+/// A shell in the workspace root, where every benchmark runs its commands.
+pub fn workspace_shell() -> anyhow::Result<xshell::Shell> {
+    let sh = xshell::Shell::new()?;
+    sh.change_dir(xtask::workspace_root());
+    Ok(sh)
+}
+
 /// The median of `samples` (the upper one for an even count). Panics on no samples.
 pub fn median<T: Ord + Copy>(mut samples: Vec<T>) -> T {
     assert!(!samples.is_empty(), "a median needs samples");

@@ -3,16 +3,14 @@
 //! copies and stat. Every test shares one VM booted once per process (`agent_vm`); each works
 //! in its own guest directory. Waits are hang guards, never assertions on speed.
 
-mod agent_guest;
-
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
 use std::time::Duration;
 
-use agent_guest::{AgentVm, eventually, shared_agent_vm};
 use guest_client::{Client, ExecEvent, ExecOutput, ExecSpec, Output};
 use sha2::{Digest, Sha256};
+use testkit::agent_guest::{self, AgentVm, eventually, shared_agent_vm};
 use testkit::noise::Noise;
 
 /// How long one step may hang before the test gives up (TCG on a shared machine is slow).

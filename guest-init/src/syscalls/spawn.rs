@@ -53,13 +53,24 @@ impl Step {
             ChildStep::SetUid(uid) => Step::SetUid(Uid::from_raw(*uid)),
         }
     }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Step::UnblockSignals => "sigprocmask",
+            Step::NewSession => "setsid",
+            Step::ControllingTerminal => "TIOCSCTTY",
+            Step::SetGroups(_) => "setgroups",
+            Step::SetGid(_) => "setgid",
+            Step::SetUid(_) => "setuid",
+        }
+    }
 }
 
 /// Where the child gave up: the step's name and its errno.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Failure {
-    pub step: &'static str,
-    pub errno: i32,
+struct Failure {
+    step: &'static str,
+    errno: i32,
 }
 
 impl Failure {
@@ -258,19 +269,6 @@ impl Prepared {
             }
         };
         fail("exec", last_errno())
-    }
-}
-
-impl Step {
-    fn name(&self) -> &'static str {
-        match self {
-            Step::UnblockSignals => "sigprocmask",
-            Step::NewSession => "setsid",
-            Step::ControllingTerminal => "TIOCSCTTY",
-            Step::SetGroups(_) => "setgroups",
-            Step::SetGid(_) => "setgid",
-            Step::SetUid(_) => "setuid",
-        }
     }
 }
 

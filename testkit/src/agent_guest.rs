@@ -1,26 +1,24 @@
 //! The guest agent in a real VM, reached over real virtio-vsock: QEMU's `vhost-user-vsock-pci`
 //! served by rust-vmm's `vhost-device-vsock`, whose hybrid Unix socket is exactly Cloud
 //! Hypervisor's (`CONNECT 2222\n` → `OK 2222\n`). Shared by the agent VM tests
-//! (`tests/agent_vm.rs`) and the agent benchmark (`benches/agent.rs`).
+//! (`xtask/tests/agent_vm.rs`) and the agent benchmark (`bench/benches/agent.rs`).
 //!
 //! The agent comes the way it does in production: the test initrd carries it (`agent: true`)
 //! and guest-init starts it after the root switch, beside an application that only waits
 //! (busybox provides `sh` and the tools exec'd commands use).
 
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crate::vm::{
+    BOOT_TIMEOUT, Kernel, TEST_MODULES, VSOCK_MODULES, Vm, VmSpec, Vsock, busybox_rootfs,
+    ext4_image,
+};
 use anyhow::{Context, bail};
 use guest_client::{AGENT_PORT, Client};
 use guest_protocol::Config;
 use system::Arch;
-use testkit::vm::{
-    BOOT_TIMEOUT, Kernel, TEST_MODULES, VSOCK_MODULES, Vm, VmSpec, Vsock, busybox_rootfs,
-    ext4_image,
-};
 
 /// What the agent logs (in guest-init's line format) once it accepts connections.
 const LISTENING: &str = "agent: listening on vsock port 2222";
@@ -64,7 +62,7 @@ fn vsock_initrd(arch: Arch, kernel: &Kernel) -> &'static Path {
         Arch::Aarch64 => &AARCH64,
     };
     let dir = xtask::workspace_root().join("target/vm-tests");
-    testkit::vm::initrd_once(cell, &dir, &format!("vsock-{arch}"), || {
+    crate::vm::initrd_once(cell, &dir, &format!("vsock-{arch}"), || {
         let modules: Vec<&str> = TEST_MODULES.iter().chain(VSOCK_MODULES).copied().collect();
         xtask::initrd::build_test_initrd(&xtask::initrd::TestInitrd {
             agent: true,
