@@ -207,8 +207,8 @@ pub struct VmSpec {
     pub disks: Vec<PathBuf>,
     /// A NIC; `None`: no network device at all.
     pub nic: Option<Nic>,
-    /// Appended to `console=<ttyS0 or ttyAMA0> panic=-1 loglevel=4` (and `no_timer_check` on
-    /// x86_64).
+    /// Appended to `console=<ttyS0 or ttyAMA0> panic=-1 loglevel=4` (and `no_timer_check`
+    /// under TCG on x86_64, as every `vm run` boot).
     pub append: String,
     pub memory_mib: u32,
     /// The guest's architecture: x86_64 unless set.
@@ -357,12 +357,7 @@ impl Vm {
             kernel: kernel.to_owned(),
             initrd: initrd.to_owned(),
             disks: spec.disks.clone(),
-            // Under TCG on a busy host the timer check can miss ticks and panic the kernel
-            // ("IO-APIC + timer doesn't work!") before guest-init runs.
-            append: match spec.arch {
-                Arch::X86_64 => format!("no_timer_check {}", spec.append),
-                Arch::Aarch64 => spec.append.clone(),
-            },
+            append: spec.append.clone(),
             vhost_user_vsock: vsock.as_ref().map(|d| d.vhost_user_socket.clone()),
             nic: spec.nic.clone(),
             monitor: Some(monitor.clone()),

@@ -49,7 +49,8 @@ pub struct Boot {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub disks: Vec<PathBuf>,
-    /// Appended to `console=<tty> panic=-1 loglevel=4`.
+    /// Appended to `console=<tty> panic=-1 loglevel=4` (and `no_timer_check` under TCG on
+    /// x86_64).
     pub append: String,
     /// A vhost-user vsock device served on this socket (by `vhost-device-vsock`); the guest's
     /// RAM is then a shared memfd the daemon maps.
@@ -64,6 +65,22 @@ pub struct Boot {
 }
 
 impl Boot {
+    /// The console, no reboot on panic, quiet, then [`Boot::append`]. Under TCG on x86_64 also
+    /// `no_timer_check`: on a busy host the emulated timer can miss the ticks the kernel's
+    /// IO-APIC check counts, and it panics ("IO-APIC + timer doesn't work!") before PID 1.
+    fn kernel_command_line(&self, console: &str) -> String {
+        let timer = match (self.arch, self.accel.as_str()) {
+            (Arch::X86_64, "tcg") => " no_timer_check",
+            _ => "",
+        };
+        format!(
+            "console={console} panic=-1 loglevel=4{timer} {}",
+            self.append
+        )
+        .trim_end()
+        .to_owned()
+    }
+
     /// The QEMU command: no display, no network unless a [`Nic`], serial console on stdout, no
     /// reboot (a guest power-off or reset ends QEMU).
     pub fn command(&self) -> Command {
@@ -119,7 +136,7 @@ impl Boot {
             .arg("-initrd")
             .arg(&self.initrd)
             .arg("-append")
-            .arg(format!("console={console} panic=-1 loglevel=4 {}", self.append).trim_end());
+            .arg(self.kernel_command_line(console));
         for disk in &self.disks {
             cmd.arg("-drive")
                 .arg(format!("file={},if=virtio,format=raw", disk.display()));
@@ -217,10 +234,27 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("-append console=ttyS0 panic=-1 loglevel=4 quiet"),
+            text.contains("-append console=ttyS0 panic=-1 loglevel=4 no_timer_check quiet"),
             "{text}"
         );
         assert!(text.ends_with("-device virtio-rng-pci"), "{text}");
+    }
+
+    #[test]
+    fn only_an_emulated_x86_64_skips_the_timer_check() {
+        let kvm = Boot {
+            accel: "kvm".into(),
+            ..plain(Arch::X86_64)
+        };
+        let kvm = text(&kvm);
+        assert!(
+            kvm.ends_with("-append console=ttyS0 panic=-1 loglevel=4"),
+            "{kvm}"
+        );
+        let tcg = text(&plain(Arch::X86_64));
+        assert!(tcg.ends_with("loglevel=4 no_timer_check"), "{tcg}");
+        let arm = text(&plain(Arch::Aarch64));
+        assert!(!arm.contains("no_timer_check"), "{arm}");
     }
 
     #[test]

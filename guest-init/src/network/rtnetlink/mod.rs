@@ -215,7 +215,10 @@ mod tests {
     #[test]
     fn the_kernel_lists_loopback_and_refuses_a_missing_link() {
         let links = Rtnetlink.links().unwrap();
-        let lo = links.iter().find(|link| link.name == "lo").expect("lo listed");
+        let lo = links
+            .iter()
+            .find(|link| link.name == "lo")
+            .expect("lo listed");
         assert_eq!(lo.index, 1);
         assert_eq!(lo.mac, Some(MacAddress([0; 6])));
         let missing = i32::MAX as u32;
