@@ -55,14 +55,7 @@ impl AgentVm {
 /// The test initrd for `kernel`: guest-init, the agent, [`TEST_MODULES`] and
 /// [`VSOCK_MODULES`]. Built once per process and arch.
 fn vsock_initrd(arch: Arch, kernel: &Kernel) -> &'static Path {
-    static X86_64: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    static AARCH64: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let cell = match arch {
-        Arch::X86_64 => &X86_64,
-        Arch::Aarch64 => &AARCH64,
-    };
-    let dir = xtask::workspace_root().join("target/vm-tests");
-    crate::vm::initrd_once(cell, &dir, &format!("vsock-{arch}"), || {
+    crate::vm::initrd_once(&format!("vsock-{arch}"), || {
         let modules: Vec<&str> = TEST_MODULES.iter().chain(VSOCK_MODULES).copied().collect();
         xtask::initrd::build_test_initrd(&xtask::initrd::TestInitrd {
             agent: true,

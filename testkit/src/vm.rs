@@ -9,11 +9,12 @@
 //! guest). Tests assert on the console,
 //! never on QEMU's exit status: a guest whose PID 1 died exits QEMU with 0 too.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use std::{fs, thread};
 
@@ -527,21 +528,25 @@ fn kill_at_eof(pids: &[u32]) -> anyhow::Result<Child> {
 /// How long a boot may take before the harness gives up: generous for TCG on a busy machine.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// A test initrd built at most once per test process and kept as
-/// `dir/initrd-<name>-<pid>.gz`: the first caller of `cell` runs `build`, the others get its
-/// path. A failed build panics in every caller, naming `name` and the cause.
-pub fn initrd_once(
-    cell: &'static std::sync::OnceLock<Result<PathBuf, String>>,
-    dir: &Path,
-    name: &str,
-    build: impl FnOnce() -> anyhow::Result<Vec<u8>>,
-) -> &'static Path {
+/// The test initrd called `name`, built at most once per test process and kept as
+/// `target/vm-tests/initrd-<name>-<pid>.gz`: the first caller for a name runs `build` (other
+/// names build meanwhile), later ones get its path. A failed build panics in every caller,
+/// naming `name` and the cause.
+pub fn initrd_once(name: &str, build: impl FnOnce() -> anyhow::Result<Vec<u8>>) -> &'static Path {
+    type Cell = OnceLock<Result<PathBuf, String>>;
+    static BUILT: Mutex<BTreeMap<String, &'static Cell>> = Mutex::new(BTreeMap::new());
+    let cell: &'static Cell = BUILT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .entry(name.to_owned())
+        .or_insert_with(|| Box::leak(Box::default()));
     let built = cell.get_or_init(|| {
         let write = || -> anyhow::Result<PathBuf> {
             let bytes = build()?;
-            std::fs::create_dir_all(dir)?;
+            let dir = xtask::workspace_root().join("target/vm-tests");
+            fs::create_dir_all(&dir)?;
             let path = dir.join(format!("initrd-{name}-{}.gz", std::process::id()));
-            std::fs::write(&path, bytes)?;
+            fs::write(&path, bytes)?;
             Ok(path)
         };
         write().map_err(|e| format!("{e:#}"))

@@ -3,7 +3,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use guest_protocol::{Config, ExitReason};
 use serde_json::{Value, json};
@@ -18,14 +17,7 @@ use xtask::test_suite::prepare::arm64_guest_dir;
 /// [`TEST_MODULES`] of the kernel the guest boots), built once per test process and shared.
 /// On arm64 the `button` module is built in (and skipped) and no input device sends `KEY_POWER`.
 fn test_initrd(arch: Arch) -> &'static Path {
-    static X86_64: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    static AARCH64: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let cell = match arch {
-        Arch::X86_64 => &X86_64,
-        Arch::Aarch64 => &AARCH64,
-    };
-    let dir = xtask::workspace_root().join("target/vm-tests");
-    testkit::vm::initrd_once(cell, &dir, arch.as_str(), || {
+    testkit::vm::initrd_once(arch.as_str(), || {
         let kernel = Kernel::debian_cloud_for(arch, &arm64_guest_dir())?;
         xtask::initrd::build_test_initrd(
             &xtask::initrd::TestInitrd::new(arch).with_modules(&kernel.modules, TEST_MODULES),

@@ -9,8 +9,7 @@
 mod guest_vm;
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 
 use guest_vm::Guest;
 use serde_json::{Value, json};
@@ -20,15 +19,8 @@ use xtask::initrd::TestInitrd;
 
 /// The test initrd, with or without the agent, built once per test process.
 fn initrd(agent: bool) -> &'static Path {
-    static WITH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    static WITHOUT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let (cell, name) = if agent {
-        (&WITH, "agent")
-    } else {
-        (&WITHOUT, "no-agent")
-    };
-    let dir = xtask::workspace_root().join("target/vm-tests");
-    testkit::vm::initrd_once(cell, &dir, name, || {
+    let name = if agent { "agent" } else { "no-agent" };
+    testkit::vm::initrd_once(name, || {
         let kernel = Kernel::debian_cloud()?;
         xtask::initrd::build_test_initrd(&TestInitrd {
             agent,

@@ -11,8 +11,7 @@
 mod guest_vm;
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 
 use guest_protocol::ExitReason;
 use guest_vm::Guest;
@@ -45,11 +44,8 @@ enum Initrd {
 
 /// The x86_64 test initrd of `kind`, built once per test process.
 fn initrd(kind: Initrd) -> &'static Path {
-    static GROUPS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    static GPU_ON_RNG: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let (cell, name, groups) = match kind {
+    let (name, groups) = match kind {
         Initrd::Groups => (
-            &GROUPS,
             "groups",
             vec![
                 ("gpu".to_owned(), group("10de::03", "virtio_input", &[])),
@@ -60,13 +56,11 @@ fn initrd(kind: Initrd) -> &'static Path {
             ],
         ),
         Initrd::GpuOnRng => (
-            &GPU_ON_RNG,
             "gpu-on-rng",
             vec![("gpu".to_owned(), group("1af4:1005", "virtio_rng", &[]))],
         ),
     };
-    let dir = xtask::workspace_root().join("target/vm-tests");
-    testkit::vm::initrd_once(cell, &dir, name, || {
+    testkit::vm::initrd_once(name, || {
         let kernel = Kernel::debian_cloud()?;
         let firmware = tempfile::tempdir()?;
         let file = firmware.path().join(FIRMWARE);

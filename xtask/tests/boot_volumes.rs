@@ -6,7 +6,6 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use guest_protocol::ExitReason;
 use serde_json::{Value, json};
@@ -32,18 +31,11 @@ enum Initrd {
 
 /// Built once per test process and kind, shared by the tests.
 fn initrd(kind: Initrd) -> &'static Path {
-    static WITH_FILESYSTEMS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    static PLAIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let (cell, name, modules): (_, _, Vec<&str>) = match kind {
-        Initrd::WithFilesystems => (
-            &WITH_FILESYSTEMS,
-            "filesystems",
-            [TEST_MODULES, FILESYSTEM_MODULES].concat(),
-        ),
-        Initrd::Plain => (&PLAIN, "plain", TEST_MODULES.to_vec()),
+    let (name, modules): (_, Vec<&str>) = match kind {
+        Initrd::WithFilesystems => ("filesystems", [TEST_MODULES, FILESYSTEM_MODULES].concat()),
+        Initrd::Plain => ("plain", TEST_MODULES.to_vec()),
     };
-    let dir = xtask::workspace_root().join("target/vm-tests");
-    testkit::vm::initrd_once(cell, &dir, &format!("volumes-{name}"), || {
+    testkit::vm::initrd_once(&format!("volumes-{name}"), || {
         let kernel = Kernel::debian_cloud()?;
         xtask::initrd::build_test_initrd(
             &xtask::initrd::TestInitrd::new(Arch::X86_64).with_modules(&kernel.modules, &modules),

@@ -4,7 +4,6 @@
 use std::fs;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use serde_json::Value;
 use system::Arch;
@@ -22,9 +21,7 @@ pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 15);
 /// The x86_64 test initrd: guest-init from this workspace, [`TEST_MODULES`] and
 /// [`NET_MODULES`] of the host's Debian cloud kernel. Built once per test process.
 pub fn network_initrd() -> &'static Path {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let dir = xtask::workspace_root().join("target/vm-tests");
-    testkit::vm::initrd_once(&BUILT, &dir, "net-x86_64", || {
+    testkit::vm::initrd_once("net-x86_64", || {
         let kernel = Kernel::debian_cloud()?;
         let modules: Vec<&str> = TEST_MODULES.iter().chain(NET_MODULES).copied().collect();
         xtask::initrd::build_test_initrd(
