@@ -34,11 +34,8 @@ fn boot_once(kernel: &Path, initrd: &Path, spec: &VmSpec) -> anyhow::Result<(u64
 }
 
 fn disks(dir: &Path, name: &str, config: &str) -> anyhow::Result<VmSpec> {
-    let config_tree = dir.join(format!("{name}-config"));
-    fs::create_dir_all(&config_tree)?;
-    fs::write(config_tree.join("config.json"), config)?;
     let config_image = dir.join(format!("{name}-config.img"));
-    vm::ext4_image(&config_image, Some(&config_tree), 4)?;
+    xtask::vm::config_image(&config_image, config)?;
     let mut spec = VmSpec::new(vec![dir.join("rootfs.img"), config_image]);
     spec.append = "guest_init.config=/dev/vdb guest_init.writable=tmpfs".into();
     spec.nic = Some(Nic {

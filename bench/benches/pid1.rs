@@ -176,14 +176,8 @@ fn main() -> anyhow::Result<()> {
     vm::busybox_rootfs(Arch::X86_64, &tree, Path::new("/"))?;
     let rootfs = dir.path().join("rootfs.img");
     vm::ext4_image(&rootfs, Some(&tree), 64)?;
-    let config_tree = dir.path().join("config");
-    fs::create_dir_all(&config_tree)?;
-    fs::write(
-        config_tree.join("config.json"),
-        r#"{"entrypoint":["/bin/true"]}"#,
-    )?;
     let config = dir.path().join("config.img");
-    vm::ext4_image(&config, Some(&config_tree), 4)?;
+    xtask::vm::config_image(&config, r#"{"entrypoint":["/bin/true"]}"#)?;
     let mut spec = VmSpec::new(vec![rootfs, config]);
     spec.append = "guest_init.config=/dev/vdb guest_init.writable=tmpfs".into();
 

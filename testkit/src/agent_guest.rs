@@ -114,16 +114,13 @@ pub fn agent_vm_for(arch: Arch) -> anyhow::Result<AgentVm> {
     ext4_image(&rootfs, Some(&tree), 64)?;
     let writable = dir.path().join("writable.img");
     ext4_image(&writable, None, WRITABLE_MIB)?;
-    let config_tree = dir.path().join("config-tree");
-    std::fs::create_dir_all(&config_tree)?;
     // The app only waits; APP_DEFAULT: an application default an exec's env sits over.
-    let config = Config::exec(["/bin/sh", "-c", "while :; do sleep 3600; done"])
+    let json = Config::exec(["/bin/sh", "-c", "while :; do sleep 3600; done"])
         .with_env("APP_DEFAULT", "from-config")
         .to_json()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    std::fs::write(config_tree.join("config.json"), config)?;
     let config = dir.path().join("config.img");
-    ext4_image(&config, Some(&config_tree), 4)?;
+    xtask::vm::config_image(&config, &json)?;
 
     let mut spec = VmSpec::new(vec![rootfs, writable, config]);
     spec.arch = arch;

@@ -53,15 +53,12 @@ impl Guest {
         ext4_image(&rootfs, Some(&tree), 64).unwrap();
         let writable = dir.path().join("writable.img");
         ext4_image(&writable, None, 64).unwrap();
-        let config_tree = dir.path().join("config-tree");
-        fs::create_dir_all(&config_tree).unwrap();
         let text = match config {
             Value::String(raw) => raw,
             other => serde_json::to_string_pretty(&other).unwrap(),
         };
-        fs::write(config_tree.join("config.json"), text).unwrap();
         let config = dir.path().join("config.img");
-        ext4_image(&config, Some(&config_tree), 4).unwrap();
+        xtask::vm::config_image(&config, &text).unwrap();
         Guest {
             arch,
             dir,

@@ -21,15 +21,12 @@ fn boots_with(compression: InitrdCompression) {
     busybox_rootfs(Arch::X86_64, &tree, std::path::Path::new("/")).unwrap();
     let rootfs = dir.path().join("rootfs.img");
     ext4_image(&rootfs, Some(&tree), 64).unwrap();
-    let config_tree = dir.path().join("config-tree");
-    fs::create_dir_all(&config_tree).unwrap();
-    fs::write(
-        config_tree.join("config.json"),
+    let config = dir.path().join("config.img");
+    xtask::vm::config_image(
+        &config,
         r#"{"entrypoint":["echo"],"cmd":["unpacked and running"]}"#,
     )
     .unwrap();
-    let config = dir.path().join("config.img");
-    ext4_image(&config, Some(&config_tree), 4).unwrap();
     let path = dir.path().join(format!("initrd.{compression}"));
     fs::write(&path, &initrd).unwrap();
 

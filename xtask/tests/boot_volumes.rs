@@ -80,9 +80,9 @@ impl Guest {
     fn around(dir: tempfile::TempDir, rootfs: PathBuf, config: Value) -> Guest {
         let writable = dir.path().join("writable.img");
         ext4_image(&writable, None, 64).unwrap();
-        let config_tree = tree_with(dir.path(), "config-tree", &[("config.json", &text(config))]);
+        let json = text(config);
         let config = dir.path().join("config.img");
-        ext4_image(&config, Some(&config_tree), 4).unwrap();
+        xtask::vm::config_image(&config, &json).unwrap();
         Guest {
             dir,
             disks: vec![rootfs, writable, config],

@@ -270,12 +270,19 @@ fn config_disk(command: &[String], dir: &Path) -> anyhow::Result<PathBuf> {
     let json = Config::exec(command.iter().cloned())
         .to_json()
         .map_err(|e| anyhow::anyhow!("the command does not make a valid config.json: {e}"))?;
-    let tree = dir.join("config-tree");
-    fs::create_dir_all(&tree)?;
-    fs::write(tree.join("config.json"), json)?;
     let image = dir.join("config.img");
-    ext4_image(&image, Some(&tree), 4)?;
+    config_image(&image, &json)?;
     Ok(image)
+}
+
+/// A 4 MiB ext4 config disk at `image` whose one file is `config.json` holding `json` (not
+/// checked: tests hand guest-init bad configs on purpose). The tree is staged beside it, in
+/// `<image>.tree/`.
+pub fn config_image(image: &Path, json: &str) -> anyhow::Result<()> {
+    let tree = image.with_extension("tree");
+    fs::create_dir_all(&tree).with_context(|| format!("creating {}", tree.display()))?;
+    fs::write(tree.join("config.json"), json)?;
+    ext4_image(image, Some(&tree), 4)
 }
 
 /// An ext4 image of `size_mib` made from a directory (`mkfs.ext4 -d`, no root), or empty.

@@ -1,7 +1,6 @@
 //! What the network, systemd, agent-start and drivers VM tests share: the test initrd with the
 //! virtio-net modules, guests made of fixture disks, user-network NICs.
 
-use std::fs;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -75,15 +74,12 @@ impl Guest {
     pub fn with_rootfs_image(dir: tempfile::TempDir, rootfs: PathBuf, config: Value) -> Guest {
         let writable = dir.path().join("writable.img");
         ext4_image(&writable, None, 64).unwrap();
-        let config_tree = dir.path().join("config-tree");
-        fs::create_dir_all(&config_tree).unwrap();
         let text = match config {
             Value::String(raw) => raw,
             other => serde_json::to_string_pretty(&other).unwrap(),
         };
-        fs::write(config_tree.join("config.json"), text).unwrap();
         let config = dir.path().join("config.img");
-        ext4_image(&config, Some(&config_tree), 4).unwrap();
+        xtask::vm::config_image(&config, &text).unwrap();
         Guest {
             _dir: dir,
             rootfs,
