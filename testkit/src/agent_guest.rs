@@ -77,9 +77,8 @@ pub fn agent_binary(arch: Arch) -> anyhow::Result<PathBuf> {
     let flags = guest_init::encoded_rustflags(&workspace, &target_dir, home.as_deref());
     let sh = xshell::Shell::new()?;
     xtask::toolchain::ensure_targets(&sh, &workspace, false)?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let triple = arch.musl_target();
-    let status = std::process::Command::new(cargo)
+    let status = xtask::nested_cargo::cargo()
         .current_dir(&workspace)
         .env("CARGO_ENCODED_RUSTFLAGS", &flags)
         .env("CARGO_TARGET_DIR", &target_dir)

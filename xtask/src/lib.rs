@@ -19,6 +19,7 @@ pub mod fetch;
 pub mod fuzz;
 pub mod initrd;
 pub mod lock;
+pub mod nested_cargo;
 pub mod oci;
 pub mod rootfs;
 pub mod store;

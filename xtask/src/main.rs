@@ -7,6 +7,8 @@ use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
     quiet_error_backtraces();
+    // SAFETY: still before any thread exists.
+    unsafe { xtask::nested_cargo::forget_the_running_package() };
     cli::Cli::parse().run()
 }
 
