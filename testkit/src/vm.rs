@@ -235,6 +235,78 @@ impl VmSpec {
     }
 }
 
+/// The disks of one test guest, in virtio order: a rootfs (vda), an empty writable disk (vdb)
+/// and a config disk (vdc), in a temp dir removed with the guest.
+pub struct Guest {
+    pub arch: Arch,
+    pub dir: tempfile::TempDir,
+    pub rootfs: PathBuf,
+    pub writable: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Guest {
+    /// An x86_64 busybox rootfs (with `extra` applied to its tree) and `config` (a JSON value,
+    /// or raw text when a string).
+    pub fn busybox(config: serde_json::Value, extra: impl FnOnce(&Path)) -> Guest {
+        Guest::busybox_for(Arch::X86_64, Path::new("/"), config, extra)
+    }
+
+    /// The same for `arch`; `arm64_root` is where an arm64 busybox is found ([`busybox_rootfs`]).
+    pub fn busybox_for(
+        arch: Arch,
+        arm64_root: &Path,
+        config: serde_json::Value,
+        extra: impl FnOnce(&Path),
+    ) -> Guest {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("rootfs-tree");
+        busybox_rootfs(arch, &tree, arm64_root).unwrap();
+        extra(&tree);
+        let rootfs = dir.path().join("rootfs.img");
+        ext4_image(&rootfs, Some(&tree), 64).unwrap();
+        Guest {
+            arch,
+            ..Guest::with_rootfs_image(dir, rootfs, config)
+        }
+    }
+
+    /// An x86_64 guest around `rootfs` (already in `dir`), with `config`.
+    pub fn with_rootfs_image(
+        dir: tempfile::TempDir,
+        rootfs: PathBuf,
+        config: serde_json::Value,
+    ) -> Guest {
+        let writable = dir.path().join("writable.img");
+        ext4_image(&writable, None, 64).unwrap();
+        let text = match config {
+            serde_json::Value::String(raw) => raw,
+            other => serde_json::to_string_pretty(&other).unwrap(),
+        };
+        let config = dir.path().join("config.img");
+        xtask::vm::config_image(&config, &text).unwrap();
+        Guest {
+            arch: Arch::X86_64,
+            dir,
+            rootfs,
+            writable,
+            config,
+        }
+    }
+
+    /// The three disks for the guest's arch and, when given, a NIC.
+    pub fn spec(&self, nic: Option<Nic>) -> VmSpec {
+        let mut spec = VmSpec::new(vec![
+            self.rootfs.clone(),
+            self.writable.clone(),
+            self.config.clone(),
+        ]);
+        spec.arch = self.arch;
+        spec.nic = nic;
+        spec
+    }
+}
+
 /// The accelerator for guests of the host's architecture: see [`accelerator_for`].
 pub fn accelerator() -> String {
     accelerator_for(Arch::host())

@@ -2,15 +2,13 @@
 //! under QEMU and asserts on the console (never on QEMU's exit status).
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use guest_protocol::{Config, ExitReason};
 use serde_json::{Value, json};
 use system::Arch;
 use system::hash::sha256_reader;
-use testkit::vm::{
-    BOOT_TIMEOUT, Boot, Kernel, TEST_MODULES, Vm, VmSpec, busybox_rootfs, ext4_image,
-};
+use testkit::vm::{BOOT_TIMEOUT, Boot, Guest, Kernel, TEST_MODULES, Vm, VmSpec};
 use xtask::test_suite::prepare::arm64_guest_dir;
 
 /// The test initrd for guests of `arch` (guest-init built from this workspace plus
@@ -25,61 +23,19 @@ fn test_initrd(arch: Arch) -> &'static Path {
     })
 }
 
-/// The disks of one test VM: a busybox rootfs, an empty writable disk, and a config disk.
-struct Guest {
-    arch: Arch,
-    dir: tempfile::TempDir,
-    rootfs: PathBuf,
-    writable: PathBuf,
-    config: PathBuf,
+/// An x86_64 guest whose config disk holds `config` (a JSON value, or raw text when a string).
+fn guest(config: Value) -> Guest {
+    Guest::busybox(config, |_| {})
 }
 
-impl Guest {
-    /// A guest whose config disk holds `config` (a JSON value, or raw text when a string).
-    fn new(config: Value) -> Guest {
-        Guest::with_rootfs(config, |_| {})
-    }
+trait Boots {
+    /// Boots the guest's disks with the shared test initrd for its arch, to the end.
+    fn boot(&self) -> Boot;
+}
 
-    fn with_rootfs(config: Value, extra: impl FnOnce(&Path)) -> Guest {
-        Guest::for_arch(Arch::X86_64, config, extra)
-    }
-
-    fn for_arch(arch: Arch, config: Value, extra: impl FnOnce(&Path)) -> Guest {
-        let dir = tempfile::tempdir().unwrap();
-        let tree = dir.path().join("rootfs-tree");
-        busybox_rootfs(arch, &tree, &arm64_guest_dir()).unwrap();
-        extra(&tree);
-        let rootfs = dir.path().join("rootfs.img");
-        ext4_image(&rootfs, Some(&tree), 64).unwrap();
-        let writable = dir.path().join("writable.img");
-        ext4_image(&writable, None, 64).unwrap();
-        let text = match config {
-            Value::String(raw) => raw,
-            other => serde_json::to_string_pretty(&other).unwrap(),
-        };
-        let config = dir.path().join("config.img");
-        xtask::vm::config_image(&config, &text).unwrap();
-        Guest {
-            arch,
-            dir,
-            rootfs,
-            writable,
-            config,
-        }
-    }
-
-    fn spec(&self) -> VmSpec {
-        let mut spec = VmSpec::new(vec![
-            self.rootfs.clone(),
-            self.writable.clone(),
-            self.config.clone(),
-        ]);
-        spec.arch = self.arch;
-        spec
-    }
-
+impl Boots for Guest {
     fn boot(&self) -> Boot {
-        boot(&self.spec())
+        boot(&self.spec(None))
     }
 }
 
@@ -106,7 +62,7 @@ fn sha256_file(path: &Path) -> String {
 
 #[test]
 fn hello_app_exits_zero() {
-    let boot = Guest::new(json!({ "entrypoint": ["echo"], "cmd": ["hello from the app"] })).boot();
+    let boot = guest(json!({ "entrypoint": ["echo"], "cmd": ["hello from the app"] })).boot();
     boot.expect_exit(0)
         .expect_output("hello from the app")
         .expect_log("timings:");
@@ -114,12 +70,12 @@ fn hello_app_exits_zero() {
 
 #[test]
 fn the_app_exit_code_is_reported() {
-    Guest::new(sh("exit 42")).boot().expect_exit(42);
+    guest(sh("exit 42")).boot().expect_exit(42);
 }
 
 #[test]
 fn a_signal_death_is_128_plus_the_signal() {
-    Guest::new(sh("kill -KILL $$")).boot().expect_exit(128 + 9);
+    guest(sh("kill -KILL $$")).boot().expect_exit(128 + 9);
 }
 
 #[test]
@@ -133,7 +89,7 @@ fn env_workdir_and_user_are_honoured() {
         .with_user("app")
         .to_json()
         .unwrap();
-    let boot = Guest::new(Value::String(config)).boot();
+    let boot = guest(Value::String(config)).boot();
     boot.expect_exit(0)
         .expect_output("ID=uid=1000(app) gid=1000(app) groups=1000(app),2000(extra)")
         .expect_output("PWD=/work/dir")
@@ -145,7 +101,7 @@ fn env_workdir_and_user_are_honoured() {
 #[test]
 fn the_config_disk_is_out_of_the_app_s_sight_and_unmounted_at_power_off() {
     // guest-init leaves it mounted read-only under the initramfs, hidden by the root switch.
-    let boot = Guest::new(sh(
+    let boot = guest(sh(
         "if grep -q guest-init/config /proc/self/mountinfo || [ -e /.guest-init ]; \
          then echo CONFIG-VISIBLE; else echo CONFIG-HIDDEN; fi",
     ))
@@ -160,7 +116,7 @@ fn the_config_disk_is_out_of_the_app_s_sight_and_unmounted_at_power_off() {
 
 #[test]
 fn writes_land_in_the_overlay_and_the_rootfs_is_unchanged() {
-    let guest = Guest::new(sh(
+    let guest = guest(sh(
         "echo changed > /etc/motd && echo new > /etc/new-file && rm /etc/group && \
          cat /etc/motd /etc/new-file && if [ -e /etc/group ]; then echo STILL-THERE; \
          else echo GROUP-\"\"GONE; fi; sync",
@@ -200,7 +156,7 @@ fn a_thousand_orphans_are_all_reaped() {
             case \"$l\" in *') Z '*) z=$((z+1));; esac; done; \
           [ $z -eq 0 ] && break; sleep 0.2; n=$((n+1)); done; \
         echo ZOMBIES=$z";
-    let boot = Guest::new(sh(script)).boot();
+    let boot = guest(sh(script)).boot();
     boot.expect_exit(0)
         .expect_output("SPAWNED=1000")
         .expect_output("ZOMBIES=0");
@@ -208,11 +164,11 @@ fn a_thousand_orphans_are_all_reaped() {
 
 #[test]
 fn the_power_button_sends_sigterm_to_the_app() {
-    let guest = Guest::new(sh(
+    let guest = guest(sh(
         // Quoted apart so that guest-init's log of the command does not match.
         "trap 'echo APP-GOT-\"\"SIGTERM; exit 0' TERM; echo APP-\"\"READY; while :; do sleep 0.1; done",
     ));
-    let vm = start(&guest.spec());
+    let vm = start(&guest.spec(None));
     vm.wait_for("APP-READY", BOOT_TIMEOUT).unwrap();
     vm.power_button().unwrap();
     let boot = vm.finish(BOOT_TIMEOUT).unwrap();
@@ -221,14 +177,14 @@ fn the_power_button_sends_sigterm_to_the_app() {
 
 #[test]
 fn invalid_json_is_a_clear_config_error() {
-    let boot = Guest::new(Value::String("{ \"entrypoint\": [\"echo\", }".into())).boot();
+    let boot = guest(Value::String("{ \"entrypoint\": [\"echo\", }".into())).boot();
     boot.expect_failure(ExitReason::Config)
         .expect_log("config.json");
 }
 
 #[test]
 fn a_missing_config_disk_is_a_clear_device_error() {
-    let guest = Guest::new(json!({}));
+    let guest = guest(json!({}));
     let mut spec = VmSpec::new(vec![guest.rootfs.clone(), guest.writable.clone()]);
     spec.append = "guest_init.device_timeout_ms=1500".into();
     let boot = boot(&spec);
@@ -238,15 +194,15 @@ fn a_missing_config_disk_is_a_clear_device_error() {
 
 #[test]
 fn a_missing_entrypoint_is_a_clear_error() {
-    let boot = Guest::new(json!({ "entrypoint": ["/no/such/app"] })).boot();
+    let boot = guest(json!({ "entrypoint": ["/no/such/app"] })).boot();
     boot.expect_failure(ExitReason::Entrypoint)
         .expect_log("/no/such/app");
 }
 
 #[test]
 fn without_a_writable_disk_the_upper_layer_is_a_tmpfs() {
-    let guest = Guest::new(sh("echo scratch > /scratch && cat /scratch"));
-    let mut spec = guest.spec();
+    let guest = guest(sh("echo scratch > /scratch && cat /scratch"));
+    let mut spec = guest.spec(None);
     spec.append = "guest_init.writable=tmpfs".into();
     boot(&spec).expect_exit(0).expect_output("scratch");
 }
@@ -258,7 +214,7 @@ mod aarch64 {
     use super::*;
 
     fn guest(config: Value) -> Guest {
-        Guest::for_arch(Arch::Aarch64, config, |_| {})
+        Guest::busybox_for(Arch::Aarch64, &arm64_guest_dir(), config, |_| {})
     }
 
     #[test]
