@@ -23,17 +23,11 @@ pub struct Rtnetlink;
 
 impl Netlink for Rtnetlink {
     fn links(&self) -> Result<Vec<Link>, Errno> {
-        let replies = request(&Request::links())?;
-        Ok(replies
-            .into_iter()
-            .filter_map(|reply| match reply {
-                Reply::Link(mut link) => {
-                    link.driver = driver(&link.name);
-                    Some(link)
-                }
-                _ => None,
-            })
-            .collect())
+        let mut links = request(&Request::links())?;
+        for link in &mut links {
+            link.driver = driver(&link.name);
+        }
+        Ok(links)
     }
 
     fn set_mtu(&self, link: u32, mtu: u32) -> Result<(), Errno> {
@@ -62,13 +56,14 @@ fn driver(name: &str) -> Option<String> {
     Some(target.file_name()?.to_string_lossy().into_owned())
 }
 
-/// Sends one request and collects its replies until the ack or, for a dump, the end.
-fn request(request: &Request) -> Result<Vec<Reply>, Errno> {
+/// Sends one request and reads its replies until the ack or, for a dump, the end; returns the
+/// links among them (a link dump's).
+fn request(request: &Request) -> Result<Vec<Link>, Errno> {
     let io = |err: io::Error| Errno::from_io(&err);
     let socket = Socket::route().map_err(io)?;
     socket.send(&request.encode(1)).map_err(io)?;
 
-    let mut replies = Vec::new();
+    let mut links = Vec::new();
     let mut buffer = vec![0; RECEIVE_BUFFER];
     loop {
         let size = socket.receive(&mut buffer).map_err(io)?;
@@ -82,20 +77,20 @@ fn request(request: &Request) -> Result<Vec<Reply>, Errno> {
             .map_err(|err| Errno::with_message(libc::EPROTO, err.to_string()))?;
         for reply in datagram {
             match reply {
-                Reply::Ack { error: 0, .. } | Reply::Done { error: 0, .. } => return Ok(replies),
+                Reply::Ack { error: 0, .. } | Reply::Done { error: 0, .. } => return Ok(links),
                 Reply::Ack { error, message } | Reply::Done { error, message } => {
                     return Err(Errno {
                         code: error.saturating_abs(),
                         message,
                     });
                 }
-                Reply::Link(_) => replies.push(reply),
+                Reply::Link(link) => links.push(link),
                 Reply::Other => {}
             }
         }
         // A request that is neither acked nor a dump ends with its one reply.
         if request.flags & (NLM_F_ACK | NLM_F_DUMP) == 0 {
-            return Ok(replies);
+            return Ok(links);
         }
     }
 }
