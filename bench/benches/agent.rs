@@ -192,10 +192,7 @@ async fn measure(vm: &agent_guest::AgentVm) -> anyhow::Result<Vec<Figure>> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let agent = agent_guest::agent_binary(Arch::X86_64)?;
-    let size = std::fs::metadata(&agent)
-        .with_context(|| format!("reading {}", agent.display()))?
-        .len();
+    let size = agent_guest::agent_binary(Arch::X86_64)?.len();
     let vm = agent_guest::agent_vm()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

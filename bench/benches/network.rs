@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use system::Arch;
 use testkit::bench::{Figure, median};
 use testkit::vm::{self, BOOT_TIMEOUT, Nic, Vm, VmSpec};
+use xtask::initrd::TestInitrd;
 
 const BOOTS: usize = 10;
 
@@ -44,8 +45,6 @@ fn disks(dir: &Path, name: &str, config: &str) -> anyhow::Result<VmSpec> {
     });
     Ok(spec)
 }
-
-use xtask::initrd::TestInitrd;
 
 fn main() -> anyhow::Result<()> {
     let kernel = vm::Kernel::debian_cloud()?;

@@ -126,7 +126,7 @@ impl Watchers {
     }
 }
 
-/// Open every power key device listed under `sys_class_input`, then start one watcher thread
+/// Open every power key device `input_devices` lists, then start one watcher thread
 /// per device. The devices are open when this returns: a press from then on is not lost, so
 /// the caller announces its phase only afterwards.
 pub fn watch_power_button(sys: &'static (dyn Kernel + Sync), input_devices: &Path) -> Watchers {

@@ -15,7 +15,7 @@ use crate::vm::{
     BOOT_TIMEOUT, Kernel, TEST_MODULES, VSOCK_MODULES, Vm, VmSpec, Vsock, busybox_rootfs,
     ext4_image,
 };
-use anyhow::{Context, bail};
+use anyhow::Context;
 use guest_client::{AGENT_PORT, Client};
 use guest_protocol::Config;
 use system::Arch;
@@ -64,36 +64,14 @@ fn vsock_initrd(arch: Arch, kernel: &Kernel) -> &'static Path {
     })
 }
 
-/// `guest-agent` for `arch`'s musl target (release), as the test initrds build it: the same
-/// `target/guest` dir and path-remapping flags, so this is a no-op after an initrd build.
-/// Checked to be a static ELF for `arch`; the benchmark reports its size.
-pub fn agent_binary(arch: Arch) -> anyhow::Result<PathBuf> {
-    use xtask::initrd::guest_init;
-    let workspace = xtask::workspace_root();
-    let target_dir = guest_init::target_dir(&workspace);
-    let home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
-    let flags = guest_init::encoded_rustflags(&workspace, &target_dir, home.as_deref());
+/// `guest-agent` for `arch`'s musl target, built by the generator's own guest build (or taken
+/// as is when its fingerprint still matches), so this is a no-op after an initrd build; checked
+/// to be a static ELF for `arch`. The benchmark reports its size.
+pub fn agent_binary(arch: Arch) -> anyhow::Result<Vec<u8>> {
     let sh = xshell::Shell::new()?;
-    xtask::toolchain::ensure_targets(&sh, &workspace, false)?;
-    let triple = arch.musl_target();
-    let status = xtask::nested_cargo::cargo()
-        .current_dir(&workspace)
-        .env("CARGO_ENCODED_RUSTFLAGS", &flags)
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .args(["build", "--package", "guest-agent", "--bin", "guest-agent"])
-        .args(["--release", "--target", triple])
-        .status()
-        .context("running cargo build for guest-agent")?;
-    if !status.success() {
-        bail!("cargo build --package guest-agent --release --target {triple} failed ({status})");
-    }
-    let binary = target_dir.join(triple).join("release/guest-agent");
-    let bytes = std::fs::read(&binary).with_context(|| format!("reading {}", binary.display()))?;
-    guest_init::check_static_elf(&bytes, arch)
-        .with_context(|| format!("{} cannot run in the guest", binary.display()))?;
-    Ok(binary)
+    let built =
+        xtask::initrd::guest_init::build(&sh, &xtask::workspace_root(), arch, &Default::default())?;
+    Ok(built.agent.bytes)
 }
 
 /// Boots an x86_64 VM whose agent serves on vsock port 2222, and waits until it listens.

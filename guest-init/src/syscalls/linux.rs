@@ -249,7 +249,7 @@ impl Syscalls for Linux {
     }
 }
 
-fn sigset(signals: &[i32]) -> libc::sigset_t {
+pub(super) fn sigset(signals: &[i32]) -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset only write the set we own.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();

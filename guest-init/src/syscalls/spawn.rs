@@ -235,8 +235,8 @@ impl Prepared {
         for step in &self.steps {
             let result = match step {
                 Step::UnblockSignals => {
-                    // SAFETY: an all-zero sigset_t is the empty set; null old set.
-                    let empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+                    // No allocation: sigemptyset on a set on this stack.
+                    let empty = super::linux::sigset(&[]);
                     // SAFETY: valid set pointer, null old-set pointer.
                     if unsafe { libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) }
                         < 0
