@@ -281,7 +281,8 @@ fn config_disk(command: &[String], dir: &Path) -> anyhow::Result<PathBuf> {
 pub fn config_image(image: &Path, json: &str) -> anyhow::Result<()> {
     let tree = image.with_extension("tree");
     fs::create_dir_all(&tree).with_context(|| format!("creating {}", tree.display()))?;
-    fs::write(tree.join("config.json"), json)?;
+    let file = tree.join("config.json");
+    fs::write(&file, json).with_context(|| format!("writing {}", file.display()))?;
     ext4_image(image, Some(&tree), 4)
 }
 
